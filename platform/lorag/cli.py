@@ -1,0 +1,257 @@
+"""The `lorag` command line (Typer). Every command reads the one `lorag.yaml` plus `--set` overrides.
+
+    lorag quickstart                 # the whole loop on this machine: ingest, train, serve, ask
+    lorag ingest -c lorag.yaml       # build the knowledge bases (Ray Data -> Milvus)
+    lorag train  -c lorag.yaml       # train the adapters (Ray Train + DeepSpeed)
+    lorag serve  -c lorag.yaml       # run the OpenAI-compatible endpoint (Ray Serve)
+    lorag ask "question" -m adapter  # ask a running endpoint
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from lorag.config import ConfigError, LoragConfig, load_config
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "lorag.yaml"
+
+app = typer.Typer(
+    help="lorag: teach a model your domain with LoRA adapters (behaviour) and Milvus knowledge bases (facts), "
+    "and serve both behind one OpenAI-compatible endpoint on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(highlight=False, soft_wrap=True)
+
+ConfigOpt = typer.Option(Path("lorag.yaml"), "--config", "-c", help="The lorag.yaml to use.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config value, e.g. --set serve.port=8001 or --set adapters.support-bot.train.max_steps=5 (repeatable).")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray instance).")
+
+
+def _load(path: Path, overrides: Optional[list[str]]) -> LoragConfig:
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def ingest(
+    config: Path = ConfigOpt,
+    kb: Optional[list[str]] = typer.Option(None, "--kb", help="Only this knowledge base (repeatable; default: all)."),
+    set_: Optional[list[str]] = SetOpt,
+    address: Optional[str] = AddressOpt,
+) -> None:
+    """Build or refresh knowledge bases: read, chunk, embed (Ray Data) and upsert into Milvus. Re-running adds nothing new."""
+    cfg = _load(config, set_)
+    from lorag.cluster import connect
+
+    connect(address)
+    _ingest_all(cfg, kb)
+
+
+@app.command()
+def train(
+    config: Path = ConfigOpt,
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="Only this adapter (repeatable; default: all)."),
+    set_: Optional[list[str]] = SetOpt,
+    address: Optional[str] = AddressOpt,
+) -> None:
+    """Train LoRA adapters on Ray Train with DeepSpeed; each run saves a new version in the adapter store."""
+    cfg = _load(config, set_)
+    from lorag.cluster import connect
+
+    connect(address)
+    _train_all(cfg, adapter)
+
+
+@app.command()
+def serve(
+    config: Path = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    address: Optional[str] = AddressOpt,
+) -> None:
+    """Run the OpenAI-compatible endpoint (Ray Serve) until interrupted with Ctrl-C."""
+    cfg = _load(config, set_)
+    from lorag.cluster import connect
+
+    connect(address)
+    url = _start_serve(cfg)
+    console.print(f"lorag is serving at [bold]{url}/v1[/bold] (models: {url}/v1/models). Ctrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop_serve()
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    model: str = typer.Option(..., "--model", "-m", help="Adapter name (optionally name@vN) or the base model's name."),
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="The endpoint's base URL."),
+    no_retrieval: bool = typer.Option(False, "--no-retrieval", help="Answer without the adapter's knowledge base."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Longest answer in tokens."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAG_API_KEY", help="Bearer token, if the endpoint requires one."),
+) -> None:
+    """Ask a running lorag endpoint a question and print the answer with its cited sources."""
+    import httpx
+
+    try:
+        body = _ask(url, model, question, max_tokens, retrieval=not no_retrieval, api_key=api_key)
+    except httpx.HTTPError as e:
+        _fail(f"could not reach {url}: {e}. Is `lorag serve` running?")
+    if "error" in body:
+        _fail(body["error"]["message"])
+    _print_answer(body)
+
+
+@app.command()
+def quickstart(
+    config: Path = typer.Option(QUICKSTART, "--config", "-c", help="The lorag.yaml to run (default: the bundled example)."),
+    questions: Optional[Path] = typer.Option(None, "--questions", help="One question per line (default: questions.txt beside the config)."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """The whole loop on this machine: build the knowledge base, train the adapter, serve both, ask questions over HTTP, shut down."""
+    cfg = _load(config, set_)
+    qfile = questions or config.parent / "questions.txt"
+    if not qfile.is_file():
+        _fail(f"no questions file {qfile}: pass --questions FILE")
+    qs = [q.strip() for q in qfile.read_text().splitlines() if q.strip()]
+    if not cfg.adapters:
+        _fail(f"{config} defines no adapters")
+    from lorag.cluster import connect
+
+    console.rule("[bold]lorag quickstart[/bold]")
+    connect(os.environ.get("RAY_ADDRESS") or None)
+    _ingest_all(cfg, None)
+    _train_all(cfg, None)
+    url = _start_serve(cfg)
+    try:
+        console.rule("[bold]asking over HTTP[/bold]")
+        from lorag.serving import base_name
+
+        base = base_name(cfg)
+        for q in qs:
+            console.print(f"\n[bold]Q: {q}[/bold]")
+            for ad in cfg.adapters:
+                body = _ask(url, base, q, cfg.serve.max_tokens, retrieval=False)
+                console.print(f"[dim]base model, no retrieval ({base}):[/dim]")
+                _print_answer(body, indent="  ")
+                body = _ask(url, ad.name, q, cfg.serve.max_tokens, retrieval=True)
+                label = f"adapter {ad.name}" + (f" + knowledge base {ad.knowledge_base}" if ad.knowledge_base else "")
+                console.print(f"[dim]{label}:[/dim]")
+                _print_answer(body, indent="  ")
+                if "error" in body:
+                    _fail(body["error"]["message"])
+    finally:
+        _stop_serve()
+    console.rule("[bold green]done[/bold green]")
+
+
+# -- shared steps ----------------------------------------------------------------------------
+
+
+def _ingest_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
+    from lorag.data import ingest
+
+    names = only or [kb.name for kb in cfg.knowledge_bases]
+    if not names:
+        console.print("no knowledge bases in the config: nothing to ingest")
+    for name in names:
+        try:
+            cfg.knowledge_base(name)
+        except KeyError as e:
+            _fail(str(e.args[0]), 2)
+        console.rule(f"ingest knowledge base [bold]{name}[/bold]")
+        try:
+            r = ingest(cfg, name)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+        console.print(f"{r.knowledge_base}: {r.documents} documents -> {r.chunks_written} chunks upserted; {r.entities} in {r.uri} ({r.seconds:.1f} s)")
+
+
+def _train_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
+    from lorag.train import DatasetError, train_adapter
+
+    names = only or [a.name for a in cfg.adapters]
+    for name in names:
+        try:
+            cfg.adapter(name)
+        except KeyError as e:
+            _fail(str(e.args[0]), 2)
+        console.rule(f"train adapter [bold]{name}[/bold]")
+        try:
+            r = train_adapter(cfg, name)
+        except (DatasetError, RuntimeError) as e:
+            _fail(str(e))
+        curve = r.metrics["loss_curve"]
+        console.print(f"{name} v{r.version}: loss {curve[0]:.3f} -> {curve[-1]:.3f} in {r.metrics['steps']} steps; saved to {r.path}")
+
+
+def _start_serve(cfg: LoragConfig) -> str:
+    from ray import serve
+
+    from lorag.serving import build_app
+
+    console.rule("[bold]serve[/bold]")
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    with console.status("starting Ray Serve deployments (loading models)..."):
+        serve.run(build_app(cfg), name="lorag", route_prefix="/", blocking=False)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def _stop_serve() -> None:
+    from ray import serve
+
+    serve.shutdown()
+
+
+def _ask(url: str, model: str, question: str, max_tokens: int, retrieval: bool, api_key: Optional[str] = None) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    payload = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0, "retrieval": retrieval}
+    r = httpx.post(f"{url.rstrip('/')}/v1/chat/completions", json=payload, headers=headers, timeout=300)
+    try:
+        return r.json()
+    except ValueError:
+        return {"error": {"message": f"HTTP {r.status_code}: {r.text[:500]}"}}
+
+
+def _print_answer(body: dict, indent: str = "") -> None:
+    from lorag.retrieval import display_path
+
+    if "error" in body:
+        console.print(f"{indent}[red]error:[/red] {body['error']['message']}")
+        return
+    console.print(f"{indent}{body['choices'][0]['message']['content']}")
+    for s in body.get("sources", []):
+        console.print(f"{indent}  [{s['index']}] {display_path(s['source'])} (chars {s['start']}-{s['end']}, score {s['score']:.2f}) - {s['title']}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

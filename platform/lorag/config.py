@@ -1,0 +1,311 @@
+"""The one lorag configuration: a pydantic model tree loaded from a single `lorag.yaml`.
+
+The CLI, the Ray Job entrypoints, the Serve app builder and (later) the k8s renderer all read a
+`LoragConfig`. Each field is documented once, in its `Field(description=...)`; `lorag --help`
+and the YAML comments point back here. Unknown keys are rejected so a typo never silently
+becomes a default.
+
+Relative paths in the file are resolved against the file's own directory, so a job started from
+any working directory (or a Ray worker on another node with the same checkout) sees the same
+files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid. The message lists every problem, one per line."""
+
+
+def validate_name(kind: str, name: str) -> str:
+    """Check a knowledge-base or adapter name: lowercase, no path separators, never `..`.
+
+    Raises:
+        ValueError: naming the bad value and the allowed pattern.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid {kind} name {name!r}: use lowercase letters, digits, '.', '-' and '_' "
+            f"(pattern {NAME_PATTERN}), starting with a letter or digit, and no '..'"
+        )
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ChunkingConfig(_Strict):
+    """How documents are split before embedding."""
+
+    size: int = Field(800, gt=50, le=8000, description="Target chunk length in characters. Larger chunks carry more context per hit but dilute the match.")
+    overlap: int = Field(100, ge=0, description="Characters shared by consecutive chunks, so a fact on a boundary is found whole.")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "ChunkingConfig":
+        if self.overlap >= self.size:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than size ({self.size})")
+        return self
+
+
+class KnowledgeBaseConfig(_Strict):
+    """A knowledge base: documents chunked, embedded and stored in one Milvus collection."""
+
+    name: str = Field(description="Knowledge-base name; also the Milvus collection name (with '-' and '.' mapped to '_').")
+    sources: list[str] = Field(min_length=1, description="Files, directories or glob patterns of Markdown/text documents, relative to this file.")
+    uri: str | None = Field(None, description="Milvus URI: a local file path for Milvus Lite (default `<workdir>/milvus.db`) or http://host:19530 for a server.")
+    token: str | None = Field(None, description="Milvus server token ('user:password'); unused for Milvus Lite.")
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Chunk size and overlap.")
+    top_k: int = Field(3, ge=1, le=50, description="Chunks retrieved per question. More gives the model more evidence and a longer prompt.")
+    embed_batch_size: int = Field(64, ge=1, description="Chunks per embedding batch in the ingest pipeline.")
+    embed_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data pool; one per spare CPU (or GPU) is a good start.")
+
+    _check_name = field_validator("name")(lambda v: validate_name("knowledge base", v))
+
+    @property
+    def collection(self) -> str:
+        return re.sub(r"[^a-zA-Z0-9_]", "_", self.name)
+
+
+class LoraConfig(_Strict):
+    """Low-rank adapter shape (peft `LoraConfig`)."""
+
+    r: int = Field(8, ge=1, le=512, description="Rank of the update. Higher learns more and costs more memory and time.")
+    alpha: int = Field(16, ge=1, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input during training.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names to adapt, or 'all-linear' for every linear layer but the output head.",
+    )
+
+
+class TrainConfig(_Strict):
+    """Ray Train + DeepSpeed settings for one adapter."""
+
+    max_steps: int = Field(30, ge=1, description="Optimizer steps. The run stops here even mid-epoch.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (constant after a short warm-up).")
+    batch_size: int = Field(2, ge=1, description="Examples per worker per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step; multiplies the effective batch without more memory.")
+    max_seq_len: int = Field(256, ge=16, description="Tokens per example; longer examples are truncated (and counted).")
+    zero_stage: Literal[0, 1, 2] = Field(2, description="DeepSpeed ZeRO stage: 0 replicates everything, 1 shards optimizer state, 2 also shards gradients.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker. Off trains on CPU.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    seed: int = Field(0, description="Seed for adapter init and data order; the same seed repeats the run.")
+    log_every: int = Field(1, ge=1, description="Print a progress line every N steps.")
+
+
+class AdapterConfig(_Strict):
+    """A LoRA adapter: trained from a dataset, optionally bound to a knowledge base."""
+
+    name: str = Field(description="Adapter name; the `model` clients ask for. Saved under `<adapter_store>/<name>/v<N>/`.")
+    dataset: str = Field(description="JSONL file of {\"prompt\", \"completion\"} or {\"messages\": [...]} records, relative to this file.")
+    knowledge_base: str | None = Field(None, description="Knowledge base to retrieve from when serving this adapter; omit for no retrieval.")
+    system_prompt: str | None = Field(None, description="System message used in training and serving; omit for the base model's default.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter shape.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training job settings.")
+
+    _check_name = field_validator("name")(lambda v: validate_name("adapter", v))
+
+
+class ServeConfig(_Strict):
+    """The HTTP endpoint (Ray Serve)."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds. 0.0.0.0 exposes it beyond this machine.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    replicas: int = Field(1, ge=1, description="Generator replicas, each holding the base model and its adapters.")
+    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per generator replica.")
+    max_adapters_per_replica: int = Field(4, ge=1, description="Adapters a replica keeps loaded (least recently used is evicted).")
+    max_tokens: int = Field(128, ge=1, description="Default completion length when a request gives no max_tokens.")
+
+
+class LoragConfig(_Strict):
+    """Everything lorag needs: models, knowledge bases, adapters, and the endpoint."""
+
+    base_model: str = Field("smollm2-135m-instruct", description="Generator: 'smollm2-135m-instruct' (bundled), a local checkpoint directory, or a Hugging Face id.")
+    embedder: str = Field("all-minilm-l6-v2", description="Sentence embedder: 'all-minilm-l6-v2' (bundled), a local directory, or a Hugging Face id.")
+    workdir: str = Field(".lorag", description="Where lorag writes: Milvus Lite file, adapter store, Ray Train results. Relative to this file.")
+    cache_dir: str | None = Field(None, description="Converted-model cache. Default: $LORAG_CACHE or ~/.cache/lorag.")
+    knowledge_bases: list[KnowledgeBaseConfig] = Field(default_factory=list, description="Knowledge bases to build and serve.")
+    adapters: list[AdapterConfig] = Field(default_factory=list, description="Adapters to train and serve.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="HTTP endpoint.")
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> "LoragConfig":
+        problems = []
+        for kind, items in (("knowledge_bases", self.knowledge_bases), ("adapters", self.adapters)):
+            seen = set()
+            for i, item in enumerate(items):
+                if item.name in seen:
+                    problems.append(f"{kind}.{i}.name: duplicate name {item.name!r}")
+                seen.add(item.name)
+        kb_names = {kb.name for kb in self.knowledge_bases}
+        for i, ad in enumerate(self.adapters):
+            if ad.knowledge_base is not None and ad.knowledge_base not in kb_names:
+                problems.append(
+                    f"adapters.{i}.knowledge_base: {ad.knowledge_base!r} is not a knowledge base in this file "
+                    f"(known: {sorted(kb_names) or 'none'})"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def knowledge_base(self, name: str) -> KnowledgeBaseConfig:
+        for kb in self.knowledge_bases:
+            if kb.name == name:
+                return kb
+        raise KeyError(f"no knowledge base {name!r} in the config (known: {[k.name for k in self.knowledge_bases]})")
+
+    def adapter(self, name: str) -> AdapterConfig:
+        for ad in self.adapters:
+            if ad.name == name:
+                return ad
+        raise KeyError(f"no adapter {name!r} in the config (known: {[a.name for a in self.adapters]})")
+
+    @property
+    def adapter_store(self) -> Path:
+        return Path(self.workdir) / "adapters"
+
+    def milvus_uri(self, kb: KnowledgeBaseConfig) -> str:
+        return kb.uri or str(Path(self.workdir) / "milvus.db")
+
+    @property
+    def model_cache(self) -> Path:
+        root = self.cache_dir or os.environ.get("LORAG_CACHE") or Path.home() / ".cache" / "lorag"
+        return Path(root).expanduser()
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> LoragConfig:
+    """Load `lorag.yaml`, apply `key=value` overrides, validate, and make paths absolute.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted `key=value` strings, e.g. `adapters.support-bot.train.max_steps=2`
+            (list items may be addressed by index or by their `name`). Values are parsed as YAML.
+
+    Returns:
+        The validated config, with every path absolute.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, an override is malformed, or validation
+            failed; the message lists each problem as `field.path: reason`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(data).__name__}")
+    for item in overrides or []:
+        apply_override(data, item)
+    cfg = parse_config(data, source=str(path))
+    return resolve_paths(cfg, path.parent.resolve())
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> LoragConfig:
+    """Validate a plain dict into a `LoragConfig`, turning pydantic errors into one `ConfigError`."""
+    try:
+        return LoragConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{source}: {e.error_count()} problem(s):"]
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check spelling; see `lorag config --help` for the fields)"
+            elif "input" in err and not isinstance(err["input"], (dict, list)):
+                msg = f"{msg} (got {err['input']!r})"
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set one dotted `key=value` in a raw config dict, in place.
+
+    Raises:
+        ConfigError: the override has no '=' or its path does not exist.
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. serve.port=8001")
+    value = yaml.safe_load(raw) if raw else ""
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, part, key)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])} is a value, not a section")
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    names = [it.get("name") for it in items if isinstance(it, dict)]
+    raise ConfigError(f"override {key!r}: no list item {part!r} (use an index or one of the names {names})")
+
+
+def resolve_paths(cfg: LoragConfig, root: Path) -> LoragConfig:
+    """Return a copy of `cfg` with relative paths made absolute against `root`."""
+
+    def absolute(p: str) -> str:
+        return p if _is_remote(p) or os.path.isabs(os.path.expanduser(p)) else str((root / p).resolve())
+
+    def model_ref(ref: str) -> str:
+        # A relative path that exists next to the config is a local model; anything else is a name or hub id.
+        return str((root / ref).resolve()) if not os.path.isabs(ref) and (root / ref).exists() else ref
+
+    data = cfg.model_dump()
+    data["workdir"] = absolute(data["workdir"])
+    if data["cache_dir"]:
+        data["cache_dir"] = absolute(data["cache_dir"])
+    data["base_model"] = model_ref(data["base_model"])
+    data["embedder"] = model_ref(data["embedder"])
+    for kb in data["knowledge_bases"]:
+        kb["sources"] = [absolute(s) for s in kb["sources"]]
+        if kb["uri"]:
+            kb["uri"] = absolute(kb["uri"])
+    for ad in data["adapters"]:
+        ad["dataset"] = absolute(ad["dataset"])
+    return LoragConfig.model_validate(data)
+
+
+def _is_remote(p: str) -> bool:
+    return "://" in p
+
+
+def dump_config(cfg: LoragConfig) -> str:
+    """The resolved config as YAML, as stored next to every artifact."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

