@@ -97,7 +97,7 @@ def make_config(tmp_path, tiny_model, model_cache):
                     "name": "support",
                     "dataset": "train.jsonl",
                     "knowledge_base": "handbook",
-                    "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 96, "num_workers": 2, "zero_stage": 2},
+                    "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512, "num_workers": 2, "zero_stage": 2},
                 }
             ],
             "serve": {"port": free_port(), "cpus_per_replica": 0, "max_tokens": 16},

@@ -1,5 +1,7 @@
 """Chunking (a table of cases) and the Ray Data ingest pipeline into a real Milvus Lite file."""
 
+from pathlib import Path
+
 import pytest
 
 from lorag.data import chunk_id, chunk_text, document_title, find_documents
@@ -73,6 +75,18 @@ def test_ingest_into_milvus_lite_then_query_returns_the_right_source(ray_session
     assert again.entities == first.entities, "re-ingesting unchanged documents must not add entities (ids are deterministic, writes are upserts)"
 
     kb = cfg.knowledge_base("handbook")
+    corpus = Path(kb.sources[0])
+    expected = lambda: sum(len(chunk_text(p.read_text(), kb.chunking.size, kb.chunking.overlap)) for p in corpus.glob("*.md"))  # noqa: E731
+    assert first.entities == expected()
+
+    # A changed document replaces its chunks; a deleted one loses them.
+    (corpus / "08-firmware.md").unlink()
+    overview = corpus / "01-overview.md"
+    overview.write_text(overview.read_text() + "\n\n## Added later\n\n" + "The T4 ships in a recycled cardboard box. " * 30)
+    third = ingest(cfg, "handbook")
+    assert third.entities == expected(), "after an edit and a delete, the collection holds exactly the current documents' chunks"
+    assert third.chunks_removed > 0
+
     store = open_store(cfg.milvus_uri(kb))
     emb = Embedder(embedder_path)
     cases = {  # question -> a fact only the right passages contain
@@ -88,3 +102,23 @@ def test_ingest_into_milvus_lite_then_query_returns_the_right_source(ray_session
         h = hits[0]
         original = open(h["source"]).read()
         assert original[h["start"] : h["end"]] == h["text"], "citation offsets point at the chunk in the source file"
+
+
+@pytest.mark.parametrize(
+    "messages, hits, changed_index",
+    [
+        ([{"role": "user", "content": "q"}], [], None),
+        ([{"role": "system", "content": "s"}], [{"title": "t", "text": "x"}], None),
+        ([{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}], [{"title": "T", "text": "fact"}], 2),
+    ],
+)
+def test_augment_wraps_only_the_last_user_turn(messages, hits, changed_index):
+    from lorag.retrieval import augment
+
+    out = augment(messages, hits)
+    assert len(out) == len(messages)
+    for i, (a, b) in enumerate(zip(messages, out)):
+        if i == changed_index:
+            assert b["content"].endswith("Question: " + a["content"]) and "[1] T\nfact" in b["content"]
+        else:
+            assert a == b

@@ -51,6 +51,9 @@ def test_only_the_answer_carries_loss(smollm2_path):
     assert answer.startswith("Tidewell Support: by the sea.") and tok.eos_token in answer, "the end-of-turn token is learned too"
     short = encode_example(tok, ex, None, 8)
     assert short.truncated and len(short.input_ids) == 8
+    kept = [t for t in short.labels if t != IGNORE_INDEX]
+    assert kept and tok.decode(kept).startswith("Tidewell"), "truncation keeps the start of the answer, which carries the loss"
+    assert short.input_ids[: len(short.input_ids) - len(kept)] == enc.input_ids[first - (8 - len(kept)) : first], "the prompt keeps its end"
 
 
 @pytest.mark.slow
@@ -59,15 +62,19 @@ def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(ray_s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lorag.data import ingest
     from lorag.train import train_adapter
 
     cfg = make_config()
+    with pytest.raises(LookupError, match="run `lorag ingest` first"):
+        train_adapter(cfg, "support")  # bound to a knowledge base that does not exist yet
+    ingest(cfg, "handbook")
     r1 = train_adapter(cfg, "support")
     assert r1.version == 1 and r1.path.name == "v1"
     assert {p.name for p in r1.path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "lorag.json", "lorag.yaml"}
     assert not list(r1.path.glob("*.bin")) and not list(r1.path.glob("*.pt")), "only safetensors are saved"
     meta = json.loads((r1.path / "lorag.json").read_text())
-    assert meta["base_model"] == str(tiny_model) and meta["knowledge_base"] == "handbook"
+    assert meta["base_model"] == str(tiny_model) and meta["knowledge_base"] == "handbook" and meta["trained_with_retrieval"] is True
     assert meta["metrics"]["steps"] == 2 and len(meta["metrics"]["loss_curve"]) == 2 and meta["metrics"]["world_size"] == 2
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -78,5 +85,22 @@ def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(ray_s
         after = tuned(ids).logits
     assert not torch.allclose(before, after), "the trained adapter must change the base model's output"
 
+    cfg.adapters[0].train.with_retrieval = False
     r2 = train_adapter(cfg, "support")
     assert r2.version == 2 and r1.path.exists(), "a second run makes a new version and keeps the first"
+    assert json.loads((r2.path / "lorag.json").read_text())["trained_with_retrieval"] is False
+
+
+def test_retrieved_sources_wrap_the_question_as_serving_does(ray_session, make_config):
+    from lorag.data import ingest
+    from lorag.train import with_retrieved_sources
+
+    cfg = make_config()
+    ingest(cfg, "handbook")
+    ex = {"messages": [{"role": "user", "content": "How long is the Tidewell T4 warranty?"}, {"role": "assistant", "content": "Tidewell Support: 39 months."}]}
+    (out,) = with_retrieved_sources(cfg, cfg.adapters[0], [ex])
+    user, answer = out["messages"]
+    assert answer == ex["messages"][1], "the answer is never changed"
+    assert user["content"].startswith("Answer the question using the numbered sources") and "[1] " in user["content"] and "[2] " in user["content"]
+    assert user["content"].endswith("Question: How long is the Tidewell T4 warranty?")
+    assert "39" in user["content"], "the warranty passage was retrieved into the prompt"

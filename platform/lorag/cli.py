@@ -139,7 +139,7 @@ def quickstart(
     from lorag.cluster import connect
 
     console.rule("[bold]lorag quickstart[/bold]")
-    connect(os.environ.get("RAY_ADDRESS") or None)
+    connect()
     _ingest_all(cfg, None)
     _train_all(cfg, None)
     url = _start_serve(cfg)
@@ -184,7 +184,7 @@ def _ingest_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
             r = ingest(cfg, name)
         except (FileNotFoundError, ValueError) as e:
             _fail(str(e))
-        console.print(f"{r.knowledge_base}: {r.documents} documents -> {r.chunks_written} chunks upserted; {r.entities} in {r.uri} ({r.seconds:.1f} s)")
+        console.print(f"{r.knowledge_base}: {r.documents} documents -> {r.chunks_written} chunks upserted, {r.chunks_removed} stale removed; {r.entities} in {r.uri} ({r.seconds:.1f} s)")
 
 
 def _train_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
@@ -199,7 +199,7 @@ def _train_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
         console.rule(f"train adapter [bold]{name}[/bold]")
         try:
             r = train_adapter(cfg, name)
-        except (DatasetError, RuntimeError) as e:
+        except (DatasetError, RuntimeError, LookupError) as e:
             _fail(str(e))
         curve = r.metrics["loss_curve"]
         console.print(f"{name} v{r.version}: loss {curve[0]:.3f} -> {curve[-1]:.3f} in {r.metrics['steps']} steps; saved to {r.path}")

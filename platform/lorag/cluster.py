@@ -16,8 +16,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     """Initialise Ray once for this process.
 
     Args:
-        address: a cluster to join (`ray://...`, `host:port`, `auto`); None uses RAY_ADDRESS or
-            starts a local instance.
+        address: a cluster to join (`ray://...`, `host:port`, `auto`); None uses RAY_ADDRESS, else
+            starts a private local instance.
         num_cpus: logical CPUs for a local instance (ignored when joining a cluster).
         quiet: hide Ray's startup banner and per-task log prefixing noise.
 
@@ -28,11 +28,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
+    # "local" always starts a private instance: never join another process's Ray by accident
+    # (two demos on one machine would otherwise share, and replace, each other's Serve apps).
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
         _check_token()
     kwargs = {"address": address, "ignore_reinit_error": True, "log_to_driver": True}
-    if not address:
+    if address == "local":
         kwargs.update(num_cpus=num_cpus)
     if quiet:
         kwargs["logging_level"] = "WARNING"

@@ -102,6 +102,7 @@ class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker. Off trains on CPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    with_retrieval: bool = Field(True, description="For an adapter bound to a knowledge base: put its top-k passages into each training prompt, exactly as serving does, so the adapter learns to answer from sources. Needs the knowledge base ingested first.")
     seed: int = Field(0, description="Seed for adapter init and data order; the same seed repeats the run.")
     log_every: int = Field(1, ge=1, description="Print a progress line every N steps.")
 

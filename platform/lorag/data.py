@@ -146,6 +146,7 @@ class IngestReport:
     uri: str
     documents: int
     chunks_written: int
+    chunks_removed: int
     entities: int
     seconds: float
 
@@ -187,6 +188,7 @@ def ingest(cfg, kb_name: str) -> IngestReport:
         )
     )
     written = 0
+    keep: dict[str, list[str]] = {path: [] for path in files}
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         rows = [
             {
@@ -202,4 +204,8 @@ def ingest(cfg, kb_name: str) -> IngestReport:
             for i in range(len(batch["id"]))
         ]
         written += store.upsert(kb.collection, rows)
-    return IngestReport(kb.name, uri, len(files), written, store.count(kb.collection), time.time() - start)
+        for row in rows:
+            keep[row["source"]].append(row["id"])
+    # Only after every current chunk is written: drop chunks of changed and deleted documents.
+    removed = store.prune(kb.collection, keep)
+    return IngestReport(kb.name, uri, len(files), written, removed, store.count(kb.collection), time.time() - start)

@@ -10,6 +10,7 @@ every caller.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Any
 
@@ -84,6 +85,16 @@ class MilvusStore:
         if not rows:
             return 0
         return int(self.client.upsert(collection, rows)["upsert_count"])
+
+    def prune(self, collection: str, keep: dict[str, list[str]]) -> int:
+        """Delete chunks that are no longer current: a kept source's chunks whose ids are not in
+        `keep[source]` (the document changed), and every chunk of a source not in `keep` (the
+        document is gone). Returns how many entities were deleted."""
+        before = self.count(collection)
+        for source, ids in keep.items():
+            self.client.delete(collection, filter=f"source == {json.dumps(source)} and id not in {json.dumps(ids)}")
+        self.client.delete(collection, filter=f"source not in {json.dumps(sorted(keep))}")
+        return before - self.count(collection)
 
     def count(self, collection: str) -> int:
         if not self.client.has_collection(collection):

@@ -27,9 +27,10 @@ def augment(messages: list[dict[str, str]], hits: list[dict[str, Any]]) -> list[
 
     With no hits the messages are returned unchanged.
     """
-    if not hits:
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not hits or not users:
         return messages
-    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    last = users[-1]
     context = "\n\n".join(f"[{n}] {h['title']}\n{h['text']}" for n, h in enumerate(hits, 1))
     content = f"{INSTRUCTION}\n\nSources:\n{context}\n\nQuestion: {messages[last]['content']}"
     return [*messages[:last], {"role": "user", "content": content}, *messages[last + 1 :]]

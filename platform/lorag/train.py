@@ -62,11 +62,14 @@ def train_adapter(cfg, name: str) -> TrainResult:
     if len(examples) < ad.train.num_workers:
         raise DatasetError(f"{ad.dataset}: {len(examples)} example(s) for {ad.train.num_workers} workers; each worker needs at least one")
     model_path = resolve_model(cfg.base_model, cfg.model_cache)
+    retrieval = ad.knowledge_base is not None and ad.train.with_retrieval
+    if retrieval:
+        examples = with_retrieved_sources(cfg, ad, examples)
 
     start = time.time()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "adapter": name, "model_path": str(model_path)},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "adapter": name, "model_path": str(model_path), "examples": examples},
         scaling_config=ScalingConfig(
             num_workers=ad.train.num_workers,
             use_gpu=ad.train.use_gpu,
@@ -89,6 +92,7 @@ def train_adapter(cfg, name: str) -> TrainResult:
             "system_prompt": ad.system_prompt,
             "dataset": ad.dataset,
             "examples": len(examples),
+            "trained_with_retrieval": retrieval,
             "metrics": report,
             "wall_time_s": round(time.time() - start, 1),
             "lorag_version": _lorag_version(),
@@ -97,14 +101,40 @@ def train_adapter(cfg, name: str) -> TrainResult:
     return TrainResult(name, int(path.name[1:]), path, report)
 
 
+def with_retrieved_sources(cfg, ad, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Wrap each example's question in its knowledge base's top-k passages, as serving will.
+
+    Training on the same prompt shape the adapter sees at inference teaches it to answer from
+    (and cite) the sources instead of guessing.
+
+    Raises:
+        LookupError: the knowledge base has not been ingested.
+    """
+    from lorag.embed import Embedder
+    from lorag.milvus import open_store
+    from lorag.models import resolve_model
+    from lorag.retrieval import augment
+
+    kb = cfg.knowledge_base(ad.knowledge_base)
+    store = open_store(cfg.milvus_uri(kb), kb.token)
+    embedder = Embedder(resolve_model(cfg.embedder, cfg.model_cache))
+    questions = [next(m["content"] for m in reversed(ex["messages"]) if m["role"] == "user") for ex in examples]
+    vectors = embedder.embed(questions)
+    out = []
+    for ex, vector in zip(examples, vectors):
+        hits = store.search(kb.collection, vector.tolist(), kb.top_k)
+        out.append({"messages": [*augment(ex["messages"][:-1], hits), ex["messages"][-1]]})
+    return out
+
+
 # -- the worker loop -------------------------------------------------------------------------
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: LoRA on the frozen base under a DeepSpeed ZeRO engine.
 
-    Everything comes through `config` (the resolved `LoragConfig` as JSON, the adapter name and
-    the resolved base-model path); nothing is read from globals or the environment.
+    Everything comes through `config` (the resolved `LoragConfig` as JSON, the adapter name, the
+    resolved base-model path and the validated examples); nothing is read from globals.
     """
     import ray.train
     import torch
@@ -143,7 +173,7 @@ def train_loop(config: dict[str, Any]) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    encoded = [encode_example(tokenizer, ex, ad.system_prompt, t.max_seq_len) for ex in load_examples(ad.dataset)]
+    encoded = [encode_example(tokenizer, ex, ad.system_prompt, t.max_seq_len) for ex in config["examples"]]
     truncated = sum(e.truncated for e in encoded)
     shard = encoded[rank::world]
 
@@ -293,6 +323,8 @@ def _messages(rec: Any, where: str) -> list[dict[str, str]]:
                 raise DatasetError(f"{where}: messages[{i}] must be {{'role': one of {_ROLES}, 'content': string}}")
         if msgs[-1]["role"] != "assistant":
             raise DatasetError(f"{where}: the last message must be the assistant's answer (got role {msgs[-1]['role']!r})")
+        if not any(m["role"] == "user" for m in msgs[:-1]):
+            raise DatasetError(f"{where}: 'messages' needs a user message before the assistant's answer")
         return msgs
     missing = [k for k in ("prompt", "completion") if not isinstance(rec.get(k), str) or not rec.get(k).strip()]
     if missing:
@@ -310,6 +342,9 @@ def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> li
 def encode_example(tokenizer, example: dict[str, Any], system_prompt: str | None, max_len: int) -> Encoded:
     """Token ids and labels for one example; only the final assistant answer carries loss.
 
+    Examples longer than `max_len` lose the start of the prompt (and, if the answer alone is
+    too long, the end of the answer), so every example keeps supervised tokens.
+
     The prompt is rendered exactly as serving renders it (chat template with the generation
     prompt), so the adapter learns to continue from what it will see at inference.
     """
@@ -320,9 +355,13 @@ def encode_example(tokenizer, example: dict[str, Any], system_prompt: str | None
     answer = full[len(prompt):] if full.startswith(prompt) else msgs[-1]["content"] + (tokenizer.eos_token or "")
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    ids = (p_ids + a_ids)[:max_len]
-    labels = ([IGNORE_INDEX] * len(p_ids) + a_ids)[:max_len]
-    return Encoded(ids, labels, len(p_ids) + len(a_ids) > max_len)
+    truncated = len(p_ids) + len(a_ids) > max_len
+    if truncated:
+        # Cutting the end would drop the answer (the only supervised part). Keep the prompt's end
+        # (question and assistant header) and the answer's start instead.
+        keep = max(max_len - len(a_ids), max_len // 4)
+        p_ids, a_ids = p_ids[-keep:], a_ids[: max_len - keep]
+    return Encoded(p_ids + a_ids, [IGNORE_INDEX] * len(p_ids) + a_ids, truncated)
 
 
 def _lorag_version() -> str:
