@@ -7,6 +7,7 @@ Override: python -m jobs.finetune --config F --adapter NAME --set adapters.NAME.
 
 import argparse
 
+from lorag.cli import train_summary
 from lorag.cluster import connect
 from lorag.config import load_config
 from lorag.train import train_adapter
@@ -23,8 +24,7 @@ def main() -> None:
     cfg.adapter(args.adapter)  # fail on a wrong name before Ray starts
     connect()
     result = train_adapter(cfg, args.adapter)
-    print(f"adapter {result.adapter} v{result.version}: final loss {result.metrics['final_loss']:.4f}")
-    print(result.path)
+    print(train_summary(result.adapter, result.version, result.path, result.metrics))
 
 
 if __name__ == "__main__":

@@ -70,42 +70,42 @@ def tiny_model(tmp_path_factory, smollm2_path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (logical CPUs beyond the 2 real ones so Train + Serve fit)."""
+    """One local Ray for the whole test session (logical CPUs beyond the 2 real ones, so a Ray Data ingest never waits behind a finishing Train run)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
 
-@pytest.fixture
-def make_config(tmp_path, tiny_model, model_cache):
-    """Write a lorag.yaml in tmp_path (corpus + dataset copied from the quickstart) and load it."""
+def write_config(root: Path, tiny_model: Path, model_cache: Path, overrides: list[str] | None = None):
+    """Write a lorag.yaml in `root` (corpus + dataset copied from the quickstart) and load it."""
     from lorag.config import load_config
 
-    def make(**overrides):
-        shutil.copytree(QUICKSTART / "corpus", tmp_path / "corpus", dirs_exist_ok=True)
-        shutil.copy(QUICKSTART / "train.jsonl", tmp_path / "train.jsonl")
-        data = {
-            "base_model": str(tiny_model),
-            "embedder": "all-minilm-l6-v2",
-            "workdir": "work",
-            "cache_dir": str(model_cache),
-            "knowledge_bases": [{"name": "handbook", "sources": ["corpus/"], "chunking": {"size": 600, "overlap": 80}, "top_k": 2}],
-            "adapters": [
-                {
-                    "name": "support",
-                    "dataset": "train.jsonl",
-                    "knowledge_base": "handbook",
-                    "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512, "num_workers": 2, "zero_stage": 2},
-                }
-            ],
-            "serve": {"port": free_port(), "cpus_per_replica": 0, "max_tokens": 16},
-        }
-        for key, value in overrides.items():
-            data[key] = value
-        path = tmp_path / "lorag.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return load_config(path)
+    shutil.copytree(QUICKSTART / "corpus", root / "corpus", dirs_exist_ok=True)
+    shutil.copy(QUICKSTART / "train.jsonl", root / "train.jsonl")
+    data = {
+        "base_model": str(tiny_model),
+        "embedder": "all-minilm-l6-v2",
+        "workdir": "work",
+        "cache_dir": str(model_cache),
+        "knowledge_bases": [{"name": "handbook", "sources": ["corpus/"], "chunking": {"size": 600, "overlap": 80}, "top_k": 2}],
+        "adapters": [
+            {
+                "name": "support",
+                "dataset": "train.jsonl",
+                "knowledge_base": "handbook",
+                "train": {"max_steps": 2, "batch_size": 2, "max_seq_len": 512, "num_workers": 2, "zero_stage": 2},
+            }
+        ],
+        "serve": {"port": free_port(), "cpus_per_replica": 0, "max_tokens": 16},
+    }
+    path = root / "lorag.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, overrides)
 
-    return make
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model, model_cache):
+    """`make_config(overrides)` writes and loads a test lorag.yaml in tmp_path."""
+    return lambda overrides=None: write_config(tmp_path, tiny_model, model_cache, overrides)

@@ -48,6 +48,10 @@ BASE = {
         (lambda d: d["knowledge_bases"][0].update(chunking={"size": 100, "overlap": 100}), "knowledge_bases.0.chunking: overlap (100) must be smaller than size (100)"),
         (lambda d: d["serve"].update(port=70000), "serve.port"),
         (lambda d: d.update(adapter=[]), "adapter: unknown key"),
+        (lambda d: d["adapters"][0]["train"].update(offload_params=True, zero_stage=2), "adapters.0.train: offload_params needs zero_stage: 3"),
+        (lambda d: d["adapters"][0]["train"].update(offload_optimizer=True, zero_stage=0), "offload_optimizer needs zero_stage >= 1"),
+        (lambda d: d["adapters"][0]["train"].update(precision="bf16"), "precision bf16 needs use_gpu: true"),
+        (lambda d: d["adapters"][0].update(method="qlora"), "adapters.0.method: Input should be 'lora' or 'full'"),
     ],
 )
 def test_errors_name_the_field(tmp_path, mutate, expected):

@@ -1,10 +1,15 @@
 """Training data (masking, malformed lines) and a real Ray Train + DeepSpeed run that yields a plain PEFT adapter."""
 
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from lorag.train import IGNORE_INDEX, DatasetError, encode_example, load_examples
+from lorag.data import IGNORE_INDEX, DatasetError, encode_example, load_examples
 
 
 @pytest.mark.parametrize(
@@ -75,7 +80,7 @@ def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(ray_s
     assert not list(r1.path.glob("*.bin")) and not list(r1.path.glob("*.pt")), "only safetensors are saved"
     meta = json.loads((r1.path / "lorag.json").read_text())
     assert meta["base_model"] == str(tiny_model) and meta["knowledge_base"] == "handbook" and meta["trained_with_retrieval"] is True
-    assert meta["metrics"]["steps"] == 2 and len(meta["metrics"]["loss_curve"]) == 2 and meta["metrics"]["world_size"] == 2
+    assert meta["metrics"]["steps"] == 2 and len(meta["metrics"]["history"]["train_loss"]) == 2 and meta["metrics"]["world_size"] == 2
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = torch.tensor([[1, 5, 9, 200, 3000]])
@@ -104,3 +109,88 @@ def test_retrieved_sources_wrap_the_question_as_serving_does(ray_session, make_c
     assert user["content"].startswith("Answer the question using the numbered sources") and "[1] " in user["content"] and "[2] " in user["content"]
     assert user["content"].endswith("Question: How long is the Tidewell T4 warranty?")
     assert "39" in user["content"], "the warranty passage was retrieved into the prompt"
+
+
+RESUME_OVERRIDES = [
+    "adapters.support.train.with_retrieval=false",
+    "adapters.support.train.max_steps=6",
+    "adapters.support.train.checkpoint_every=2",
+    "adapters.support.train.learning_rate=0.005",
+    "adapters.support.train.val_fraction=0.2",
+    "adapters.support.lora.dropout=0.0",  # no dropout RNG, so a resumed run can repeat the losses exactly
+]
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_session, tmp_path_factory, tiny_model, model_cache):
+    """An uninterrupted ZeRO-2 run, checkpointing every 2 of 6 steps."""
+    from conftest import write_config
+    from lorag.train import train_adapter
+
+    cfg = write_config(tmp_path_factory.mktemp("reference"), tiny_model, model_cache, RESUME_OVERRIDES)
+    return train_adapter(cfg, "support").metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_zero_stages_reduce_validation_loss(request, make_config, stage):
+    from lorag.train import train_adapter
+
+    if stage == 2:
+        m = request.getfixturevalue("reference_run")
+    else:
+        request.getfixturevalue("ray_session")
+        m = train_adapter(make_config([*RESUME_OVERRIDES, f"adapters.support.train.zero_stage={stage}"]), "support").metrics
+    assert m["zero_stage"] == stage and m["resumed_from_step"] is None
+    assert m["val_loss"] < m["base_val_loss"], f"ZeRO-{stage}: validation loss {m['val_loss']} did not drop below the base model's {m['base_val_loss']}"
+    assert [s for s, _ in m["history"]["val_loss"]] == [2, 4, 6], "validation runs at every checkpoint"
+
+
+@pytest.mark.slow
+def test_killing_a_worker_mid_run_resumes_from_its_last_checkpoint(reference_run, make_config):
+    """A real SIGKILL of one Ray Train worker after a checkpoint: the run restarts its
+    workers, resumes from that checkpoint and ends exactly where an uninterrupted run ends."""
+    import psutil
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorag.train import train_adapter
+
+    cfg = make_config(RESUME_OVERRIDES)
+    storage = Path(cfg.workdir) / "ray_results"
+    killed: list[int] = []
+    def kill_a_worker_after_a_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if _registered_checkpoint(storage):
+                workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(workers[-1].pid)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_after_a_checkpoint, daemon=True)
+    killer.start()
+    result = train_adapter(cfg, "support")
+    killer.join(timeout=5)
+    assert killed, "the test never found a training worker to kill"
+    m = result.metrics
+    assert m["resumed_from_step"] in (2, 4), f"the run should resume from a checkpoint, got {m['resumed_from_step']}"
+    assert m["steps"] == 6 and [s for s, _ in m["history"]["train_loss"]] == [1, 2, 3, 4, 5, 6], "no step is lost or repeated"
+    ours = [loss for _, loss in m["history"]["train_loss"]]
+    ref = [loss for _, loss in reference_run["history"]["train_loss"]]
+    assert ours == pytest.approx(ref, rel=1e-3, abs=1e-3), "the resumed run repeats the uninterrupted run's losses"
+    assert m["val_loss"] == pytest.approx(reference_run["val_loss"], rel=1e-3, abs=1e-3)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base_model), str(result.path))  # a valid adapter
+
+
+def _registered_checkpoint(storage: Path) -> bool:
+    """Whether Ray Train's controller has registered a checkpoint of the run (a file it persists)."""
+    for snapshot in storage.glob("support-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, ValueError):  # being rewritten
+            pass
+    return False

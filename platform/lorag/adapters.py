@@ -20,7 +20,9 @@ from typing import Any
 from lorag.config import validate_name
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FULL_FILES = ("config.json", "model.safetensors")  # method: full (a whole model, for baselines)
 _VERSION = re.compile(r"^v?([1-9][0-9]{0,8})$")
+_TAG = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
 
 
 class AdapterNotFoundError(LookupError):
@@ -44,14 +46,16 @@ class AdapterStore:
         """
         base = self._name_dir(name)
         source_dir = Path(source_dir)
-        missing = [f for f in PEFT_FILES if not (source_dir / f).is_file()]
+        files = PEFT_FILES if metadata.get("method", "lora") == "lora" else FULL_FILES
+        missing = [f for f in files if not (source_dir / f).is_file()]
         if missing:
-            raise ValueError(f"{source_dir} is not a PEFT adapter directory: missing {missing}")
+            raise ValueError(f"{source_dir} is not a {'PEFT adapter' if files == PEFT_FILES else 'model'} directory: missing {missing}")
         base.mkdir(parents=True, exist_ok=True)
         tmp = base / f".tmp-{os.getpid()}-{time.time_ns()}"
         tmp.mkdir()
-        for f in PEFT_FILES:
-            shutil.copy2(source_dir / f, tmp / f)
+        for f in source_dir.iterdir():
+            if f.is_file() and (f.name in files or f.suffix in (".json", ".safetensors", ".md")):
+                shutil.copy2(f, tmp / f.name)
         if config_yaml is not None:
             (tmp / "lorag.yaml").write_text(config_yaml)
         while True:
@@ -78,21 +82,26 @@ class AdapterStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".") and self.versions(p.name))
 
     def resolve(self, name: str, version: str | int | None = None) -> Path:
-        """Directory of `name` at `version` (`3`, `"v3"`, or None / `"latest"` for the newest).
+        """Directory of `name` at `version`: `3`, `"v3"`, a tag, or None / `"latest"` for the newest.
 
         Raises:
             ValueError: invalid name or version syntax.
-            AdapterNotFoundError: no such adapter or version.
+            AdapterNotFoundError: no such adapter, version or tag.
         """
         versions = self.versions(name)
         if not versions:
             raise AdapterNotFoundError(f"adapter {name!r} is not in the store {self.root} (known: {self.names()})")
+        tags = self.tags(name)
         if version is None or version == "latest":
             number = versions[-1]
+        elif str(version) in tags:
+            number = tags[str(version)]
         else:
             m = _VERSION.match(str(version))
             if not m:
-                raise ValueError(f"invalid adapter version {version!r}: use a number like 3 or v3, or 'latest'")
+                if _TAG.match(str(version)):
+                    raise AdapterNotFoundError(f"adapter {name!r} has no tag {version!r} (tags: {sorted(tags) or 'none'})")
+                raise ValueError(f"invalid adapter version {version!r}: use a number like 3 or v3, a tag, or 'latest'")
             number = int(m.group(1))
             if number not in versions:
                 raise AdapterNotFoundError(f"adapter {name!r} has no version v{number} (versions: {['v%d' % v for v in versions]})")
@@ -100,6 +109,39 @@ class AdapterStore:
         if not path.is_relative_to(self.root):
             raise ValueError(f"adapter path {path} escapes the store {self.root}")
         return path
+
+    def tags(self, name: str) -> dict[str, int]:
+        """Tag -> version number for `name` (`latest` is implicit and never stored)."""
+        path = self._name_dir(name) / "tags.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def tag(self, name: str, version: str | int, tag: str) -> int:
+        """Point `tag` at a version of `name` (moving it if it exists); returns the version number.
+
+        Raises:
+            ValueError: the tag is not a valid name, or is `latest` or looks like a version.
+        """
+        if tag == "latest" or _VERSION.match(tag) or not _TAG.match(tag):
+            raise ValueError(f"invalid tag {tag!r}: use lowercase letters, digits, '.', '-', '_', not 'latest' or a version like v3")
+        number = int(self.resolve(name, version).name[1:])
+        self._write_tags(name, {**self.tags(name), tag: number})
+        return number
+
+    def remove(self, name: str, version: str | int) -> Path:
+        """Delete one version (and the tags pointing at it). Other versions keep their numbers."""
+        path = self.resolve(name, version)
+        number = int(path.name[1:])
+        self._write_tags(name, {t: v for t, v in self.tags(name).items() if v != number})
+        trash = path.with_name(f".rm-{path.name}-{time.time_ns()}")
+        os.rename(path, trash)  # atomic: a concurrent reader sees the version or nothing
+        shutil.rmtree(trash)
+        return path
+
+    def _write_tags(self, name: str, tags: dict[str, int]) -> None:
+        path = self._name_dir(name) / "tags.json"
+        tmp = path.with_name(f".tags-{os.getpid()}.json")
+        tmp.write_text(json.dumps(tags, indent=2, sort_keys=True))
+        os.replace(tmp, path)
 
     def metadata(self, name: str, version: str | int | None = None) -> dict[str, Any]:
         return json.loads((self.resolve(name, version) / "lorag.json").read_text())

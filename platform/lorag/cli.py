@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from lorag.cluster import connect
 from lorag.config import ConfigError, LoragConfig, load_config
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "lorag.yaml"
@@ -58,8 +59,7 @@ def ingest(
 ) -> None:
     """Build or refresh knowledge bases: read, chunk, embed (Ray Data) and upsert into Milvus. Re-running adds nothing new."""
     cfg = _load(config, set_)
-    from lorag.cluster import connect
-
+    _check_names(cfg.knowledge_base, kb)
     connect(address)
     _ingest_all(cfg, kb)
 
@@ -73,8 +73,7 @@ def train(
 ) -> None:
     """Train LoRA adapters on Ray Train with DeepSpeed; each run saves a new version in the adapter store."""
     cfg = _load(config, set_)
-    from lorag.cluster import connect
-
+    _check_names(cfg.adapter, adapter)
     connect(address)
     _train_all(cfg, adapter)
 
@@ -87,8 +86,6 @@ def serve(
 ) -> None:
     """Run the OpenAI-compatible endpoint (Ray Serve) until interrupted with Ctrl-C."""
     cfg = _load(config, set_)
-    from lorag.cluster import connect
-
     connect(address)
     url = _start_serve(cfg)
     console.print(f"lorag is serving at [bold]{url}/v1[/bold] (models: {url}/v1/models). Ctrl-C stops it.")
@@ -136,8 +133,6 @@ def quickstart(
     qs = [q.strip() for q in qfile.read_text().splitlines() if q.strip()]
     if not cfg.adapters:
         _fail(f"{config} defines no adapters")
-    from lorag.cluster import connect
-
     console.rule("[bold]lorag quickstart[/bold]")
     connect()
     _ingest_all(cfg, None)
@@ -165,7 +160,114 @@ def quickstart(
     console.rule("[bold green]done[/bold green]")
 
 
-# -- shared steps ----------------------------------------------------------------------------
+adapters_app = typer.Typer(help="The adapter store: list, inspect, tag and remove adapter versions.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+StoreOpt = typer.Option(None, "--store", help="Adapter store directory (default: <workdir>/adapters of --config).")
+
+
+def _store(config: Path, store: Optional[Path]):
+    from lorag.adapters import AdapterStore
+
+    return AdapterStore(store if store else _load(config, None).adapter_store)
+
+
+def _split_ref(ref: str) -> tuple[str, Optional[str]]:
+    from lorag.adapters import parse_model_id
+
+    return parse_model_id(ref)
+
+
+@adapters_app.command("list")
+def adapters_list(config: Path = ConfigOpt, store: Optional[Path] = StoreOpt) -> None:
+    """Every adapter with its versions, tags and latest validation loss."""
+    from rich.table import Table
+
+    st = _store(config, store)
+    table = Table("adapter", "versions", "tags", "method", "kb", "val loss", "base val", "created")
+    loss = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for name in st.names():
+        meta = st.metadata(name)
+        m = meta.get("metrics", {})
+        tags = ", ".join(f"{t}=v{v}" for t, v in sorted(st.tags(name).items())) or "-"
+        versions = ", ".join(f"v{v}" for v in st.versions(name))
+        created = str(meta.get("created_at", "-"))[:16].replace("T", " ")
+        table.add_row(name, versions, tags, meta.get("method", "lora"), str(meta.get("knowledge_base") or "-"), loss(m.get("val_loss")), loss(m.get("base_val_loss")), created)
+    if not st.names():
+        console.print(f"no adapters in {st.root}")
+        return
+    console.print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@TAG."), config: Path = ConfigOpt, store: Optional[Path] = StoreOpt) -> None:
+    """An adapter version's path and full provenance (lorag.json)."""
+    import json
+
+    from lorag.adapters import AdapterNotFoundError
+
+    st = _store(config, store)
+    name, version = _split_ref(ref)
+    try:
+        path = st.resolve(name, version)
+    except (AdapterNotFoundError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"[bold]{path}[/bold]")
+    console.print_json(json.dumps(json.loads((path / "lorag.json").read_text())))
+
+
+@adapters_app.command("tag")
+def adapters_tag(
+    ref: str = typer.Argument(..., help="NAME@vN (or NAME for the latest version)."),
+    tag: str = typer.Argument(..., help="Tag to set or move, e.g. prod."),
+    config: Path = ConfigOpt,
+    store: Optional[Path] = StoreOpt,
+) -> None:
+    """Point a tag at a version; clients can then ask for model NAME@TAG."""
+    from lorag.adapters import AdapterNotFoundError
+
+    st = _store(config, store)
+    name, version = _split_ref(ref)
+    try:
+        number = st.tag(name, version, tag)
+    except (AdapterNotFoundError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"{name}@{tag} -> v{number}")
+
+
+@adapters_app.command("rm")
+def adapters_rm(
+    ref: str = typer.Argument(..., help="NAME@vN: the version to delete (a bare NAME is refused)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    config: Path = ConfigOpt,
+    store: Optional[Path] = StoreOpt,
+) -> None:
+    """Delete one adapter version and the tags pointing at it."""
+    from lorag.adapters import AdapterNotFoundError
+
+    st = _store(config, store)
+    name, version = _split_ref(ref)
+    if version is None:
+        _fail(f"say which version to delete, e.g. {name}@v1 (versions: {['v%d' % v for v in st.versions(name)]})", 2)
+    try:
+        path = st.resolve(name, version)
+    except (AdapterNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if not yes and not typer.confirm(f"delete {path}?"):
+        raise typer.Exit(1)
+    st.remove(name, version)
+    console.print(f"deleted {path}")
+
+
+# -- shared steps --------------------------------------------------------------------------------
+
+
+def _check_names(lookup, names: Optional[list[str]]) -> None:
+    """Fail on a wrong --kb/--adapter name before Ray starts."""
+    for name in names or []:
+        try:
+            lookup(name)
+        except KeyError as e:
+            _fail(str(e.args[0]), 2)
 
 
 def _ingest_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
@@ -175,10 +277,6 @@ def _ingest_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
     if not names:
         console.print("no knowledge bases in the config: nothing to ingest")
     for name in names:
-        try:
-            cfg.knowledge_base(name)
-        except KeyError as e:
-            _fail(str(e.args[0]), 2)
         console.rule(f"ingest knowledge base [bold]{name}[/bold]")
         try:
             r = ingest(cfg, name)
@@ -188,21 +286,30 @@ def _ingest_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
 
 
 def _train_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
-    from lorag.train import DatasetError, train_adapter
+    from lorag.data import DatasetError
+    from lorag.train import train_adapter
 
     names = only or [a.name for a in cfg.adapters]
     for name in names:
-        try:
-            cfg.adapter(name)
-        except KeyError as e:
-            _fail(str(e.args[0]), 2)
         console.rule(f"train adapter [bold]{name}[/bold]")
         try:
             r = train_adapter(cfg, name)
         except (DatasetError, RuntimeError, LookupError) as e:
             _fail(str(e))
-        curve = r.metrics["loss_curve"]
-        console.print(f"{name} v{r.version}: loss {curve[0]:.3f} -> {curve[-1]:.3f} in {r.metrics['steps']} steps; saved to {r.path}")
+        console.print(train_summary(name, r.version, r.path, r.metrics))
+
+
+def train_summary(name: str, version: int, path: Path, m: dict) -> str:
+    """One line: loss curve ends, validation loss against the base model's, and where it was saved."""
+    curve = m["history"]["train_loss"]
+    line = f"{name} v{version}: train loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f} in {m['steps']} steps"
+    if m.get("val_loss") is not None:
+        line += f"; validation loss {m['val_loss']:.3f}"
+        if m.get("base_val_loss") is not None:
+            line += f" (base model {m['base_val_loss']:.3f})"
+    if m.get("resumed_from_step") is not None:
+        line += f"; resumed from step {m['resumed_from_step']}"
+    return f"{line}\nsaved to {path}"
 
 
 def _start_serve(cfg: LoragConfig) -> str:

@@ -1,4 +1,6 @@
-"""Documents into knowledge bases: find files, chunk them, and the Ray Data ingest pipeline.
+"""Files into rows: documents into knowledge-base chunks, and JSONL into training examples.
+
+Knowledge bases: find files, chunk them, and the Ray Data ingest pipeline.
 
 The pipeline is read (Ray Data `read_binary_files`) -> chunk (`flat_map`) -> embed
 (`map_batches(Embedder)` on an actor pool) -> upsert into Milvus, streamed so that writing
@@ -6,6 +8,10 @@ overlaps embedding. Chunk ids are a hash of knowledge base, source, chunk index 
 writes are upserts, so re-running an ingest leaves the same entity count.
 
 `chunk_text` is the pure heart of it and is tested with a table.
+
+Training examples: JSONL `{"prompt", "completion"}` or `{"messages": [{"role", "content"}, ...]}`
+(the last message is the assistant's answer), rendered with the base model's chat template; loss
+is taken on the answer tokens only (`encode_example`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -21,6 +28,13 @@ from pathlib import Path
 from typing import Any
 
 DOC_SUFFIXES = (".md", ".markdown", ".txt")
+IGNORE_INDEX = -100
+_ROLES = ("system", "user", "assistant")
+
+
+class DatasetError(ValueError):
+    """A training file is missing or has a malformed line (the message gives file:line and why)."""
+
 _BOUNDARY = re.compile(r"\n\s*\n|\n(?=#{1,6} )")
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*$", re.MULTILINE)
 
@@ -209,3 +223,126 @@ def ingest(cfg, kb_name: str) -> IngestReport:
     # Only after every current chunk is written: drop chunks of changed and deleted documents.
     removed = store.prune(kb.collection, keep)
     return IngestReport(kb.name, uri, len(files), written, removed, store.count(kb.collection), time.time() - start)
+
+
+# -- training examples (JSONL) -----------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def dataset_files(path: str | os.PathLike) -> list[Path]:
+    """A JSONL file, or every `*.jsonl` under a directory (sorted).
+
+    Raises:
+        DatasetError: nothing there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.jsonl"))
+        if not files:
+            raise DatasetError(f"no *.jsonl files under {path}")
+        return files
+    if not path.is_file():
+        raise DatasetError(f"dataset file not found: {path}")
+    return [path]
+
+
+def load_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSONL training file (or a directory of them) into `{"messages": [...]}` records.
+
+    `{"prompt", "completion"}` lines become a user and an assistant message.
+
+    Raises:
+        DatasetError: the path is missing or empty, or a line is malformed (`file:line: reason`).
+    """
+    out = []
+    for file in dataset_files(path):
+        with file.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{file}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                out.append({"messages": _messages(rec, where)})
+    if not out:
+        raise DatasetError(f"{path}: no examples")
+    return out
+
+
+def dataset_hash(path: str | os.PathLike) -> str:
+    """sha256 over the dataset's files (names relative to `path` and contents), for provenance."""
+    h = hashlib.sha256()
+    root = Path(path)
+    for file in dataset_files(path):
+        h.update(str(file.relative_to(root) if root.is_dir() else file.name).encode() + b"\0")
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded shuffle, then (train, validation); validation gets at least one example when asked for."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = 0 if val_fraction <= 0 else max(1, round(len(examples) * val_fraction))
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def _messages(rec: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(rec, dict):
+        raise DatasetError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DatasetError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                raise DatasetError(f"{where}: messages[{i}] must be {{'role': one of {_ROLES}, 'content': string}}")
+        if msgs[-1]["role"] != "assistant":
+            raise DatasetError(f"{where}: the last message must be the assistant's answer (got role {msgs[-1]['role']!r})")
+        if not any(m["role"] == "user" for m in msgs[:-1]):
+            raise DatasetError(f"{where}: 'messages' needs a user message before the assistant's answer")
+        return msgs
+    missing = [k for k in ("prompt", "completion") if not isinstance(rec.get(k), str) or not rec.get(k).strip()]
+    if missing:
+        raise DatasetError(f"{where}: needs non-empty string fields 'prompt' and 'completion' (or 'messages'); missing or empty: {missing}")
+    return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
+
+
+def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """Prepend the adapter's system prompt unless the conversation brings its own."""
+    if system_prompt and messages and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def encode_example(tokenizer, example: dict[str, Any], system_prompt: str | None, max_len: int) -> Encoded:
+    """Token ids and labels for one example; only the final assistant answer carries loss.
+
+    Examples longer than `max_len` lose the start of the prompt (and, if the answer alone is
+    too long, the end of the answer), so every example keeps supervised tokens.
+
+    The prompt is rendered exactly as serving renders it (chat template with the generation
+    prompt), so the adapter learns to continue from what it will see at inference.
+    """
+    msgs = with_system(example["messages"], system_prompt)
+    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    # The answer is what the template adds for the last turn, end-of-turn token included.
+    answer = full[len(prompt):] if full.startswith(prompt) else msgs[-1]["content"] + (tokenizer.eos_token or "")
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    truncated = len(p_ids) + len(a_ids) > max_len
+    if truncated:
+        # Cutting the end would drop the answer (the only supervised part). Keep the prompt's end
+        # (question and assistant header) and the answer's start instead.
+        keep = max(max_len - len(a_ids), max_len // 4)
+        p_ids, a_ids = p_ids[-keep:], a_ids[: max_len - keep]
+    return Encoded(p_ids + a_ids, [IGNORE_INDEX] * len(p_ids) + a_ids, truncated)

@@ -141,7 +141,7 @@ class Gateway:
         if kb_name and req.retrieval:
             hits = await self._retrieve(kb_name, messages, req.k)
         from lorag.retrieval import augment, citations
-        from lorag.train import with_system
+        from lorag.data import with_system
 
         prompt = with_system(augment(messages, hits), system_prompt)
         params = {

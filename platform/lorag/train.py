@@ -1,16 +1,19 @@
-"""LoRA fine-tuning on Ray Train with DeepSpeed, and the instruction dataset it reads.
+"""LoRA (or full) fine-tuning on Ray Train with DeepSpeed, resumable, into the adapter store.
 
-`train_adapter` is the entry point: it validates the adapter's config and dataset before anything
-starts, resolves the base model once on the driver (so workers never race to convert it), runs a
-`TorchTrainer` whose workers each wrap the frozen base in a peft LoRA model under a DeepSpeed
-ZeRO engine, and saves the rank-0 adapter into the versioned adapter store.
-
-Datasets are JSONL: `{"prompt", "completion"}` or `{"messages": [{"role", "content"}, ...]}`
-(the last message is the assistant's answer). Loss is taken on the answer tokens only.
+`train_adapter` is the entry point. Before anything starts it validates the dataset, splits off
+a validation set, resolves the base model once on the driver (so workers never race to convert
+it) and, for an adapter bound to a knowledge base, wraps every question in its retrieved sources.
+Then a `TorchTrainer` runs `train_loop` on every worker: the frozen base wrapped in a peft LoRA
+model under a DeepSpeed ZeRO engine. Every `checkpoint_every` steps all ranks save their shard
+of the DeepSpeed state through `ray.train.report`; a worker that dies is restarted by Ray Train
+(`FailureConfig`) and the run resumes from the latest checkpoint (model, optimizer, scheduler,
+data position, loss history). The final checkpoint holds the PEFT adapter, which is copied into
+a new, immutable version in the adapter store with its provenance.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -20,12 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-IGNORE_INDEX = -100
-_ROLES = ("system", "user", "assistant")
+from lorag.data import IGNORE_INDEX, DatasetError, Encoded, dataset_hash, encode_example, load_examples, split_examples
 
-
-class DatasetError(ValueError):
-    """A training file is missing or has a malformed line (message gives file:line and why)."""
+STATE_TAG = "state"  # DeepSpeed checkpoint tag inside each Ray Train checkpoint
+EXPORT_DIR = "export"  # the adapter (PEFT) or full model, in the final checkpoint
 
 
 @dataclass
@@ -47,10 +48,11 @@ def train_adapter(cfg, name: str) -> TrainResult:
     Raises:
         KeyError: no such adapter in the config.
         DatasetError: the dataset is missing or malformed (checked before any worker starts).
+        LookupError: the adapter trains with retrieval but its knowledge base is not ingested.
         RuntimeError: the training run failed.
     """
     import ray.train
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from lorag.adapters import AdapterStore
@@ -58,46 +60,70 @@ def train_adapter(cfg, name: str) -> TrainResult:
     from lorag.models import resolve_model
 
     ad = cfg.adapter(name)
+    t = ad.train
     examples = load_examples(ad.dataset)
-    if len(examples) < ad.train.num_workers:
-        raise DatasetError(f"{ad.dataset}: {len(examples)} example(s) for {ad.train.num_workers} workers; each worker needs at least one")
+    train_set, val_set = split_examples(examples, t.val_fraction, t.seed)
+    if len(train_set) < t.num_workers:
+        raise DatasetError(f"{ad.dataset}: {len(train_set)} training example(s) for {t.num_workers} workers; each worker needs at least one")
+    ds_override = _read_deepspeed_json(t.deepspeed_config) if t.deepspeed_config else {}
     model_path = resolve_model(cfg.base_model, cfg.model_cache)
-    retrieval = ad.knowledge_base is not None and ad.train.with_retrieval
+    retrieval = ad.knowledge_base is not None and t.with_retrieval
     if retrieval:
-        examples = with_retrieved_sources(cfg, ad, examples)
+        train_set = with_retrieved_sources(cfg, ad, train_set)
+        val_set = with_retrieved_sources(cfg, ad, val_set)
 
     start = time.time()
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "adapter": name, "model_path": str(model_path), "examples": examples},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "adapter": name,
+            "model_path": str(model_path),
+            "train": train_set,
+            "val": val_set,
+            "deepspeed_override": ds_override,
+        },
         scaling_config=ScalingConfig(
-            num_workers=ad.train.num_workers,
-            use_gpu=ad.train.use_gpu,
-            resources_per_worker={"CPU": ad.train.cpus_per_worker, **({"GPU": 1} if ad.train.use_gpu else {})},
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
         ),
-        run_config=RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(Path(cfg.workdir) / "ray_results")),
+        run_config=RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=t.storage_path or str(Path(cfg.workdir) / "ray_results"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.keep_checkpoints,
+                **({"checkpoint_score_attribute": "val_loss", "checkpoint_score_order": "min"} if val_set else {}),
+            ),
+        ),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise RuntimeError(f"training adapter {name!r} failed: {e}") from e
     if result.checkpoint is None:
-        raise RuntimeError(f"training adapter {name!r} finished without saving an adapter checkpoint")
+        raise RuntimeError(f"training adapter {name!r} finished without saving a checkpoint")
     with result.checkpoint.as_directory() as ckpt:
         report = json.loads((Path(ckpt) / "train_report.json").read_text())
+        if not (Path(ckpt) / EXPORT_DIR).is_dir():
+            raise RuntimeError(f"the latest checkpoint of {name!r} holds no exported model: {ckpt}")
         metadata = {
+            "method": ad.method,
             "base_model": cfg.base_model,
             "base_model_path": str(model_path),
+            "base_model_sha256": weights_hash(model_path),
             "knowledge_base": ad.knowledge_base,
             "system_prompt": ad.system_prompt,
             "dataset": ad.dataset,
-            "examples": len(examples),
+            "dataset_sha256": dataset_hash(ad.dataset),
+            "examples": {"train": len(train_set), "val": len(val_set)},
             "trained_with_retrieval": retrieval,
             "metrics": report,
             "wall_time_s": round(time.time() - start, 1),
             "lorag_version": _lorag_version(),
         }
-        path = AdapterStore(cfg.adapter_store).save(name, ckpt, metadata, config_yaml=dump_config(cfg))
+        path = AdapterStore(cfg.adapter_store).save(name, Path(ckpt) / EXPORT_DIR, metadata, config_yaml=dump_config(cfg))
     return TrainResult(name, int(path.name[1:]), path, report)
 
 
@@ -115,13 +141,14 @@ def with_retrieved_sources(cfg, ad, examples: list[dict[str, Any]]) -> list[dict
     from lorag.models import resolve_model
     from lorag.retrieval import augment
 
+    if not examples:
+        return []
     kb = cfg.knowledge_base(ad.knowledge_base)
     store = open_store(cfg.milvus_uri(kb), kb.token)
     embedder = Embedder(resolve_model(cfg.embedder, cfg.model_cache))
     questions = [next(m["content"] for m in reversed(ex["messages"]) if m["role"] == "user") for ex in examples]
-    vectors = embedder.embed(questions)
     out = []
-    for ex, vector in zip(examples, vectors):
+    for ex, vector in zip(examples, embedder.embed(questions)):
         hits = store.search(kb.collection, vector.tolist(), kb.top_k)
         out.append({"messages": [*augment(ex["messages"][:-1], hits), ex["messages"][-1]]})
     return out
@@ -131,18 +158,17 @@ def with_retrieved_sources(cfg, ad, examples: list[dict[str, Any]]) -> list[dict
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: LoRA on the frozen base under a DeepSpeed ZeRO engine.
+    """Ray Train worker: LoRA on the frozen base (or full fine-tuning) under DeepSpeed ZeRO.
 
     Everything comes through `config` (the resolved `LoragConfig` as JSON, the adapter name, the
-    resolved base-model path and the validated examples); nothing is read from globals.
+    resolved base-model path, the prepared train/val examples and any raw DeepSpeed override);
+    nothing is read from globals.
     """
     import ray.train
     import torch
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     from lorag.config import LoragConfig
-    from lorag.models import load_causal_lm, load_tokenizer
+    from lorag.models import load_tokenizer
 
     cfg = LoragConfig.model_validate(config["config"])
     ad = cfg.adapter(config["adapter"])
@@ -158,210 +184,256 @@ def train_loop(config: dict[str, Any]) -> None:
     random.seed(t.seed)
 
     tokenizer = load_tokenizer(Path(config["model_path"]))
-    model = load_causal_lm(Path(config["model_path"]))
-    model.config.use_cache = False
-    model = get_peft_model(
-        model,
-        PeftLoraConfig(
-            r=ad.lora.r,
-            lora_alpha=ad.lora.alpha,
-            lora_dropout=ad.lora.dropout,
-            target_modules=ad.lora.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = _build_model(ad, Path(config["model_path"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    train_set = [encode_example(tokenizer, ex, ad.system_prompt, t.max_seq_len) for ex in config["train"]]
+    val_set = [encode_example(tokenizer, ex, ad.system_prompt, t.max_seq_len) for ex in config["val"]]
+    truncated = sum(e.truncated for e in train_set + val_set)
 
-    encoded = [encode_example(tokenizer, ex, ad.system_prompt, t.max_seq_len) for ex in config["examples"]]
-    truncated = sum(e.truncated for e in encoded)
-    shard = encoded[rank::world]
-
-    warmup = max(1, min(10, t.max_steps // 10))
+    warmup = max(1, t.max_steps // 10)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    use_bf16 = t.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    ds_config = {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": t.zero_stage},
-        # A torch AdamW (not DeepSpeed's fused CUDA one) keeps the same job runnable on CPU nodes.
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": use_bf16},
-        "steps_per_print": 1 << 30,
-    }
+    ds_config = deepspeed_config(t, _bf16_ok(t), config["deepspeed_override"])
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
+    pad_id = tokenizer.pad_token_id
+
+    # Resume: the latest checkpoint restores weights, optimizer, scheduler, history and data position.
+    start_step, history, base_val = 0, {"train_loss": [], "val_loss": []}, None
+    resumed_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=STATE_TAG, load_module_strict=False)
+            state = json.loads((Path(d) / "lorag_state.json").read_text())
+        start_step, history, base_val = state["step"], state["history"], state["base_val_loss"]
+        resumed_from = start_step
+    elif val_set and ad.method == "lora":
+        with engine.module.disable_adapter():
+            base_val = _evaluate(engine, val_set, rank, world, pad_id)
 
     if rank == 0:
+        what = f"resuming at step {start_step}" if resumed_from is not None else "starting"
         print(
-            f"lorag train {ad.name}: {len(encoded)} examples ({truncated} truncated to {t.max_seq_len} tokens), "
-            f"{world} workers, ZeRO-{t.zero_stage}, trainable {trainable:,}/{total:,} params ({100 * trainable / total:.2f}%)",
+            f"lorag train {ad.name}: {what}; {len(train_set)} train / {len(val_set)} val examples ({truncated} truncated to "
+            f"{t.max_seq_len} tokens), {world} workers, ZeRO-{t.zero_stage}, {ad.method}, trainable {trainable:,}/{total:,} "
+            f"params ({100 * trainable / total:.2f}%)",
             flush=True,
         )
-    batches = _batches(shard, t.batch_size, t.seed, tokenizer.pad_token_id)
-    losses: list[float] = []
-    tokens = 0
-    t0 = time.time()
+    batches = _batches(train_set[rank::world], t.batch_size, t.seed, pad_id)
+    for _ in range(start_step * t.gradient_accumulation_steps):  # skip what the checkpoint already trained on
+        next(batches)
+
+    tokens, t0 = 0, time.time()
     engine.train()
-    for step in range(1, t.max_steps + 1):
-        step_loss = torch.zeros((), device=device)
-        step_tokens = torch.zeros((), device=device, dtype=torch.long)
+    for step in range(start_step + 1, t.max_steps + 1):
+        loss_sum = torch.zeros((), device=device)
+        n_tokens = torch.zeros((), device=device, dtype=torch.long)
         for _ in range(t.gradient_accumulation_steps):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            step_loss += loss.detach() / t.gradient_accumulation_steps
-            step_tokens += batch["attention_mask"].sum()
+            loss_sum += loss.detach().float() / t.gradient_accumulation_steps
+            n_tokens += batch["attention_mask"].sum()
         # Log the mean over ranks, not rank 0's shard alone.
-        stats = torch.stack([step_loss.float(), step_tokens.float()]).to(device)
+        stats = torch.stack([loss_sum.float(), n_tokens.float()])
         torch.distributed.all_reduce(stats)
-        step_loss = stats[0].item() / world
-        tokens += int(stats[1].item())
-        losses.append(round(step_loss, 4))
+        step_loss = round(stats[0].item() / world, 4)
+        if step == start_step + 1 and step < t.max_steps:
+            t0 = time.time()  # the first step warms caches and allocators: rate the steady state
+        else:
+            tokens += int(stats[1].item())
+        history["train_loss"].append([step, step_loss])
         if rank == 0 and (step % t.log_every == 0 or step == t.max_steps):
-            elapsed = time.time() - t0
+            rate = tokens / max(time.time() - t0, 1e-9)
+            eta = (t.max_steps - step) * (time.time() - t0) / max(step - start_step - 1, 1)
             bar = "#" * int(20 * step / t.max_steps)
-            print(f"  [{bar:<20}] step {step}/{t.max_steps}  loss {step_loss:.4f}  {tokens / elapsed:,.0f} tok/s", flush=True)
+            print(f"  [{bar:<20}] step {step}/{t.max_steps}  loss {step_loss:.4f}  {rate:,.0f} tok/s  eta {eta:.0f}s", flush=True)
 
-    metrics = {
-        "steps": t.max_steps,
-        "final_loss": losses[-1],
-        "loss_curve": losses,
-        "tokens": tokens,
-        "tokens_per_s": round(tokens / max(time.time() - t0, 1e-9), 1),
-        "trainable_params": trainable,
-        "total_params": total,
-        "truncated_examples": truncated,
-        "world_size": world,
-        "zero_stage": t.zero_stage,
+        final = step == t.max_steps
+        if final or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            val = _evaluate(engine, val_set, rank, world, pad_id) if val_set else None
+            if val is not None:
+                history["val_loss"].append([step, round(val, 4)])
+            metrics = {"step": step, "train_loss": step_loss, "val_loss": val, "base_val_loss": base_val}
+            report = None
+            if final:
+                report = {
+                    "steps": t.max_steps,
+                    "final_train_loss": step_loss,
+                    "val_loss": val,
+                    "base_val_loss": base_val,
+                    "history": history,
+                    "tokens_per_s": round(tokens / max(time.time() - t0, 1e-9), 1),
+                    "trainable_params": trainable,
+                    "total_params": total,
+                    "truncated_examples": truncated,
+                    "world_size": world,
+                    "zero_stage": t.zero_stage,
+                    "resumed_from_step": resumed_from,
+                }
+            _save_checkpoint(engine, ad, step, history, base_val, metrics, report, rank)
+            engine.train()
+
+
+def deepspeed_config(t, bf16: bool, override: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config for `TrainConfig` `t`; keys of `override` (a raw DeepSpeed JSON) win."""
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        # A torch AdamW (not DeepSpeed's fused CUDA one) keeps the same job runnable on CPU nodes.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "steps_per_print": 1 << 30,
     }
-    # ZeRO 0-2 keep full parameters on every rank, so rank 0 alone writes the adapter.
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.module.save_pretrained(tmp, safe_serialization=True)
-            (Path(tmp) / "train_report.json").write_text(json.dumps(metrics))
-            ray.train.report({k: v for k, v in metrics.items() if k != "loss_curve"}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report({k: v for k, v in metrics.items() if k != "loss_curve"})
+    return _merge(cfg, override)
 
 
-def _batches(examples: list["Encoded"], batch_size: int, seed: int, pad_id: int):
-    """Endless padded batches over `examples`, reshuffled each epoch with a seeded RNG."""
-    import torch
-
-    rng = random.Random(seed)
-    epoch = 0
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            rows = [examples[j % len(examples)] for j in order[i : i + batch_size]]
-            while len(rows) < batch_size:  # fewer examples than a batch: repeat
-                rows.append(rows[len(rows) % len(rows)])
-            width = max(len(r.input_ids) for r in rows)
-            ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
-            labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((batch_size, width), dtype=torch.long)
-            for b, r in enumerate(rows):
-                n = len(r.input_ids)
-                ids[b, :n] = torch.tensor(r.input_ids)
-                labels[b, :n] = torch.tensor(r.labels)
-                mask[b, :n] = 1
-            yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        epoch += 1
-
-
-# -- dataset ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool
-
-
-def load_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSONL training file into a list of `{"messages": [...]}` records.
-
-    `{"prompt", "completion"}` lines become a user and an assistant message.
-
-    Raises:
-        DatasetError: the file is missing or empty, or a line is malformed (`file:line: reason`).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path}")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append({"messages": _messages(rec, where)})
-    if not out:
-        raise DatasetError(f"{path}: no examples")
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
-def _messages(rec: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(rec, dict):
-        raise DatasetError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
-    if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DatasetError(f"{where}: 'messages' must be a non-empty list")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-                raise DatasetError(f"{where}: messages[{i}] must be {{'role': one of {_ROLES}, 'content': string}}")
-        if msgs[-1]["role"] != "assistant":
-            raise DatasetError(f"{where}: the last message must be the assistant's answer (got role {msgs[-1]['role']!r})")
-        if not any(m["role"] == "user" for m in msgs[:-1]):
-            raise DatasetError(f"{where}: 'messages' needs a user message before the assistant's answer")
-        return msgs
-    missing = [k for k in ("prompt", "completion") if not isinstance(rec.get(k), str) or not rec.get(k).strip()]
-    if missing:
-        raise DatasetError(f"{where}: needs non-empty string fields 'prompt' and 'completion' (or 'messages'); missing or empty: {missing}")
-    return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
+def _bf16_ok(t) -> bool:
+    import torch
+
+    if t.precision == "bf16":
+        return True
+    return t.precision == "auto" and t.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
-    """Prepend the adapter's system prompt unless the conversation brings its own."""
-    if system_prompt and messages and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
+def _build_model(ad, model_path: Path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from lorag.models import load_causal_lm
+
+    model = load_causal_lm(model_path)
+    model.config.use_cache = False
+    if ad.method == "full":
+        model.train()
+        return model
+    lora = ad.lora
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, use_dora=lora.use_dora, task_type="CAUSAL_LM"
+        ),
+    )
 
 
-def encode_example(tokenizer, example: dict[str, Any], system_prompt: str | None, max_len: int) -> Encoded:
-    """Token ids and labels for one example; only the final assistant answer carries loss.
+def _evaluate(engine, examples: list[Encoded], rank: int, world: int, pad_id: int) -> float:
+    """Token-weighted mean loss over `examples`, sharded across ranks and all-reduced."""
+    import torch
 
-    Examples longer than `max_len` lose the start of the prompt (and, if the answer alone is
-    too long, the end of the answer), so every example keeps supervised tokens.
+    engine.eval()
+    total = torch.zeros(2, device=engine.device, dtype=torch.float64)
+    with torch.no_grad():
+        for ex in examples[rank::world]:
+            batch = {k: v.to(engine.device) for k, v in _collate([ex], pad_id).items()}
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            if n:
+                total[0] += engine(**batch).loss.double() * n
+                total[1] += n
+    torch.distributed.all_reduce(total)
+    return round(float(total[0] / total[1]), 4) if total[1] > 0 else float("nan")
 
-    The prompt is rendered exactly as serving renders it (chat template with the generation
-    prompt), so the adapter learns to continue from what it will see at inference.
-    """
-    msgs = with_system(example["messages"], system_prompt)
-    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(msgs, tokenize=False)
-    # The answer is what the template adds for the last turn, end-of-turn token included.
-    answer = full[len(prompt):] if full.startswith(prompt) else msgs[-1]["content"] + (tokenizer.eos_token or "")
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    truncated = len(p_ids) + len(a_ids) > max_len
-    if truncated:
-        # Cutting the end would drop the answer (the only supervised part). Keep the prompt's end
-        # (question and assistant header) and the answer's start instead.
-        keep = max(max_len - len(a_ids), max_len // 4)
-        p_ids, a_ids = p_ids[-keep:], a_ids[: max_len - keep]
-    return Encoded(p_ids + a_ids, [IGNORE_INDEX] * len(p_ids) + a_ids, truncated)
+
+def _save_checkpoint(engine, ad, step, history, base_val, metrics, report, rank) -> None:
+    """Every rank saves its DeepSpeed shard into its own dir; Ray Train merges them into one checkpoint."""
+    import deepspeed
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # Frozen base weights are not saved: they come from the base model on resume.
+        engine.save_checkpoint(tmp, tag=STATE_TAG, exclude_frozen_parameters=ad.method == "lora")
+        if report is not None:
+            # Under ZeRO-3 parameters are sharded: gather the ones we export before saving.
+            params = [p for p in engine.module.parameters() if p.requires_grad or ad.method == "full"]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+                if rank == 0:
+                    engine.module.save_pretrained(Path(tmp) / EXPORT_DIR, safe_serialization=True)
+        if rank == 0:
+            (Path(tmp) / "lorag_state.json").write_text(json.dumps({"step": step, "history": history, "base_val_loss": base_val}))
+            if report is not None:
+                (Path(tmp) / "train_report.json").write_text(json.dumps(report))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _batches(examples: list[Encoded], batch_size: int, seed: int, pad_id: int):
+    """Endless padded batches over `examples`, reshuffled each epoch with a seeded RNG (so resuming can skip ahead)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, max(len(order) - batch_size + 1, 1), batch_size):
+            rows = [examples[j] for j in order[i : i + batch_size]]
+            while len(rows) < batch_size:  # fewer examples than a batch: repeat
+                rows.append(rows[len(rows) % len(rows)])
+            yield _collate(rows, pad_id)
+
+
+def _collate(rows: list[Encoded], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[b, :n] = torch.tensor(r.input_ids)
+        labels[b, :n] = torch.tensor(r.labels)
+        mask[b, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _read_deepspeed_json(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"deepspeed_config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"deepspeed_config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"deepspeed_config {path}: must be a JSON object")
+    return data
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over a checkpoint's *.safetensors files, cached beside them by size and mtime."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    key = json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    cache = Path(model_dir) / ".lorag-weights-sha256.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cache.write_text(json.dumps({"key": key, "sha256": digest}))
+    except OSError:  # a read-only model directory: just don't cache
+        pass
+    return digest
 
 
 def _lorag_version() -> str:
@@ -371,4 +443,3 @@ def _lorag_version() -> str:
         return version("lorag")
     except PackageNotFoundError:
         return "unknown"
-
