@@ -96,6 +96,7 @@ def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(ray_s
     assert json.loads((r2.path / "lorag.json").read_text())["trained_with_retrieval"] is False
 
 
+@pytest.mark.slow
 def test_retrieved_sources_wrap_the_question_as_serving_does(ray_session, make_config):
     from lorag.data import ingest
     from lorag.train import with_retrieved_sources
@@ -194,3 +195,16 @@ def _registered_checkpoint(storage: Path) -> bool:
         except (OSError, ValueError):  # being rewritten
             pass
     return False
+
+
+def test_weights_hash_tracks_content_and_caches_outside_the_model_dir(tmp_path):
+    from lorag.train import weights_hash
+
+    model, cache = tmp_path / "model", tmp_path / "cache"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"a" * 100)
+    first = weights_hash(model, cache)
+    assert first == weights_hash(model, cache) and len(first) == 64
+    assert list(model.iterdir()) == [model / "model.safetensors"], "the model directory is never written to"
+    (model / "model.safetensors").write_bytes(b"b" * 101)
+    assert weights_hash(model, cache) != first

@@ -68,9 +68,8 @@ def train_adapter(cfg, name: str) -> TrainResult:
     ds_override = _read_deepspeed_json(t.deepspeed_config) if t.deepspeed_config else {}
     model_path = resolve_model(cfg.base_model, cfg.model_cache)
     retrieval = ad.knowledge_base is not None and t.with_retrieval
-    if retrieval:
-        train_set = with_retrieved_sources(cfg, ad, train_set)
-        val_set = with_retrieved_sources(cfg, ad, val_set)
+    if retrieval:  # one pass over all examples; the seeded split then picks the same partition
+        train_set, val_set = split_examples(with_retrieved_sources(cfg, ad, examples), t.val_fraction, t.seed)
 
     start = time.time()
     trainer = TorchTrainer(
@@ -112,7 +111,7 @@ def train_adapter(cfg, name: str) -> TrainResult:
             "method": ad.method,
             "base_model": cfg.base_model,
             "base_model_path": str(model_path),
-            "base_model_sha256": weights_hash(model_path),
+            "base_model_sha256": weights_hash(model_path, cfg.model_cache),
             "knowledge_base": ad.knowledge_base,
             "system_prompt": ad.system_prompt,
             "dataset": ad.dataset,
@@ -341,11 +340,15 @@ def _evaluate(engine, examples: list[Encoded], rank: int, world: int, pad_id: in
     engine.eval()
     total = torch.zeros(2, device=engine.device, dtype=torch.float64)
     with torch.no_grad():
-        for ex in examples[rank::world]:
-            batch = {k: v.to(engine.device) for k, v in _collate([ex], pad_id).items()}
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively);
+        # a rank past the end of its shard repeats example 0 with weight 0.
+        for i in range(-(-len(examples) // world)):
+            idx = rank + i * world
+            batch = {k: v.to(engine.device) for k, v in _collate([examples[idx % len(examples)]], pad_id).items()}
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if idx < len(examples) else 0
+            loss = engine(**batch).loss.double()
             if n:
-                total[0] += engine(**batch).loss.double() * n
+                total[0] += loss * n
                 total[1] += n
     torch.distributed.all_reduce(total)
     return round(float(total[0] / total[1]), 4) if total[1] > 0 else float("nan")
@@ -412,11 +415,11 @@ def _read_deepspeed_json(path: str) -> dict[str, Any]:
     return data
 
 
-def weights_hash(model_dir: Path) -> str:
-    """sha256 over a checkpoint's *.safetensors files, cached beside them by size and mtime."""
+def weights_hash(model_dir: Path, cache_dir: Path) -> str:
+    """sha256 over a checkpoint's *.safetensors files, cached in `cache_dir` by path, size and mtime."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
-    key = json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-    cache = Path(model_dir) / ".lorag-weights-sha256.json"
+    key = json.dumps([str(Path(model_dir).resolve()), [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]])
+    cache = Path(cache_dir) / "weights-sha256" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
     try:
         cached = json.loads(cache.read_text())
         if cached["key"] == key:
@@ -430,8 +433,9 @@ def weights_hash(model_dir: Path) -> str:
                 h.update(chunk)
     digest = h.hexdigest()
     try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"key": key, "sha256": digest}))
-    except OSError:  # a read-only model directory: just don't cache
+    except OSError:  # an unwritable cache: just don't cache
         pass
     return digest
 
