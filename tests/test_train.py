@@ -208,3 +208,16 @@ def test_weights_hash_tracks_content_and_caches_outside_the_model_dir(tmp_path):
     assert list(model.iterdir()) == [model / "model.safetensors"], "the model directory is never written to"
     (model / "model.safetensors").write_bytes(b"b" * 101)
     assert weights_hash(model, cache) != first
+
+
+@pytest.mark.parametrize("content, expected", [(None, "deepspeed_config file not found"), ("{nope", "not valid JSON"), ("[1]", "must be a JSON object")])
+def test_bad_deepspeed_json_fails_before_training(make_config, tmp_path, content, expected):
+    from lorag.config import ConfigError
+    from lorag.train import train_adapter
+
+    ds = tmp_path / "ds.json"
+    if content is not None:
+        ds.write_text(content)
+    cfg = make_config([f"adapters.support.train.deepspeed_config={ds}"])
+    with pytest.raises(ConfigError, match=expected):
+        train_adapter(cfg, "support")

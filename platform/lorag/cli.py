@@ -294,7 +294,7 @@ def _train_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
         console.rule(f"train adapter [bold]{name}[/bold]")
         try:
             r = train_adapter(cfg, name)
-        except (DatasetError, RuntimeError, LookupError) as e:
+        except (DatasetError, ConfigError, RuntimeError, LookupError) as e:
             _fail(str(e))
         console.print(train_summary(name, r.version, r.path, r.metrics))
 

@@ -22,6 +22,11 @@ def retrieve(store, embedder, collection: str, query: str, k: int) -> list[dict[
     return store.search(collection, vector, k)
 
 
+def question(messages: list[dict[str, str]]) -> str:
+    """The text retrieval searches for: the last user message ("" if there is none)."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
 def augment(messages: list[dict[str, str]], hits: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Return `messages` with the last user message wrapped in the numbered sources.
 

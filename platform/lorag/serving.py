@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError
 
 from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
 from lorag.config import LoragConfig
+from lorag.retrieval import augment, citations, question
 
 
 class APIError(Exception):
@@ -140,7 +141,6 @@ class Gateway:
         hits: list[dict[str, Any]] = []
         if kb_name and req.retrieval:
             hits = await self._retrieve(kb_name, messages, req.k)
-        from lorag.retrieval import augment, citations
         from lorag.data import with_system
 
         prompt = with_system(augment(messages, hits), system_prompt)
@@ -192,8 +192,7 @@ class Gateway:
 
     async def _retrieve(self, kb_name: str, messages: list[dict[str, str]], k: int | None) -> list[dict[str, Any]]:
         kb = self.cfg.knowledge_base(kb_name)
-        question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-        vector = (await asyncio.to_thread(self.embedder.embed, [question]))[0].tolist()
+        vector = (await asyncio.to_thread(self.embedder.embed, [question(messages)]))[0].tolist()
         try:
             return await self.kb_stores[kb_name].acall("search", kb.collection, vector, k or kb.top_k)
         except (LookupError, MilvusException, RayActorError) as e:

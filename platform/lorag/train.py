@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorag.config import ConfigError
 from lorag.data import IGNORE_INDEX, DatasetError, Encoded, dataset_hash, encode_example, load_examples, split_examples
 
 STATE_TAG = "state"  # DeepSpeed checkpoint tag inside each Ray Train checkpoint
@@ -48,6 +49,7 @@ def train_adapter(cfg, name: str) -> TrainResult:
     Raises:
         KeyError: no such adapter in the config.
         DatasetError: the dataset is missing or malformed (checked before any worker starts).
+        ConfigError: the deepspeed_config file is missing or not a JSON object.
         LookupError: the adapter trains with retrieval but its knowledge base is not ingested.
         RuntimeError: the training run failed.
     """
@@ -138,14 +140,14 @@ def with_retrieved_sources(cfg, ad, examples: list[dict[str, Any]]) -> list[dict
     from lorag.embed import Embedder
     from lorag.milvus import open_store
     from lorag.models import resolve_model
-    from lorag.retrieval import augment
+    from lorag.retrieval import augment, question
 
     if not examples:
         return []
     kb = cfg.knowledge_base(ad.knowledge_base)
     store = open_store(cfg.milvus_uri(kb), kb.token)
     embedder = Embedder(resolve_model(cfg.embedder, cfg.model_cache))
-    questions = [next(m["content"] for m in reversed(ex["messages"]) if m["role"] == "user") for ex in examples]
+    questions = [question(ex["messages"]) for ex in examples]
     out = []
     for ex, vector in zip(examples, embedder.embed(questions)):
         hits = store.search(kb.collection, vector.tolist(), kb.top_k)
@@ -407,11 +409,11 @@ def _read_deepspeed_json(path: str) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise DatasetError(f"deepspeed_config file not found: {path}") from None
+        raise ConfigError(f"deepspeed_config file not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise DatasetError(f"deepspeed_config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise ConfigError(f"deepspeed_config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict):
-        raise DatasetError(f"deepspeed_config {path}: must be a JSON object")
+        raise ConfigError(f"deepspeed_config {path}: must be a JSON object")
     return data
 
 
