@@ -1,5 +1,6 @@
 """The `lorag` CLI: help for every command, and config errors printed as field paths (exit 2), never a traceback."""
 
+import re
 import subprocess
 import sys
 
@@ -77,3 +78,35 @@ def test_adapters_list_show_tag_rm(tmp_path):
     assert r.exit_code == 0 and store.versions("bot") == [2] and store.tags("bot") == {}, "removing v1 also drops the tag that pointed at it"
     r = runner.invoke(app, ["adapters", "show", "../etc", *opts])
     assert r.exit_code == 1 and "invalid adapter name" in r.output
+
+
+@pytest.mark.slow
+def test_one_config_trains_two_adapters_and_lists_both_with_metrics(tmp_path, tiny_model, model_cache):
+    """`lorag train` with no -a trains every adapter of the config; `adapters list` shows each with its losses."""
+    import shutil
+
+    import yaml
+
+    from conftest import REPO, write_config
+
+    write_config(tmp_path, tiny_model, model_cache)
+    data = yaml.safe_load((tmp_path / "lorag.yaml").read_text())
+    data["adapters"][0]["train"]["with_retrieval"] = False  # no knowledge base needed for this test
+    shutil.copy(REPO / "examples" / "two-adapters" / "brief.jsonl", tmp_path / "brief.jsonl")
+    data["adapters"].append({"name": "brief", "dataset": "brief.jsonl", "system_prompt": "One sentence.", "train": {"max_steps": 2, "batch_size": 2, "num_workers": 2}})
+    (tmp_path / "lorag.yaml").write_text(yaml.safe_dump(data))
+
+    cli = [sys.executable, "-m", "lorag.cli"]
+    r = subprocess.run([*cli, "train", "-c", str(tmp_path / "lorag.yaml")], capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "support v1: train loss" in out and "brief v1: train loss" in out and "(base model " in out, out[-3000:]
+
+    r = subprocess.run([*cli, "adapters", "list", "-c", str(tmp_path / "lorag.yaml")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in r.stdout.splitlines() if line.startswith("│")]
+    rows = {row[0]: row for row in cells if row[0]}
+    assert set(rows) == {"support", "brief"}, r.stdout
+    for name, (_, versions, _, method, kb, val, base, _) in rows.items():
+        assert versions == "v1" and method == "lora" and kb == ("handbook" if name == "support" else "-"), r.stdout
+        assert re.fullmatch(r"\d+\.\d{3}", val) and re.fullmatch(r"\d+\.\d{3}", base), f"{name} shows its validation and base loss: {r.stdout}"

@@ -186,6 +186,42 @@ def test_killing_a_worker_mid_run_resumes_from_its_last_checkpoint(reference_run
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base_model), str(result.path))  # a valid adapter
 
 
+@pytest.mark.slow
+def test_a_killed_job_resumes_when_submitted_again(tmp_path, tiny_model, model_cache):
+    """SIGKILL the whole job (driver, its local Ray and workers) after a checkpoint; the same
+    command run again continues that run instead of starting over, and makes one adapter version."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, write_config
+    from lorag.adapters import AdapterStore
+
+    overrides = [*RESUME_OVERRIDES, "adapters.support.train.max_steps=10"]
+    cfg = write_config(tmp_path, tiny_model, model_cache, overrides)
+    cmd = [sys.executable, "-m", "jobs.finetune", "--config", str(tmp_path / "lorag.yaml"), "--adapter", "support"]
+    cmd += [a for o in overrides for a in ("--set", o)]
+    storage = Path(cfg.workdir) / "ray_results"
+
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not _registered_checkpoint(storage) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    first = job.communicate()[0]
+    assert job.returncode == -signal.SIGKILL, f"the job ended before it could be killed:\n{first[-3000:]}"
+    assert AdapterStore(cfg.adapter_store).versions("support") == [], "the killed run saved nothing"
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "resumed from step" in out, out[-3000:]
+    m = json.loads((AdapterStore(cfg.adapter_store).resolve("support", None) / "lorag.json").read_text())["metrics"]
+    assert m["resumed_from_step"] >= 2 and m["steps"] == 10
+    assert [s for s, _ in m["history"]["train_loss"]] == list(range(1, 11)), "the loss history spans both processes, no step lost or repeated"
+    assert AdapterStore(cfg.adapter_store).versions("support") == [1]
+    assert not list(storage.glob("support-*")), "a finished run's checkpoints are cleared, so the next run trains anew"
+
+
 def _registered_checkpoint(storage: Path) -> bool:
     """Whether Ray Train's controller has registered a checkpoint of the run (a file it persists)."""
     for snapshot in storage.glob("support-*/checkpoint_manager_snapshot.json"):

@@ -113,6 +113,7 @@ class TrainConfig(_Strict):
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting from the latest checkpoint) before giving up.")
     storage_path: str | None = Field(None, description="Where Ray Train writes checkpoints: a local dir or a pyarrow filesystem URI (s3://, gs://). Default: <workdir>/ray_results.")
     with_retrieval: bool = Field(True, description="For an adapter bound to a knowledge base: put its top-k passages into each training prompt, exactly as serving does, so the adapter learns to answer from sources. Needs the knowledge base ingested first.")
+    resume: bool = Field(True, description="Continue an interrupted run of this adapter with the same data and settings (e.g. after the job or driver was killed) from its latest checkpoint. Off starts over.")
     seed: int = Field(0, description="Seed for adapter init, the validation split and data order; the same seed repeats the run.")
     log_every: int = Field(1, ge=1, description="Print a progress line every N steps.")
 

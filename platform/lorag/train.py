@@ -73,6 +73,10 @@ def train_adapter(cfg, name: str) -> TrainResult:
     if retrieval:  # one pass over all examples; the seeded split then picks the same partition
         train_set, val_set = split_examples(with_retrieved_sources(cfg, ad, examples), t.val_fraction, t.seed)
 
+    storage = t.storage_path or str(Path(cfg.workdir) / "ray_results")
+    run_name = f"{name}-{run_key(ad, model_path, train_set, val_set, ds_override)}"
+    if not t.resume:
+        forget_run(storage, run_name)
     start = time.time()
     trainer = TorchTrainer(
         train_loop,
@@ -90,8 +94,8 @@ def train_adapter(cfg, name: str) -> TrainResult:
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=t.storage_path or str(Path(cfg.workdir) / "ray_results"),
+            name=run_name,  # the same adapter, data and settings always map to the same run, so a re-run resumes it
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=t.keep_checkpoints,
@@ -125,7 +129,27 @@ def train_adapter(cfg, name: str) -> TrainResult:
             "lorag_version": _lorag_version(),
         }
         path = AdapterStore(cfg.adapter_store).save(name, Path(ckpt) / EXPORT_DIR, metadata, config_yaml=dump_config(cfg))
+    # The adapter is safe in the store: the run is finished, so the next run of the same config trains anew.
+    forget_run(storage, run_name)
     return TrainResult(name, int(path.name[1:]), path, report)
+
+
+def run_key(ad, model_path: Path, train_set: list, val_set: list, ds_override: dict) -> str:
+    """A short hash of everything that shapes a training run: adapter settings, base model, the
+    prepared examples and any DeepSpeed override. Equal keys mean a re-run may resume the run."""
+    settings = ad.model_dump(mode="json", exclude={"train": {"resume", "log_every", "max_failures", "storage_path"}})
+    blob = json.dumps([settings, str(model_path), train_set, val_set, ds_override], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def forget_run(storage: str, run_name: str) -> None:
+    """Delete a run's Ray Train folder (checkpoints, snapshot) from local disk or a pyarrow filesystem."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    run = f"{root.rstrip('/')}/{run_name}"
+    if fs.get_file_info(run).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(run)
 
 
 def with_retrieved_sources(cfg, ad, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
