@@ -22,8 +22,13 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     connect()
     for name in args.kb or [kb.name for kb in cfg.knowledge_bases]:
-        r = ingest(cfg, name)
-        print(f"{r.knowledge_base}: {r.documents} documents, {r.chunks_written} chunks upserted, {r.entities} in {r.uri}")
+        r = ingest(cfg, name, progress=lambda chunks, done, total, name=name: print(f"{name}: {chunks} chunks written ({done}/{total} documents)", flush=True))
+        for path, reason in r.failed:
+            print(f"skipped {path}: {reason}")
+        print(
+            f"{r.knowledge_base}: {r.documents} documents ({r.skipped} unchanged, {len(r.failed)} failed), "
+            f"{r.chunks_written} chunks upserted, {r.chunks_removed} stale removed, {r.entities} in {r.uri} ({r.seconds:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

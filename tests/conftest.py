@@ -89,7 +89,7 @@ def write_config(root: Path, tiny_model: Path, model_cache: Path, overrides: lis
         "embedder": "all-minilm-l6-v2",
         "workdir": "work",
         "cache_dir": str(model_cache),
-        "knowledge_bases": [{"name": "handbook", "sources": ["corpus/"], "chunking": {"size": 600, "overlap": 80}, "top_k": 2}],
+        "knowledge_bases": [{"name": "handbook", "sources": ["corpus/"], "chunking": {"size": 140, "overlap": 20}, "top_k": 2}],
         "adapters": [
             {
                 "name": "support",

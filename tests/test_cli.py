@@ -1,5 +1,6 @@
 """The `lorag` CLI: help for every command, and config errors printed as field paths (exit 2), never a traceback."""
 
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 from lorag.cli import app
 
 runner = CliRunner()
-COMMANDS = ["quickstart", "ingest", "train", "serve", "ask", "adapters"]
+COMMANDS = ["quickstart", "ingest", "train", "serve", "ask", "adapters", "kb"]
 
 
 def test_top_level_help_lists_every_command():
@@ -110,3 +111,37 @@ def test_one_config_trains_two_adapters_and_lists_both_with_metrics(tmp_path, ti
     for name, (_, versions, _, method, kb, val, base, _) in rows.items():
         assert versions == "v1" and method == "lora" and kb == ("handbook" if name == "support" else "-"), r.stdout
         assert re.fullmatch(r"\d+\.\d{3}", val) and re.fullmatch(r"\d+\.\d{3}", base), f"{name} shows its validation and base loss: {r.stdout}"
+
+
+@pytest.mark.slow
+def test_kb_ingest_list_search_drop(tmp_path, tiny_model, model_cache):
+    """The knowledge-base commands on a real Milvus Lite file, each a separate process as a user runs them."""
+    from conftest import write_config
+
+    write_config(tmp_path, tiny_model, model_cache)
+    (tmp_path / "corpus" / "broken.pdf").write_bytes(b"%PDF-1.4 not really")
+    cfg = ["-c", str(tmp_path / "lorag.yaml")]
+    kb = [sys.executable, "-m", "lorag.cli", "kb"]
+
+    r = subprocess.run([*kb, "ingest", *cfg], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"skipped \S*broken\.pdf: .*PDF", r.stdout), f"the bad PDF is reported with its reason: {r.stdout}"
+    assert "9 documents (0 unchanged, 8 indexed, 1 failed)" in r.stdout, r.stdout
+
+    r = subprocess.run([*kb, "list", *cfg], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    row = next(line for line in r.stdout.splitlines() if line.startswith("│ handbook"))
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    assert cells[2] == "8" and int(cells[3]) > 8 and cells[4] == "hybrid" and "BM25 in Milvus" in cells[5], row
+
+    r = subprocess.run([*kb, "search", "TW-E417", "--kb", "handbook", "--mode", "bm25", "-k", "2", *cfg], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.split("[2]")[0]
+    assert first.startswith("[1]") and "05-error-codes.md:" in first and "TW-E417" in first and "Error Codes" in first, r.stdout
+
+    r = subprocess.run([*kb, "search", "x", "--kb", "nope", *cfg], capture_output=True, text=True)
+    assert r.returncode == 2 and "no knowledge base 'nope'" in r.stdout + r.stderr
+
+    r = subprocess.run([*kb, "drop", "handbook", "--yes", *cfg], capture_output=True, text=True)
+    assert r.returncode == 0 and "dropped handbook" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*kb, "search", "TW-E417", "--kb", "handbook", *cfg], capture_output=True, text=True)
+    assert r.returncode == 1 and "run `lorag kb ingest` first" in r.stdout + r.stderr

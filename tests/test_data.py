@@ -1,68 +1,39 @@
-"""Chunking (a table of cases) and the Ray Data ingest pipeline into a real Milvus Lite file."""
+"""The Ray Data ingest pipeline into real Milvus (Lite and a server): incremental, exact, failure-tolerant, searchable.
 
+Chunking and parsing are tested as tables in test_documents.py; fusion and BM25 in test_retrieval.py.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from lorag.data import chunk_id, chunk_text, document_title, find_documents
+from lorag.documents import DocumentChunker
+
+ERROR_CODE = "TW-E417"  # an identifier dense embeddings blur but full-text search matches exactly
 
 
-@pytest.mark.parametrize(
-    "text, size, overlap, expected",
-    [
-        ("", 100, 10, []),
-        ("   \n\n  ", 100, 10, []),
-        ("short text", 100, 10, ["short text"]),
-        # paragraph break preferred over a mid-paragraph cut
-        ("a" * 60 + "\n\n" + "b" * 60, 100, 0, ["a" * 60, "b" * 60]),
-        # a heading starts a new chunk when it falls past half the size
-        ("intro " * 10 + "\n## Next\nbody " * 1, 70, 0, ["intro " * 10, "## Next\nbody"]),
-        # no whitespace at all: hard cut at size
-        ("x" * 250, 100, 0, ["x" * 100, "x" * 100, "x" * 50]),
-    ],
-)
-def test_chunk_text_table(text, size, overlap, expected):
-    got = [c.text for c in chunk_text(text, size, overlap)]
-    assert got == [e.strip() for e in expected]
+def expected_chunks(cfg, kb_name: str, embedder_path: Path) -> int:
+    """What the collection must hold: every chunk of every current document, counted independently of Milvus."""
+    from lorag.data import fingerprint
+    from lorag.documents import find_documents
 
-
-def test_chunks_respect_size_offsets_and_overlap():
-    words = " ".join(f"w{i}" for i in range(400))
-    chunks = chunk_text(words, 120, 30)
-    assert all(len(c.text) <= 120 for c in chunks)
-    assert all(words[c.start : c.end] == c.text for c in chunks), "offsets must index the original text"
-    for a, b in zip(chunks, chunks[1:]):
-        assert b.start < a.end, "consecutive chunks overlap"
-        assert not b.text[0].isdigit() or words[b.start - 1] == " ", "a chunk never starts mid-word"
-    covered = set()
-    for c in chunks:
-        covered.update(range(c.start, c.end))
-    assert covered >= {i for i, ch in enumerate(words) if ch != " "}, "every character is in some chunk"
-
-
-def test_chunk_ids_are_deterministic_and_distinct():
-    a = chunk_id("kb", "/d/a.md", 0, "text")
-    assert a == chunk_id("kb", "/d/a.md", 0, "text") and len(a) == 32
-    assert len({a, chunk_id("kb", "/d/b.md", 0, "text"), chunk_id("kb", "/d/a.md", 1, "text"), chunk_id("kb2", "/d/a.md", 0, "text"), chunk_id("kb", "/d/a.md", 0, "text!")}) == 5
-
-
-def test_document_title():
-    assert document_title("intro\n# The Title\n## Sub", "/x/y.md") == "The Title"
-    assert document_title("no heading", "/x/notes.txt") == "notes"
-
-
-def test_find_documents(tmp_path):
-    (tmp_path / "d" / "sub").mkdir(parents=True)
-    for name in ("d/a.md", "d/sub/b.txt", "d/ignored.bin", "c.md"):
-        (tmp_path / name).write_text("x")
-    assert find_documents([str(tmp_path / "d")]) == [str(tmp_path / "d/a.md"), str(tmp_path / "d/sub/b.txt")]
-    assert find_documents([str(tmp_path / "*.md")]) == [str(tmp_path / "c.md")]
-    with pytest.raises(FileNotFoundError, match="match no file"):
-        find_documents([str(tmp_path / "missing")])
+    kb = cfg.knowledge_base(kb_name)
+    chunker = DocumentChunker(kb.name, kb.chunking.size, kb.chunking.overlap, str(embedder_path), fingerprint(cfg, kb))
+    total = 0
+    for path in find_documents(kb.sources):
+        rows = chunker({"path": path, "bytes": Path(path).read_bytes()})
+        total += sum(1 for r in rows if not r["error"])
+    return total
 
 
 @pytest.mark.slow
-def test_ingest_into_milvus_lite_then_query_returns_the_right_source(ray_session, make_config, embedder_path):
+def test_ingest_is_incremental_exact_and_searchable(ray_session, make_config, embedder_path):
     from lorag.data import ingest
     from lorag.embed import Embedder
     from lorag.milvus import open_store
@@ -70,38 +41,143 @@ def test_ingest_into_milvus_lite_then_query_returns_the_right_source(ray_session
 
     cfg = make_config()
     first = ingest(cfg, "handbook")
-    assert first.documents == 8 and first.entities == first.chunks_written > 8
+    assert first.documents == 8 and first.skipped == 0 and not first.failed
+    assert first.entities == first.chunks_written == expected_chunks(cfg, "handbook", embedder_path) > 8
     again = ingest(cfg, "handbook")
-    assert again.entities == first.entities, "re-ingesting unchanged documents must not add entities (ids are deterministic, writes are upserts)"
+    assert (again.skipped, again.chunks_written, again.chunks_removed) == (8, 0, 0), "an unchanged corpus is skipped whole"
+    assert again.entities == first.entities
 
-    kb = cfg.knowledge_base("handbook")
-    corpus = Path(kb.sources[0])
-    expected = lambda: sum(len(chunk_text(p.read_text(), kb.chunking.size, kb.chunking.overlap)) for p in corpus.glob("*.md"))  # noqa: E731
-    assert first.entities == expected()
-
-    # A changed document replaces its chunks; a deleted one loses them.
+    # Editing one document re-indexes only it; deleting one removes its chunks.
+    corpus = Path(cfg.knowledge_base("handbook").sources[0])
     (corpus / "08-firmware.md").unlink()
     overview = corpus / "01-overview.md"
     overview.write_text(overview.read_text() + "\n\n## Added later\n\n" + "The T4 ships in a recycled cardboard box. " * 30)
     third = ingest(cfg, "handbook")
-    assert third.entities == expected(), "after an edit and a delete, the collection holds exactly the current documents' chunks"
+    assert third.documents == 7 and third.skipped == 6, "only the edited document is re-indexed"
+    assert third.entities == expected_chunks(cfg, "handbook", embedder_path), "the collection holds exactly the current documents' chunks"
     assert third.chunks_removed > 0
 
-    store = open_store(cfg.milvus_uri(kb))
-    emb = Embedder(embedder_path)
+    kb = cfg.knowledge_base("handbook")
+    store, emb = open_store(cfg.milvus_uri(kb)), Embedder(embedder_path)
     cases = {  # question -> a fact only the right passages contain
         "How long do I hold the reset button to factory-reset the Tidewell T4?": "12 seconds",
         "How long is the Tidewell T4 warranty?": "39",
         "What colour does the status LED pulse during a backup?": "amber",
     }
     for question, fact in cases.items():
-        hits = retrieve(store, emb, kb.collection, question, 3)
-        assert fact in hits[0]["text"], f"{question!r}: the top hit ({hits[0]['source']}) lacks {fact!r}: {hits[0]['text'][:200]!r}"
-        assert hits[0]["source"].startswith(str(cfg.knowledge_bases[0].sources[0]))
-        assert hits[0]["score"] >= hits[-1]["score"]
-        h = hits[0]
-        original = open(h["source"]).read()
-        assert original[h["start"] : h["end"]] == h["text"], "citation offsets point at the chunk in the source file"
+        for mode in ("dense", "hybrid"):
+            hits = retrieve(store, emb, kb, question, 3, mode)
+            assert any(fact in h["text"] for h in hits[:2]), f"{mode} {question!r}: no top-2 hit has {fact!r}: {[h['text'][:80] for h in hits]}"
+            assert hits[0]["score"] >= hits[-1]["score"]
+            h = hits[0]
+            assert open(h["source"]).read()[h["start"] : h["end"]] == h["text"], "citation offsets point at the chunk in the source file"
+            assert h["section"], "each hit names the section it comes from"
+
+
+@pytest.mark.slow
+def test_full_text_and_hybrid_find_an_exact_identifier_that_dense_misses(ray_session, make_config, embedder_path):
+    from lorag.data import ingest
+    from lorag.embed import Embedder
+    from lorag.milvus import open_store
+    from lorag.retrieval import retrieve
+
+    cfg = make_config()
+    ingest(cfg, "handbook")
+    kb = cfg.knowledge_base("handbook")
+    store, emb = open_store(cfg.milvus_uri(kb)), Embedder(embedder_path)
+    has_code = lambda hit: f"{ERROR_CODE}:" in hit["text"]  # noqa: E731  the error-code list entry itself
+    dense = retrieve(store, emb, kb, ERROR_CODE, 3, "dense")
+    assert not any(map(has_code, dense)), "premise: dense search misses the error-code entry"
+    assert has_code(retrieve(store, emb, kb, ERROR_CODE, 3, "bm25")[0]), "full text ranks the exact identifier first"
+    hybrid = retrieve(store, emb, kb, ERROR_CODE, 3, "hybrid")
+    assert any(map(has_code, hybrid)), f"hybrid keeps it in the top 3: {[h['text'][:60] for h in hybrid]}"
+    only = retrieve(store, emb, kb, "backup", 5, "hybrid", source_prefix=str(Path(kb.sources[0]) / "04-"))
+    assert only and all(Path(h["source"]).name.startswith("04-") for h in only), "the source filter keeps only matching paths"
+
+
+@pytest.mark.slow
+def test_bad_documents_are_reported_and_skipped_and_other_formats_index(ray_session, make_config):
+    from lorag.data import ingest
+
+    cfg = make_config()
+    corpus = Path(cfg.knowledge_base("handbook").sources[0])
+    (corpus / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >>\ngarbage")
+    (corpus / "faq.html").write_text("<html><head><title>Harbor FAQ</title><script>var x=1;</script></head><body><h1>Harbor FAQ</h1><p>Harbor keeps 30 daily versions &amp; 12 monthly ones.</p></body></html>")
+    (corpus / "notes.jsonl").write_text(json.dumps({"title": "Dock tip", "text": "The DOCK port charges phones at 15 W."}) + "\n" + "{oops\n")
+    (corpus / "tips.jsonl").write_text(json.dumps({"title": "Quiet mode", "text": "Hold MODE for 3 seconds to dim all LEDs."}) + "\n")
+    r = ingest(cfg, "handbook")
+    failed = {Path(p).name: reason for p, reason in r.failed}
+    assert set(failed) == {"broken.pdf", "notes.jsonl"}, r.failed
+    assert "PDF" in failed["broken.pdf"] and "line 2" in failed["notes.jsonl"], failed
+    assert r.documents == 12 and r.entities > 0
+
+    from lorag.milvus import open_store
+
+    store = open_store(cfg.milvus_uri(cfg.knowledge_base("handbook")))
+    docs = store.documents(cfg.knowledge_base("handbook").collection)
+    names = {Path(p).name for p in docs}
+    assert {"faq.html", "tips.jsonl"} <= names and not {"broken.pdf", "notes.jsonl"} & names
+    again = ingest(cfg, "handbook")
+    assert again.skipped == 10 and len(again.failed) == 2, "failed documents are retried (and reported) on every run"
+
+
+@pytest.mark.slow
+def test_a_killed_ingest_rerun_holds_exactly_the_full_count(tmp_path, tiny_model, model_cache, embedder_path):
+    """SIGKILL a running `python -m jobs.ingest` (driver, Ray, Milvus Lite owner) after its first
+    writes; the same command again ends with every chunk exactly once."""
+    from conftest import REPO, write_config
+    from lorag.milvus import MilvusStore
+
+    cfg = write_config(tmp_path, tiny_model, model_cache)
+    corpus = tmp_path / "corpus"
+    words = (corpus / "05-error-codes.md").read_text().split()
+    for i in range(40):  # enough chunks for several write batches
+        (corpus / f"gen-{i:02d}.md").write_text(f"# Generated {i}\n\n" + " ".join(words[(i * 7) % 50 :] * 2))
+    cmd = [sys.executable, "-m", "jobs.ingest", "--config", str(tmp_path / "lorag.yaml")]
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in job.stdout:
+        seen.append(line)
+        if "chunks written" in line:
+            os.killpg(job.pid, signal.SIGKILL)
+            break
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "".join(seen[-30:])
+
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    kb = cfg.knowledge_base("handbook")
+    store = MilvusStore(cfg.milvus_uri(kb))
+    docs = store.documents(kb.collection)
+    assert store.count(kb.collection) == expected_chunks(cfg, "handbook", embedder_path), "no chunk missing, none duplicated"
+    assert all(d["count"] == d["n_chunks"] for d in docs.values()) and len(docs) == 48
+
+
+@pytest.mark.slow
+def test_lite_and_a_milvus_server_give_the_same_top_hits(ray_session, make_config, embedder_path, tmp_path):
+    from lorag.data import ingest
+    from lorag.embed import Embedder
+    from lorag.milvus import local_server, open_store
+    from lorag.retrieval import retrieve
+
+    lite_cfg = make_config()
+    ingest(lite_cfg, "handbook")
+    emb = Embedder(embedder_path)
+    queries = ["How long is the Tidewell T4 warranty?", "What colour does the status LED pulse during a backup?", ERROR_CODE, "Harbor cloud prices"]
+    with local_server(tmp_path / "milvus-server") as uri:
+        server_cfg = make_config([f"knowledge_bases.handbook.uri={uri}"])
+        first = ingest(server_cfg, "handbook")
+        assert first.entities == expected_chunks(server_cfg, "handbook", embedder_path)
+        assert ingest(server_cfg, "handbook").skipped == 8, "re-ingest against the server skips unchanged documents too"
+        lite, server = open_store(lite_cfg.milvus_uri(lite_cfg.knowledge_bases[0])), open_store(uri)
+        for q in queries:
+            for mode in ("dense", "bm25", "hybrid"):
+                a = retrieve(lite, emb, lite_cfg.knowledge_bases[0], q, 3, mode)
+                b = retrieve(server, emb, server_cfg.knowledge_bases[0], q, 3, mode)
+                assert a[0]["id"] == b[0]["id"], f"{mode} {q!r}: Lite top hit {a[0]['text'][:60]!r} != server's {b[0]['text'][:60]!r}"
+                if mode == "dense":
+                    assert [h["id"] for h in a] == [h["id"] for h in b]
+                    assert a[0]["score"] == pytest.approx(b[0]["score"], abs=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,7 @@ def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(ray_s
     from lorag.train import train_adapter
 
     cfg = make_config()
-    with pytest.raises(LookupError, match="run `lorag ingest` first"):
+    with pytest.raises(LookupError, match="run `lorag kb ingest` first"):
         train_adapter(cfg, "support")  # bound to a knowledge base that does not exist yet
     ingest(cfg, "handbook")
     r1 = train_adapter(cfg, "support")

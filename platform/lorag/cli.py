@@ -1,7 +1,8 @@
 """The `lorag` command line (Typer). Every command reads the one `lorag.yaml` plus `--set` overrides.
 
     lorag quickstart                 # the whole loop on this machine: ingest, train, serve, ask
-    lorag ingest -c lorag.yaml       # build the knowledge bases (Ray Data -> Milvus)
+    lorag ingest -c lorag.yaml       # build the knowledge bases (Ray Data -> Milvus); same as `lorag kb ingest`
+    lorag kb search "query" --kb KB  # search a knowledge base (dense, bm25 or hybrid), with citations
     lorag train  -c lorag.yaml       # train the adapters (Ray Train + DeepSpeed)
     lorag serve  -c lorag.yaml       # run the OpenAI-compatible endpoint (Ray Serve)
     lorag ask "question" -m adapter  # ask a running endpoint
@@ -160,6 +161,110 @@ def quickstart(
     console.rule("[bold green]done[/bold green]")
 
 
+kb_app = typer.Typer(help="Knowledge bases: ingest documents into Milvus, list them, search them, drop them.", no_args_is_help=True)
+app.add_typer(kb_app, name="kb")
+KbArg = typer.Argument(..., help="Knowledge-base name (under `knowledge_bases:` in the config).")
+
+
+@kb_app.command("ingest")
+def kb_ingest(
+    config: Path = ConfigOpt,
+    kb: Optional[list[str]] = typer.Option(None, "--kb", help="Only this knowledge base (repeatable; default: all)."),
+    set_: Optional[list[str]] = SetOpt,
+    address: Optional[str] = AddressOpt,
+) -> None:
+    """Read, parse, chunk, embed (Ray Data) and upsert into Milvus. Unchanged documents are skipped, changed ones replaced, deleted ones removed."""
+    ingest(config, kb, set_, address)
+
+
+@kb_app.command("list")
+def kb_list(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Every knowledge base of the config: where it lives, documents and chunks stored, search mode."""
+    from rich.table import Table
+
+    from lorag.milvus import MilvusStore
+
+    cfg = _load(config, set_)
+    table = Table("knowledge base", "milvus", "documents", "chunks", "search", "full text")
+    for kb in cfg.knowledge_bases:
+        try:
+            store = MilvusStore(cfg.milvus_uri(kb), kb.token)
+        except (ConnectionError, ValueError) as e:
+            table.add_row(kb.name, cfg.milvus_uri(kb), "-", "-", kb.search, f"unreachable: {e}")
+            continue
+        docs = store.documents(kb.collection)
+        full_text = f"BM25 in Milvus ({store.version})" if store.native_bm25 else f"BM25 in lorag ({store.version} has none)"
+        table.add_row(kb.name, store.uri, str(len(docs)) if docs else "not ingested", str(store.count(kb.collection)), kb.search, full_text)
+        store.close()
+    if not cfg.knowledge_bases:
+        console.print("no knowledge bases in the config")
+        return
+    console.print(table)
+
+
+@kb_app.command("search")
+def kb_search(
+    query: str = typer.Argument(..., help="What to look for."),
+    kb: str = typer.Option(..., "--kb", help="Knowledge-base name."),
+    k: Optional[int] = typer.Option(None, "-k", min=1, max=100, help="Hits to show (default: the knowledge base's top_k)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="dense, bm25 or hybrid (default: the knowledge base's `search`)."),
+    source_prefix: Optional[str] = typer.Option(None, "--source-prefix", help="Only chunks whose source path starts with this."),
+    config: Path = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Search a knowledge base and print each hit with its score and citation (source, section, offsets)."""
+    from lorag.embed import Embedder
+    from lorag.milvus import MilvusStore
+    from lorag.models import resolve_model
+    from lorag.retrieval import display_path, retrieve
+
+    cfg = _load(config, set_)
+    _check_names(cfg.knowledge_base, [kb])
+    if mode not in (None, "dense", "bm25", "hybrid"):
+        _fail(f"--mode must be dense, bm25 or hybrid, not {mode!r}", 2)
+    kbc = cfg.knowledge_base(kb)
+    prefix = source_prefix
+    if prefix and not os.path.isabs(prefix):  # sources are stored as absolute paths
+        prefix = os.path.abspath(prefix) + (os.sep if prefix.endswith(("/", os.sep)) else "")
+    try:
+        store = MilvusStore(cfg.milvus_uri(kbc), kbc.token)
+        embedder = Embedder(resolve_model(cfg.embedder, cfg.model_cache)) if (mode or kbc.search) != "bm25" else None
+        hits = retrieve(store, embedder, kbc, query, k, mode, prefix)
+    except (LookupError, ConnectionError, ValueError) as e:
+        _fail(str(e))
+    if not hits:
+        console.print("no hits")
+    for n, h in enumerate(hits, 1):
+        where = f"{display_path(h['source'])}:{h['start']}-{h['end']}" + (f"  ({h['section']})" if h.get("section") else "")
+        console.print(f"[bold][{n}][/bold] {h['score']:.4f}  {where}")
+        text = " ".join(h["text"].split())
+        console.print(f"    {text[:300]}{'...' if len(text) > 300 else ''}")
+
+
+@kb_app.command("drop")
+def kb_drop(
+    kb: str = KbArg,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    config: Path = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Delete a knowledge base's Milvus collection (its documents stay on disk; ingest rebuilds it)."""
+    from lorag.milvus import MilvusStore
+
+    cfg = _load(config, set_)
+    _check_names(cfg.knowledge_base, [kb])
+    kbc = cfg.knowledge_base(kb)
+    try:
+        store = MilvusStore(cfg.milvus_uri(kbc), kbc.token)
+    except (ConnectionError, ValueError) as e:
+        _fail(str(e))
+    n = store.count(kbc.collection)
+    if not yes and not typer.confirm(f"drop {kb} ({n} chunks) from {store.uri}?"):
+        raise typer.Exit(1)
+    store.drop(kbc.collection)
+    console.print(f"dropped {kb}: {n} chunks removed from {store.uri}")
+
+
 adapters_app = typer.Typer(help="The adapter store: list, inspect, tag and remove adapter versions.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 StoreOpt = typer.Option(None, "--store", help="Adapter store directory (default: <workdir>/adapters of --config).")
@@ -271,18 +376,28 @@ def _check_names(lookup, names: Optional[list[str]]) -> None:
 
 
 def _ingest_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from lorag.data import ingest
+    from lorag.retrieval import display_path
 
     names = only or [kb.name for kb in cfg.knowledge_bases]
     if not names:
         console.print("no knowledge bases in the config: nothing to ingest")
     for name in names:
         console.rule(f"ingest knowledge base [bold]{name}[/bold]")
-        try:
-            r = ingest(cfg, name)
-        except (FileNotFoundError, ValueError) as e:
-            _fail(str(e))
-        console.print(f"{r.knowledge_base}: {r.documents} documents -> {r.chunks_written} chunks upserted, {r.chunks_removed} stale removed; {r.entities} in {r.uri} ({r.seconds:.1f} s)")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("documents, {task.fields[chunks]} chunks written"), TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(name, total=None, chunks=0)
+            try:
+                r = ingest(cfg, name, progress=lambda chunks, done, total: bar.update(task, completed=done, total=total, chunks=chunks))
+            except (FileNotFoundError, ValueError, ConnectionError) as e:
+                _fail(str(e))
+        for path, reason in r.failed:
+            console.print(f"[yellow]skipped[/yellow] {display_path(path)}: {reason}")
+        console.print(
+            f"{r.knowledge_base}: {r.documents} documents ({r.skipped} unchanged, {r.documents - r.skipped - len(r.failed)} indexed, {len(r.failed)} failed) -> "
+            f"{r.chunks_written} chunks upserted, {r.chunks_removed} stale removed; {r.entities} in {r.uri} ({r.seconds:.1f} s)"
+        )
 
 
 def _train_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:

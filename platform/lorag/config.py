@@ -49,8 +49,8 @@ class _Strict(BaseModel):
 class ChunkingConfig(_Strict):
     """How documents are split before embedding."""
 
-    size: int = Field(800, gt=50, le=8000, description="Target chunk length in characters. Larger chunks carry more context per hit but dilute the match.")
-    overlap: int = Field(100, ge=0, description="Characters shared by consecutive chunks, so a fact on a boundary is found whole.")
+    size: int = Field(200, ge=16, le=512, description="Chunk length in tokens of the embedder (keep it within the embedder's window: 256 for all-MiniLM-L6-v2). Larger chunks carry more context per hit but dilute the match.")
+    overlap: int = Field(32, ge=0, description="Tokens shared by consecutive chunks, so a fact on a boundary is found whole.")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "ChunkingConfig":
@@ -63,11 +63,14 @@ class KnowledgeBaseConfig(_Strict):
     """A knowledge base: documents chunked, embedded and stored in one Milvus collection."""
 
     name: str = Field(description="Knowledge-base name; also the Milvus collection name (with '-' and '.' mapped to '_').")
-    sources: list[str] = Field(min_length=1, description="Files, directories or glob patterns of Markdown/text documents, relative to this file.")
+    sources: list[str] = Field(min_length=1, description="Files, directories or glob patterns of Markdown, text, HTML, PDF and JSONL documents, relative to this file.")
+    text_field: str = Field("text", description="JSONL sources: the field holding each record's text (one record = one document).")
+    title_field: str = Field("title", description="JSONL sources: the field holding each record's title (default: file name and line).")
     uri: str | None = Field(None, description="Milvus URI: a local file path for Milvus Lite (default `<workdir>/milvus.db`) or http://host:19530 for a server.")
     token: str | None = Field(None, description="Milvus server token ('user:password'); unused for Milvus Lite.")
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Chunk size and overlap.")
     top_k: int = Field(3, ge=1, le=50, description="Chunks retrieved per question. More gives the model more evidence and a longer prompt.")
+    search: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused by reciprocal rank).")
     embed_batch_size: int = Field(64, ge=1, description="Chunks per embedding batch in the ingest pipeline.")
     embed_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data pool; one per spare CPU (or GPU) is a good start.")
 

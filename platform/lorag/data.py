@@ -1,13 +1,12 @@
-"""Files into rows: documents into knowledge-base chunks, and JSONL into training examples.
+"""Files into rows: documents into a knowledge base (the Ray Data ingest), and JSONL into training examples.
 
-Knowledge bases: find files, chunk them, and the Ray Data ingest pipeline.
-
-The pipeline is read (Ray Data `read_binary_files`) -> chunk (`flat_map`) -> embed
-(`map_batches(Embedder)` on an actor pool) -> upsert into Milvus, streamed so that writing
-overlaps embedding. Chunk ids are a hash of knowledge base, source, chunk index and content, and
-writes are upserts, so re-running an ingest leaves the same entity count.
-
-`chunk_text` is the pure heart of it and is tested with a table.
+Knowledge bases: `ingest` is read (Ray Data `read_binary_files`) -> parse and chunk (`flat_map`
+of `lorag.documents.DocumentChunker` on an actor pool) -> embed (`map_batches(Embedder)` on an
+actor pool, one GPU each when the cluster has GPUs) -> upsert into Milvus, streamed so that
+writing overlaps embedding. It is incremental: chunk ids hash knowledge base, source, chunk index
+and content, writes are upserts, documents whose bytes (and indexing settings) are unchanged and
+fully stored are skipped, changed documents replace their chunks, deleted documents lose theirs,
+and a document that fails to parse is reported and skipped (its old chunks stay).
 
 Training examples: JSONL `{"prompt", "completion"}` or `{"messages": [{"role", "content"}, ...]}`
 (the last message is the assistant's answer), rendered with the base model's chat template; loss
@@ -16,142 +15,25 @@ is taken on the answer tokens only (`encode_example`).
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import random
-import re
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DOC_SUFFIXES = (".md", ".markdown", ".txt")
+from lorag.documents import DocumentChunker, document_hash, find_documents
+
 IGNORE_INDEX = -100
 _ROLES = ("system", "user", "assistant")
+SCHEMA_VERSION = 2  # bump when chunk rows change meaning: every document is then re-indexed
 
 
 class DatasetError(ValueError):
     """A training file is missing or has a malformed line (the message gives file:line and why)."""
-
-_BOUNDARY = re.compile(r"\n\s*\n|\n(?=#{1,6} )")
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*$", re.MULTILINE)
-
-
-@dataclass(frozen=True)
-class Chunk:
-    start: int
-    end: int
-    text: str
-
-
-def chunk_text(text: str, size: int, overlap: int) -> list[Chunk]:
-    """Split `text` into chunks of at most `size` characters with about `overlap` shared.
-
-    Splits prefer a paragraph break or a Markdown heading, then whitespace, then any character,
-    and never cut before half of `size`. Offsets index into `text`, so `text[c.start:c.end]`
-    is the chunk before stripping; chunks that are only whitespace are dropped.
-
-    Args:
-        text: the document.
-        size: maximum chunk length in characters.
-        overlap: characters repeated from the end of one chunk at the start of the next.
-
-    Returns:
-        Chunks in document order.
-    """
-    assert 0 <= overlap < size, f"overlap {overlap} must be in [0, size={size})"
-    n = len(text)
-    chunks: list[Chunk] = []
-    start = 0
-    while start < n:
-        end = n if n - start <= size else _split_point(text, start, start + size)
-        piece = text[start:end]
-        if piece.strip():
-            lead = len(piece) - len(piece.lstrip())
-            trail = len(piece) - len(piece.rstrip())
-            chunks.append(Chunk(start + lead, end - trail, piece.strip()))
-        if end >= n:
-            break
-        nxt = max(end - overlap, start + 1)
-        # Start the overlap on a word boundary so no chunk opens mid-word.
-        space = text.find(" ", nxt, end)
-        nl = text.find("\n", nxt, end)
-        cands = [c + 1 for c in (space, nl) if c != -1]
-        start = min(cands) if overlap and cands else (nxt if overlap else end)
-    return chunks
-
-
-def _split_point(text: str, start: int, limit: int) -> int:
-    floor = start + (limit - start) // 2
-    best = -1
-    for m in _BOUNDARY.finditer(text, floor, limit):
-        best = m.end()
-    if best > floor:
-        return best
-    ws = max(text.rfind(" ", floor, limit), text.rfind("\n", floor, limit))
-    return ws + 1 if ws > floor else limit
-
-
-def chunk_id(kb: str, source: str, index: int, text: str) -> str:
-    """Deterministic chunk id: the same chunk of the same document always gets the same id."""
-    return hashlib.sha256(f"{kb}\0{source}\0{index}\0{text}".encode()).hexdigest()[:32]
-
-
-def document_title(text: str, path: str) -> str:
-    """The first Markdown heading, else the file name without suffix."""
-    m = _HEADING.search(text)
-    return m.group(2)[:500] if m else Path(path).stem
-
-
-def find_documents(sources: list[str]) -> list[str]:
-    """Expand files, directories (recursively) and glob patterns into a sorted list of document paths.
-
-    Raises:
-        FileNotFoundError: a source matches nothing, or nothing at all is found.
-    """
-    found: set[str] = set()
-    missing = []
-    for src in sources:
-        matches = glob.glob(src, recursive=True) if glob.has_magic(src) else ([src] if os.path.exists(src) else [])
-        if not matches:
-            missing.append(src)
-        for m in matches:
-            if os.path.isdir(m):
-                for root, _, files in os.walk(m):
-                    found.update(os.path.join(root, f) for f in files if f.lower().endswith(DOC_SUFFIXES))
-            elif os.path.isfile(m):
-                found.add(os.path.abspath(m))
-    if missing:
-        raise FileNotFoundError(f"knowledge-base sources match no file: {missing}")
-    if not found:
-        raise FileNotFoundError(f"no documents ({', '.join(DOC_SUFFIXES)}) under {sources}")
-    return sorted(os.path.abspath(p) for p in found)
-
-
-class DocumentChunker:
-    """Ray Data `flat_map` stage: one file row (`bytes`, `path`) in, its chunk rows out."""
-
-    def __init__(self, kb: str, size: int, overlap: int):
-        self.kb, self.size, self.overlap = kb, size, overlap
-
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        path = row["path"]
-        text = row["bytes"].decode("utf-8", errors="replace")
-        title = document_title(text, path)
-        return [
-            {
-                "id": chunk_id(self.kb, path, i, c.text),
-                "text": c.text,
-                "source": path,
-                "title": title,
-                "chunk_index": i,
-                "start": c.start,
-                "end": c.end,
-            }
-            for i, c in enumerate(chunk_text(text, self.size, self.overlap))
-        ]
 
 
 @dataclass
@@ -159,26 +41,35 @@ class IngestReport:
     knowledge_base: str
     uri: str
     documents: int
+    skipped: int
     chunks_written: int
     chunks_removed: int
     entities: int
     seconds: float
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def ingest(cfg, kb_name: str) -> IngestReport:
+def fingerprint(cfg, kb) -> str:
+    """Everything besides a document's bytes that decides its chunks and vectors."""
+    return json.dumps([SCHEMA_VERSION, cfg.embedder, kb.chunking.size, kb.chunking.overlap, kb.text_field, kb.title_field])
+
+
+def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
     """Build or refresh one knowledge base with Ray Data; Ray must be initialised by the caller.
 
     Args:
         cfg: the `LoragConfig`.
         kb_name: which of `cfg.knowledge_bases`.
+        progress: optional callable `(chunks_written, documents_done, documents_total)` called after each write.
 
     Returns:
-        Counts of documents, chunks written and entities now in the collection.
+        Counts of documents (seen, skipped as unchanged, failed with reasons), chunks written and
+        removed, and the entities now in the collection.
     """
     import ray
 
     from lorag.embed import Embedder
-    from lorag.milvus import open_store
+    from lorag.milvus import is_lite, open_store
     from lorag.models import resolve_model
 
     start = time.time()
@@ -190,39 +81,70 @@ def ingest(cfg, kb_name: str) -> IngestReport:
     store = open_store(uri, kb.token)
     store.ensure_collection(kb.collection, dim)
 
-    ds = (
-        ray.data.read_binary_files(files, include_paths=True)
-        .flat_map(DocumentChunker(kb.name, kb.chunking.size, kb.chunking.overlap))
-        .map_batches(
-            Embedder,
-            fn_constructor_kwargs={"model_path": str(embedder_path)},
-            batch_size=kb.embed_batch_size,
-            compute=ray.data.ActorPoolStrategy(size=kb.embed_actors),
-            batch_format="numpy",
+    # Skip documents that are stored whole with the same hash; redo the rest.
+    stored = store.documents(kb.collection)
+    fp = fingerprint(cfg, kb)
+    todo = []
+    for path in files:
+        have = stored.get(path)
+        complete = have is not None and have["doc_hash"] and have["count"] == have["n_chunks"]
+        if not (complete and have["doc_hash"] == document_hash(Path(path).read_bytes(), fp)):
+            todo.append(path)
+    gone = sorted(set(stored) - set(files))
+
+    written, failed = 0, []
+    keep: dict[str, list[str]] = {}
+    if todo:
+        gpus = ray.cluster_resources().get("GPU", 0) >= 1
+        ds = (
+            ray.data.read_binary_files(todo, include_paths=True)
+            .flat_map(
+                DocumentChunker,
+                fn_constructor_kwargs={
+                    "kb": kb.name, "size": kb.chunking.size, "overlap": kb.chunking.overlap, "tokenizer_path": str(embedder_path),
+                    "fingerprint": fp, "text_field": kb.text_field, "title_field": kb.title_field,
+                },
+                compute=ray.data.ActorPoolStrategy(size=1),
+            )
+            .map_batches(
+                Embedder,
+                fn_constructor_kwargs={"model_path": str(embedder_path)},
+                batch_size=kb.embed_batch_size,
+                compute=ray.data.ActorPoolStrategy(size=kb.embed_actors),
+                batch_format="numpy",
+                **({"num_gpus": 1} if gpus else {}),
+            )
         )
-    )
-    written = 0
-    keep: dict[str, list[str]] = {path: [] for path in files}
-    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-        rows = [
-            {
-                "id": str(batch["id"][i]),
-                "text": str(batch["text"][i]),
-                "source": str(batch["source"][i]),
-                "title": str(batch["title"][i]),
-                "chunk_index": int(batch["chunk_index"][i]),
-                "start": int(batch["start"][i]),
-                "end": int(batch["end"][i]),
-                "vector": batch["vector"][i].tolist(),
-            }
-            for i in range(len(batch["id"]))
-        ]
-        written += store.upsert(kb.collection, rows)
-        for row in rows:
-            keep[row["source"]].append(row["id"])
+        # A Milvus server takes writes in parallel; Milvus Lite has one writer (its owner actor).
+        pool = ThreadPoolExecutor(1 if is_lite(uri) else 4)
+        pending = []
+        done_docs: set[str] = set()
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            rows = []
+            for i in range(len(batch["id"])):
+                source = str(batch["source"][i])
+                if batch["error"][i]:
+                    failed.append((source, str(batch["error"][i])))
+                    continue
+                row = {k: batch[k][i].item() if hasattr(batch[k][i], "item") else str(batch[k][i]) for k in ROW_KEYS}
+                row["vector"] = batch["vector"][i].tolist()
+                rows.append(row)
+                keep.setdefault(source, []).append(row["id"])
+                done_docs.add(source)
+            if rows:
+                pending.append(pool.submit(store.upsert, kb.collection, rows))
+            while pending and (pending[0].done() or len(pending) > 8):
+                written += pending.pop(0).result()
+            if progress:
+                progress(written, len(done_docs) + len(failed), len(todo))
+        written += sum(f.result() for f in pending)
+        pool.shutdown()
     # Only after every current chunk is written: drop chunks of changed and deleted documents.
-    removed = store.prune(kb.collection, keep)
-    return IngestReport(kb.name, uri, len(files), written, removed, store.count(kb.collection), time.time() - start)
+    removed = store.prune(kb.collection, keep, gone)
+    return IngestReport(kb.name, uri, len(files), len(files) - len(todo), written, removed, store.count(kb.collection), time.time() - start, failed)
+
+
+ROW_KEYS = ("id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks")
 
 
 # -- training examples (JSONL) -----------------------------------------------------------------

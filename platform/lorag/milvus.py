@@ -10,9 +10,17 @@ every caller.
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
+import logging
 import os
-from typing import Any
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Iterator
 
 ACTOR_NAMESPACE = "lorag"
 TEXT_MAX = 16384
@@ -40,33 +48,63 @@ class MilvusStore:
                 raise ValueError(f"Milvus Lite URI {uri!r} must be a file path ending in .db")
             os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
         self.uri = uri
-        self.client = MilvusClient(uri=uri, token=token or "")
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # it logs every RPC error it then raises; ours say more
+        try:
+            self.client = MilvusClient(uri=uri, token=token or "", timeout=30)
+        except Exception as e:  # pymilvus raises its own types (and grpc's) for an unreachable server
+            raise ConnectionError(f"cannot reach Milvus at {uri}: {e}") from e
+        self.version = str(self.client.get_server_version())
         self._loaded: set[str] = set()
+        self._bm25: dict[str, Any] = {}  # collection -> Bm25Index, for servers without BM25 functions
+
+    # -- schema ----------------------------------------------------------------------------
+
+    @property
+    def native_bm25(self) -> bool:
+        """Whether the backend has BM25 functions and sparse vectors (Milvus Lite, Milvus >= 2.5)."""
+        if self.version.startswith("milvus_lite"):
+            return True
+        m = re.match(r"v?(\d+)\.(\d+)", self.version)
+        return bool(m) and (int(m.group(1)), int(m.group(2))) >= (2, 5)
 
     def ensure_collection(self, collection: str, dim: int) -> None:
-        """Create the collection with lorag's schema, or check an existing one has the same vector size."""
-        from pymilvus import DataType, MilvusClient
+        """Create the collection with lorag's schema, or check an existing one matches it."""
+        from pymilvus import DataType, Function, FunctionType, MilvusClient
 
         if self.client.has_collection(collection):
-            existing = self.dim(collection)
+            fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
+            if not set(FIELDS) <= set(fields):
+                raise ValueError(
+                    f"collection {collection!r} at {self.uri} was built by an older lorag (no {sorted(set(FIELDS) - set(fields))} fields): "
+                    f"drop it with `lorag kb drop` and ingest again"
+                )
+            existing = int(fields["vector"]["params"]["dim"])
             if existing != dim:
                 raise ValueError(
                     f"collection {collection!r} at {self.uri} stores {existing}-d vectors but the embedder makes {dim}-d ones: "
                     f"drop it (`lorag kb drop`) or use the embedder it was built with"
                 )
             return
+        bm25 = self.native_bm25
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX)
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX, **({"enable_analyzer": True} if bm25 else {}))
         schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX)
         schema.add_field("title", DataType.VARCHAR, max_length=512)
+        schema.add_field("section", DataType.VARCHAR, max_length=512)
         schema.add_field("chunk_index", DataType.INT64)
         schema.add_field("start", DataType.INT64)
         schema.add_field("end", DataType.INT64)
+        schema.add_field("doc_hash", DataType.VARCHAR, max_length=64)
+        schema.add_field("n_chunks", DataType.INT64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
-        self.client.create_collection(collection, schema=schema, index_params=index)
+        if bm25:
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25, input_field_names=["text"], output_field_names=["sparse"]))
+            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        self.client.create_collection(collection, schema=schema, index_params=index, consistency_level="Strong")
 
     def dim(self, collection: str) -> int:
         desc = self.client.describe_collection(collection)
@@ -81,20 +119,51 @@ class MilvusStore:
             self.client.load_collection(collection)
             self._loaded.add(collection)
 
+    # -- writes ----------------------------------------------------------------------------
+
     def upsert(self, collection: str, rows: list[dict[str, Any]]) -> int:
         if not rows:
             return 0
+        self._bm25.pop(collection, None)
+        limits = {"text": TEXT_MAX, "source": SOURCE_MAX, "title": 512, "section": 512}
+        rows = [{k: _clip(r[k], limits[k]) if k in limits else r[k] for k in FIELDS} for r in rows]
         return int(self.client.upsert(collection, rows)["upsert_count"])
 
-    def prune(self, collection: str, keep: dict[str, list[str]]) -> int:
-        """Delete chunks that are no longer current: a kept source's chunks whose ids are not in
-        `keep[source]` (the document changed), and every chunk of a source not in `keep` (the
-        document is gone). Returns how many entities were deleted."""
+    def documents(self, collection: str) -> dict[str, dict[str, Any]]:
+        """What the collection holds per source: `{source: {"doc_hash", "n_chunks", "count"}}`.
+
+        A document is complete when all its chunks share one hash and `count == n_chunks`; an
+        ingest killed mid-document leaves it incomplete, so the next run redoes it.
+        """
+        if not self.client.has_collection(collection):
+            return {}
+        self._load(collection)
+        docs: dict[str, dict[str, Any]] = {}
+        it = self.client.query_iterator(collection, batch_size=4096, filter="", output_fields=["source", "doc_hash", "n_chunks"])
+        try:
+            while batch := it.next():
+                for row in batch:
+                    d = docs.setdefault(row["source"], {"doc_hash": row["doc_hash"], "n_chunks": row["n_chunks"], "count": 0})
+                    d["count"] += 1
+                    if d["doc_hash"] != row["doc_hash"]:
+                        d["doc_hash"] = ""  # mixed versions: incomplete
+        finally:
+            it.close()
+        return docs
+
+    def prune(self, collection: str, keep: dict[str, list[str]], gone: list[str]) -> int:
+        """Delete stale chunks: those of a re-indexed source whose ids are not in `keep[source]`
+        (the document changed), and every chunk of the sources in `gone` (deleted documents).
+        Returns how many entities were deleted."""
         before = self.count(collection)
         for source, ids in keep.items():
             self.client.delete(collection, filter=f"source == {json.dumps(source)} and id not in {json.dumps(ids)}")
-        self.client.delete(collection, filter=f"source not in {json.dumps(sorted(keep))}")
+        for i in range(0, len(gone), 500):
+            self.client.delete(collection, filter=f"source in {json.dumps(gone[i : i + 500])}")
+        self._bm25.pop(collection, None)
         return before - self.count(collection)
+
+    # -- reads -----------------------------------------------------------------------------
 
     def count(self, collection: str) -> int:
         if not self.client.has_collection(collection):
@@ -103,18 +172,62 @@ class MilvusStore:
         res = self.client.query(collection, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
-    def search(self, collection: str, vector: list[float], k: int) -> list[dict[str, Any]]:
-        """Top-k chunks by cosine similarity, best first, each with its citation fields and `score`."""
+    def search(
+        self, collection: str, vector: list[float] | None, query: str, k: int, mode: str = "dense", source_prefix: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Top-k chunks, best first, each with its citation fields and `score`.
+
+        Args:
+            vector: the embedded query (dense and hybrid modes).
+            query: the query text (bm25 and hybrid modes).
+            mode: "dense" (cosine), "bm25" (full text) or "hybrid" (both, fused by reciprocal rank).
+            source_prefix: only chunks whose source path starts with this.
+        """
+        from lorag.retrieval import rrf
+
         if not self.client.has_collection(collection):
-            raise LookupError(f"knowledge base collection {collection!r} does not exist at {self.uri}: run `lorag ingest` first")
+            raise LookupError(f"knowledge base collection {collection!r} does not exist at {self.uri}: run `lorag kb ingest` first")
+        if mode not in ("dense", "bm25", "hybrid"):
+            raise ValueError(f"search mode must be dense, bm25 or hybrid, not {mode!r}")
         self._load(collection)
-        res = self.client.search(
-            collection,
-            data=[list(map(float, vector))],
-            limit=k,
-            output_fields=["text", "source", "title", "chunk_index", "start", "end"],
-        )
+        if mode == "dense":
+            return self._dense(collection, vector, k, source_prefix)
+        if mode == "bm25":
+            return self._full_text(collection, query, k, source_prefix)
+        depth = max(2 * k, 20)  # each list contributes candidates beyond k, as RRF expects
+        lexical = self._full_text(collection, query, depth, source_prefix)
+        # Full-text hits far below the best one match only common words ("what", "the"); in a fused
+        # ranking they would outvote the one chunk that holds a rare, exact term. Drop them first.
+        lexical = [h for h in lexical if h["score"] >= LEXICAL_FLOOR * lexical[0]["score"]]
+        return rrf([self._dense(collection, vector, depth, source_prefix), lexical], k)
+
+    def _dense(self, collection: str, vector, k: int, prefix: str | None) -> list[dict[str, Any]]:
+        if vector is None:
+            raise ValueError("dense and hybrid search need the query vector")
+        res = self.client.search(collection, data=[list(map(float, vector))], anns_field="vector", limit=k, output_fields=OUTPUT, **_prefix_filter(prefix))
         return [{"id": hit["id"], "score": float(hit["distance"]), **hit["entity"]} for hit in res[0]]
+
+    def _full_text(self, collection: str, query: str, k: int, prefix: str | None) -> list[dict[str, Any]]:
+        from lorag.retrieval import Bm25Index
+
+        if not query.strip():
+            return []
+        if "sparse" in {f["name"] for f in self.client.describe_collection(collection)["fields"]}:
+            res = self.client.search(
+                collection, data=[query], anns_field="sparse", limit=k, output_fields=OUTPUT, search_params={"metric_type": "BM25"}, **_prefix_filter(prefix)
+            )
+            return [{"id": hit["id"], "score": abs(float(hit["distance"])), **hit["entity"]} for hit in res[0]]
+        # Milvus < 2.5 has no BM25: score in this process over the collection's text (built once, dropped on writes).
+        if collection not in self._bm25:
+            rows = []
+            it = self.client.query_iterator(collection, batch_size=4096, filter="", output_fields=["id", *OUTPUT])
+            try:
+                while batch := it.next():
+                    rows.extend(batch)
+            finally:
+                it.close()
+            self._bm25[collection] = Bm25Index(rows)
+        return self._bm25[collection].search(query, k, prefix)
 
     def list_collections(self) -> list[str]:
         return list(self.client.list_collections())
@@ -123,9 +236,29 @@ class MilvusStore:
         if self.client.has_collection(collection):
             self.client.drop_collection(collection)
         self._loaded.discard(collection)
+        self._bm25.pop(collection, None)
 
     def close(self) -> None:
         self.client.close()
+
+
+LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
+FIELDS = ("id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "vector")
+OUTPUT = ["text", "source", "title", "section", "chunk_index", "start", "end"]
+
+
+def _clip(value: str, max_bytes: int) -> str:
+    """Cut a string to a VARCHAR field's byte limit (a runaway heading must not fail the batch)."""
+    data = value.encode()
+    return value if len(data) <= max_bytes else data[:max_bytes].decode(errors="ignore")
+
+
+def _prefix_filter(prefix: str | None) -> dict[str, str]:
+    if not prefix:
+        return {}
+    # `like` treats % and _ as wildcards; escape them so the prefix matches literally.
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return {"filter": f"source like {json.dumps(escaped + '%')}"}
 
 
 class StoreHandle:
@@ -184,3 +317,65 @@ def open_store(uri: str, token: str | None = None) -> StoreHandle:
         .remote(uri, token)
     )
     return StoreHandle(actor=owner)
+
+
+SERVER_PORTS = (
+    "etcd-port", "root-coord-port", "proxy-port", "proxy-internal-port", "query-coord-port",
+    "query-node-port", "index-coord-port", "index-node-port", "data-coord-port", "data-node-port",
+)
+
+
+@contextlib.contextmanager
+def local_server(data_dir: str | os.PathLike, timeout: float = 180) -> Iterator[str]:
+    """Run a Milvus standalone server (the `milvus` PyPI package's `milvus-server`) for tests,
+    benchmarks and local development; yields its URI and stops it on exit.
+
+    Every port is a free one chosen here and every component advertises 127.0.0.1. (Milvus 2.3's
+    gRPC listeners bind all interfaces; it has no setting to narrow that.)
+
+    Raises:
+        FileNotFoundError: `milvus-server` is not installed (`pip install --no-deps milvus`).
+        TimeoutError: the server did not answer within `timeout` seconds.
+    """
+    exe = os.path.join(os.path.dirname(sys.executable), "milvus-server")
+    if not os.path.exists(exe):
+        raise FileNotFoundError(f"{exe} not found: install the Milvus server package with `pip install --no-deps milvus`")
+    socks = []
+    for _ in SERVER_PORTS:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = dict(zip(SERVER_PORTS, (s.getsockname()[1] for s in socks)))
+    for s in socks:
+        s.close()
+    cmd = [exe, "--data", str(data_dir)]
+    for key, port in ports.items():
+        cmd += [f"--{key}", str(port)]
+    for component in ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord", "indexNode", "dataCoord", "dataNode"):
+        cmd += ["--extra-config", f"{component}.ip=127.0.0.1"]
+    os.makedirs(data_dir, exist_ok=True)
+    log = open(os.path.join(data_dir, "milvus-server.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{ports['proxy-port']}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"milvus-server exited with {proc.returncode}; see {log.name}")
+            try:
+                MilvusStore(uri).close()
+                break
+            except ConnectionError:
+                if time.time() > deadline:
+                    raise TimeoutError(f"Milvus server at {uri} did not start in {timeout:.0f} s; see {log.name}") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # milvus-server stops its children on SIGINT
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()

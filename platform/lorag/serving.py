@@ -192,9 +192,10 @@ class Gateway:
 
     async def _retrieve(self, kb_name: str, messages: list[dict[str, str]], k: int | None) -> list[dict[str, Any]]:
         kb = self.cfg.knowledge_base(kb_name)
-        vector = (await asyncio.to_thread(self.embedder.embed, [question(messages)]))[0].tolist()
+        query = question(messages)
+        vector = None if kb.search == "bm25" else (await asyncio.to_thread(self.embedder.embed, [query]))[0].tolist()
         try:
-            return await self.kb_stores[kb_name].acall("search", kb.collection, vector, k or kb.top_k)
+            return await self.kb_stores[kb_name].acall("search", kb.collection, vector, query, k or kb.top_k, kb.search)
         except (LookupError, MilvusException, RayActorError) as e:
             raise APIError(503, f"knowledge base {kb_name!r} is not built: {e}", type="server_error", code="kb_unavailable") from None
 

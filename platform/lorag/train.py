@@ -173,8 +173,8 @@ def with_retrieved_sources(cfg, ad, examples: list[dict[str, Any]]) -> list[dict
     embedder = Embedder(resolve_model(cfg.embedder, cfg.model_cache))
     questions = [question(ex["messages"]) for ex in examples]
     out = []
-    for ex, vector in zip(examples, embedder.embed(questions)):
-        hits = store.search(kb.collection, vector.tolist(), kb.top_k)
+    for ex, q, vector in zip(examples, questions, embedder.embed(questions)):
+        hits = store.search(kb.collection, vector.tolist(), q, kb.top_k, kb.search)
         out.append({"messages": [*augment(ex["messages"][:-1], hits), ex["messages"][-1]]})
     return out
 

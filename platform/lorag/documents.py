@@ -1,0 +1,434 @@
+"""Knowledge-base source documents: finding them, parsing them into text, and chunking that text.
+
+A document is a file: Markdown or plain text, HTML, PDF, or JSONL with one record per line.
+`parse_document` turns its bytes into citable `Unit`s (one per file, or one per JSONL record),
+`chunk_text` splits a unit's text into overlapping `Chunk`s measured in characters or in tokens of
+the embedder, and `DocumentChunker` is the Ray Data `flat_map` stage that does both for one file
+row and never raises: a file that cannot be parsed becomes a single row whose `error` says why.
+
+Chunk offsets index the unit's parsed text (for Markdown and text files, the decoded file), and
+each chunk carries the section it starts in: the Markdown heading path, or "page N" for a PDF.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+DOC_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm", ".pdf", ".jsonl")
+
+_BOUNDARY = re.compile(r"\n\s*\n|\n(?=#{1,6} )")
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)\s*$", re.MULTILINE)
+_FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
+_MAX_ERROR = 300
+
+
+class DocumentError(ValueError):
+    """A document could not be parsed (message says why)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int
+    end: int
+    text: str
+    section: str
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One parsed, citable unit of text: a whole file, or one JSONL record."""
+
+    text: str
+    title: str
+    section: str
+    page_starts: tuple[int, ...] = ()
+    """For a PDF, the offset in `text` where each page begins (page N starts at `page_starts[N-1]`)."""
+
+
+def find_documents(sources: list[str]) -> list[str]:
+    """Expand files, directories (recursively, filtered by `DOC_SUFFIXES`) and glob patterns.
+
+    Args:
+        sources: paths, directories or glob patterns (`**` allowed).
+
+    Returns:
+        Absolute document paths, sorted.
+
+    Raises:
+        FileNotFoundError: a source matches nothing, or nothing at all is found.
+    """
+    found: set[str] = set()
+    missing = []
+    for src in sources:
+        matches = glob.glob(src, recursive=True) if glob.has_magic(src) else ([src] if os.path.exists(src) else [])
+        if not matches:
+            missing.append(src)
+        for m in matches:
+            if os.path.isdir(m):
+                for root, _, files in os.walk(m):
+                    found.update(os.path.abspath(os.path.join(root, f)) for f in files if f.lower().endswith(DOC_SUFFIXES))
+            elif os.path.isfile(m):
+                found.add(os.path.abspath(m))
+    if missing:
+        raise FileNotFoundError(f"knowledge-base sources match no file: {missing}")
+    if not found:
+        raise FileNotFoundError(f"no documents ({', '.join(DOC_SUFFIXES)}) under {sources}")
+    return sorted(found)
+
+
+def parse_document(path: str, data: bytes, text_field: str = "text", title_field: str = "title") -> list[Unit]:
+    """Parse one document's bytes into units of text, by file suffix.
+
+    Args:
+        path: the file path (its suffix picks the parser; its stem is the fallback title).
+        data: the raw file contents.
+        text_field: for JSONL, the record field holding the text.
+        title_field: for JSONL, the record field holding the title (optional per record).
+
+    Returns:
+        One unit, or for JSONL one unit per non-blank line.
+
+    Raises:
+        DocumentError: the document is empty, corrupt, encrypted, has no extractable text, or
+            (JSONL) a line is malformed; the message says which line and why.
+    """
+    suffix, stem = Path(path).suffix.lower(), Path(path).stem
+    if suffix == ".pdf":
+        return [_parse_pdf(data, stem)]
+    text = data.decode("utf-8-sig", errors="replace")
+    if suffix == ".jsonl":
+        return _parse_jsonl(text, stem, text_field, title_field)
+    if suffix in (".html", ".htm"):
+        parser = _HtmlText()
+        parser.feed(text)
+        parser.close()
+        text, title = parser.result(), parser.title or parser.first_h1
+    else:
+        headings = _headings(text)
+        title = _heading_title(headings[0]) if headings else ""
+    if not text.strip():
+        raise DocumentError("empty document")
+    return [Unit(text, title or stem, "")]
+
+
+def chunk_text(text: str, size: int, overlap: int, tokenizer=None) -> list[Chunk]:
+    """Split `text` into chunks of at most `size` units with about `overlap` units shared.
+
+    Units are characters, or tokens of `tokenizer` (a Hugging Face fast tokenizer, counted without
+    special tokens). Splits prefer a Markdown heading or paragraph break, then whitespace, then any
+    character (a token boundary in token mode), and never cut before half the window. The overlap
+    starts on a word boundary, so no chunk opens mid-word unless a word is longer than the window.
+
+    Args:
+        text: the unit's text.
+        size: maximum chunk length in characters, or in tokens when `tokenizer` is given.
+        overlap: characters (or tokens) repeated from the end of one chunk at the start of the next.
+        tokenizer: optional fast tokenizer to measure in tokens.
+
+    Returns:
+        Chunks in text order, stripped (`text[c.start:c.end] == c.text`), whitespace-only ones
+        dropped, each with the Markdown heading path in effect at its start as `section`.
+    """
+    assert 0 <= overlap < size, f"overlap {overlap} must be in [0, size={size})"
+    ruler = _Ruler(text, tokenizer)
+    sections = _heading_paths(text)
+    n = len(text)
+    chunks: list[Chunk] = []
+    start = prev_end = 0
+    while start < n:
+        limit = ruler.limit(start, size)
+        end = n if limit >= n else _split_point(text, start, limit, prev_end)
+        # Token windows come from the whole-text tokenization; a piece can tokenize differently on
+        # its own (a cut inside a word), so re-check and shrink the window until it fits.
+        while end > start + 1 and ruler.count(text[start:end]) > size:
+            limit = ruler.shrink(start, limit)
+            end = _split_point(text, start, limit, prev_end)
+        piece = text[start:end]
+        if piece.strip():
+            s = start + len(piece) - len(piece.lstrip())
+            e = end - (len(piece) - len(piece.rstrip()))
+            chunks.append(Chunk(s, e, text[s:e], _section_at(sections, s)))
+        if end >= n:
+            break
+        if overlap:
+            nxt = max(ruler.back(end, overlap), start + 1)
+            # Start the overlap on a word boundary (the next one, so it never exceeds `overlap`).
+            cands = [c + 1 for c in (text.find(" ", nxt, end), text.find("\n", nxt, end)) if c != -1]
+            start = min(cands, default=nxt)
+        else:
+            start = end
+        prev_end = end
+    return chunks
+
+
+def chunk_id(kb: str, source: str, index: int, text: str) -> str:
+    """Deterministic chunk id: the same chunk of the same document always gets the same id."""
+    return hashlib.sha256(f"{kb}\0{source}\0{index}\0{text}".encode()).hexdigest()[:32]
+
+
+def document_hash(data: bytes, fingerprint: str) -> str:
+    """Hash of a document's bytes and the `fingerprint` of how it is indexed (chunking, embedder).
+
+    Changing the chunking parameters or the embedder changes the fingerprint, so every document
+    then counts as changed and is re-indexed.
+    """
+    return hashlib.sha256(data + b"\0" + fingerprint.encode()).hexdigest()
+
+
+class DocumentChunker:
+    """Ray Data `flat_map` stage (a callable class, run on an actor pool): a file row in, chunk rows out.
+
+    Every output row has the same keys and types: id, text, source, title, section, chunk_index,
+    start, end, doc_hash, n_chunks, error. A file that fails becomes one row with `error` set.
+
+    Args:
+        kb: knowledge-base name (part of each chunk id).
+        size: chunk size, in characters, or in tokens when `tokenizer_path` is given.
+        overlap: overlap between consecutive chunks, in the same unit.
+        tokenizer_path: the embedder's directory, to measure chunks in its tokens.
+        fingerprint: indexing parameters folded into `doc_hash` (see `document_hash`).
+        text_field: JSONL field holding a record's text.
+        title_field: JSONL field holding a record's title.
+    """
+
+    def __init__(self, kb: str, size: int, overlap: int, tokenizer_path: str | None = None, fingerprint: str = "",
+                 text_field: str = "text", title_field: str = "title"):
+        self.kb, self.size, self.overlap, self.fingerprint = kb, size, overlap, fingerprint
+        self.text_field, self.title_field = text_field, title_field
+        self.tokenizer = None
+        if tokenizer_path is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+            if not self.tokenizer.is_fast:
+                raise ValueError(f"token chunking needs a fast tokenizer (offset mapping); {tokenizer_path} has none")
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        path, doc_hash = str(row.get("path", "")), ""
+        try:
+            data = bytes(row["bytes"])
+            doc_hash = document_hash(data, self.fingerprint)
+            return self._chunk_rows(path, data, doc_hash)
+        except Exception as e:  # one bad file must not fail a whole ingest: it becomes an error row
+            return [{"id": "", "text": "", "source": path, "title": "", "section": "", "chunk_index": -1, "start": 0,
+                     "end": 0, "doc_hash": doc_hash, "n_chunks": 0, "error": f"{type(e).__name__}: {e}"[:_MAX_ERROR]}]
+
+    def _chunk_rows(self, path: str, data: bytes, doc_hash: str) -> list[dict[str, Any]]:
+        pieces = []
+        for unit in parse_document(path, data, self.text_field, self.title_field):
+            for c in chunk_text(unit.text, self.size, self.overlap, self.tokenizer):
+                if unit.page_starts:
+                    section = f"page {bisect.bisect_right(unit.page_starts, c.start)}"
+                else:
+                    section = " > ".join(s for s in (unit.section, c.section) if s)
+                pieces.append((unit.title, section, c))
+        if not pieces:
+            raise DocumentError("no text to index")
+        return [
+            {"id": chunk_id(self.kb, path, i, c.text), "text": c.text, "source": path, "title": title, "section": section,
+             "chunk_index": i, "start": c.start, "end": c.end, "doc_hash": doc_hash, "n_chunks": len(pieces), "error": ""}
+            for i, (title, section, c) in enumerate(pieces)
+        ]
+
+
+# ---- chunking helpers -------------------------------------------------------------------------
+
+
+class _Ruler:
+    """Measures `text` in characters, or in tokens of a fast tokenizer (offsets computed once)."""
+
+    def __init__(self, text: str, tokenizer):
+        self.n, self.tokenizer = len(text), tokenizer
+        if tokenizer is not None:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            self.starts = [s for s, _ in enc["offset_mapping"]]
+            self.ends = [e for _, e in enc["offset_mapping"]]
+
+    def limit(self, start: int, size: int) -> int:
+        """The furthest end of a chunk that begins at `start` and holds at most `size` units."""
+        if self.tokenizer is None:
+            return start + size
+        i = bisect.bisect_right(self.ends, start)  # first token that ends after `start`
+        return self.starts[i + size] if i + size < len(self.starts) else self.n
+
+    def shrink(self, start: int, limit: int) -> int:
+        """A limit one token shorter than `limit` (never at or before `start`)."""
+        k = bisect.bisect_left(self.starts, limit) - 1  # last token that starts before `limit`
+        return max(self.starts[k] if k >= 0 else start + 1, start + 1)
+
+    def back(self, end: int, overlap: int) -> int:
+        """Where the last `overlap` units before `end` begin."""
+        if self.tokenizer is None:
+            return end - overlap
+        j = bisect.bisect_left(self.starts, end)  # tokens that start before `end`
+        return self.starts[max(j - overlap, 0)] if overlap and j else end
+
+    def count(self, piece: str) -> int:
+        if self.tokenizer is None:
+            return len(piece)
+        return len(self.tokenizer(piece.strip(), add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _split_point(text: str, start: int, limit: int, prev_end: int) -> int:
+    # Never cut before half the window, nor at or before the previous chunk's end (with a large
+    # overlap that would make chunks that add nothing new).
+    floor = min(max(start + (limit - start) // 2, prev_end + 1), limit)
+    best = -1
+    for m in _BOUNDARY.finditer(text, floor, limit):
+        best = m.end()
+    if best > floor:
+        return best
+    for ws in (text.rfind("\n", floor, limit), text.rfind(" ", floor, limit)):
+        if ws > floor:
+            return ws + 1
+    return limit
+
+
+def _headings(text: str) -> list[re.Match]:
+    """Markdown heading matches, leaving out "# comments" inside ``` or ~~~ code fences."""
+    fences = [m.start() for m in _FENCE.finditer(text)]
+    # An odd number of fence lines before a heading means it sits inside a code block.
+    return [m for m in _HEADING.finditer(text) if bisect.bisect_right(fences, m.start()) % 2 == 0]
+
+
+def _heading_paths(text: str) -> list[tuple[int, str]]:
+    """(offset, "A > B") for every Markdown heading; a heading replaces those at its level and deeper."""
+    stack: list[tuple[int, str]] = []
+    paths = []
+    for m in _headings(text):
+        level = len(m.group(1))
+        stack = [h for h in stack if h[0] < level] + [(level, _heading_title(m))]
+        paths.append((m.start(), " > ".join(t for _, t in stack)))
+    return paths
+
+
+def _section_at(paths: list[tuple[int, str]], pos: int) -> str:
+    i = bisect.bisect_right(paths, (pos, "\uffff"))  # headings that start at or before `pos`
+    return paths[i - 1][1] if i else ""
+
+
+def _heading_title(m: re.Match) -> str:
+    return m.group(2).rstrip("#").strip()[:500]  # "## Title ##" closes with optional hashes
+
+
+# ---- parsers ----------------------------------------------------------------------------------
+
+
+def _parse_pdf(data: bytes, stem: str) -> Unit:
+    import pypdf  # imported here: it pulls in `cryptography`, ~0.1 s that text-only ingests and the CLI skip
+
+    # pypdf raises many exception types on damaged files (its own, but also ValueError, KeyError,
+    # zlib and struct errors from deep inside), so any failure here means "unreadable PDF".
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise DocumentError("encrypted PDF (needs a password)")
+        pages = [(page.extract_text() or "").strip() for page in reader.pages]
+        title = reader.metadata.title if reader.metadata else None
+    except DocumentError:
+        raise
+    except Exception as e:
+        raise DocumentError(f"unreadable PDF ({type(e).__name__}: {e})") from e
+    if not any(pages):
+        raise DocumentError("no extractable text (scanned PDF?)")
+    starts, pos = [], 0
+    for p in pages:
+        starts.append(pos)
+        pos += len(p) + 2
+    title = title.strip() if isinstance(title, str) else ""
+    return Unit("\n\n".join(pages), title or stem, "", tuple(starts))
+
+
+def _parse_jsonl(text: str, stem: str, text_field: str, title_field: str) -> list[Unit]:
+    units = []
+    # Split on "\n" only: str.splitlines would also break at U+2028 etc., which JSON strings may hold raw.
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DocumentError(f"line {n}: invalid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(record, dict):
+            raise DocumentError(f"line {n}: expected a JSON object, got {type(record).__name__}")
+        body = record.get(text_field)
+        if not isinstance(body, str) or not body.strip():
+            raise DocumentError(f"line {n}: field {text_field!r} must be a non-empty string")
+        title = record.get(title_field)
+        units.append(Unit(body, title if isinstance(title, str) and title.strip() else f"{stem} line {n}", f"line {n}"))
+    if not units:
+        raise DocumentError("empty document")
+    return units
+
+
+class _HtmlText(HTMLParser):
+    """Visible text of an HTML page, with h1..h6 as Markdown headings and blocks as paragraphs.
+
+    Whitespace collapses as a browser would, except inside <pre>, which keeps its line breaks
+    (though not its indentation: every line is stripped).
+    """
+
+    _SKIP = {"script", "style", "nav", "head", "noscript", "template"}
+    _PARAGRAPH = {"p", "div", "section", "article", "main", "header", "footer", "aside", "blockquote", "pre",
+                  "table", "ul", "ol", "dl", "figure", "figcaption", "form", "hr", "address"}
+    _LINE = {"br", "li", "tr", "dt", "dd"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
+        self.parts: list[str] = []
+        self.skip = self.pre = 0
+        self.heading: list[str] | None = None
+        self.in_title = False
+        self.title = self.first_h1 = ""
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self._SKIP:
+            self.skip += 1
+        elif tag == "title":
+            self.in_title = True
+        elif re.fullmatch(r"h[1-6]", tag):
+            self.heading = []
+        elif tag in ("td", "th"):
+            self.parts.append(" ")
+        self.pre += tag == "pre"
+        if tag in self._PARAGRAPH or tag in self._LINE:
+            self.parts.append("\n\n" if tag in self._PARAGRAPH else "\n")
+
+    def handle_endtag(self, tag):
+        if tag in self._SKIP:
+            self.skip = max(self.skip - 1, 0)
+        elif tag == "title":
+            self.in_title = False
+        elif re.fullmatch(r"h[1-6]", tag) and self.heading is not None:
+            words = " ".join("".join(self.heading).split())
+            self.heading = None
+            if words:
+                self.parts.append(f"\n\n{'#' * int(tag[1])} {words}\n\n")
+                self.first_h1 = self.first_h1 or (words if tag == "h1" else "")
+        self.pre = max(self.pre - (tag == "pre"), 0)
+        if tag in self._PARAGRAPH:  # a line break only opens (so <br/> is one break, not two)
+            self.parts.append("\n\n")
+
+    def handle_data(self, data):
+        if self.in_title:
+            self.title = " ".join((self.title + " " + data).split())
+        elif self.skip:
+            return
+        elif self.heading is not None:
+            self.heading.append(data)
+        else:
+            self.parts.append(data if self.pre else re.sub(r"\s+", " ", data))
+
+    def result(self) -> str:
+        lines = [line.strip() for line in "".join(self.parts).split("\n")]
+        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
