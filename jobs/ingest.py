@@ -23,6 +23,8 @@ def main() -> None:
     connect()
     for name in args.kb or [kb.name for kb in cfg.knowledge_bases]:
         r = ingest(cfg, name, progress=lambda chunks, done, total, name=name: print(f"{name}: {chunks} chunks written ({done}/{total} documents)", flush=True))
+        if r.rebuilt:
+            print(f"rebuilt {name} from scratch: {r.rebuilt}")
         for path, reason in r.failed:
             print(f"skipped {path}: {reason}")
         print(

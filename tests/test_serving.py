@@ -1,9 +1,15 @@
-"""The Serve app over real HTTP: OpenAI-shaped chat completions with citations, errors as 4xx bodies."""
+"""The Serve app over real HTTP: chat and text completions (also streamed) with citations, API keys,
+errors as OpenAI-shaped 4xx bodies, 503 over capacity, autoscaling, and the exported Serve config."""
+
+import concurrent.futures
+import json
 
 import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
+KEY = "sk-lorag-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,9 @@ def served(ray_session, tmp_path_factory, tiny_model, model_cache):
         "base_model": str(tiny_model), "workdir": "work", "cache_dir": str(model_cache),
         "knowledge_bases": [{"name": "handbook", "sources": ["corpus/"], "top_k": 2}],
         "adapters": [{"name": "support", "dataset": "unused.jsonl", "knowledge_base": "handbook"}],
-        "serve": {"port": port, "cpus_per_replica": 0, "max_tokens": 8},
+        "serve": {"port": port, "cpus_per_replica": 0, "max_tokens": 8, "api_keys_file": "keys.txt", "max_body_bytes": 20000},
     }))
+    (root / "keys.txt").write_text(f"# one key per line\n{KEY}\n")
     cfg = load_config(root / "lorag.yaml")
     ingest(cfg, "handbook")
 
@@ -48,7 +55,7 @@ def served(ray_session, tmp_path_factory, tiny_model, model_cache):
 
 def chat(url, **body):
     body.setdefault("messages", [{"role": "user", "content": "How long is the Tidewell T4 warranty?"}])
-    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
 
 
 def test_adapter_answer_cites_its_knowledge_base(served):
@@ -75,7 +82,7 @@ def test_retrieval_off_and_base_model_have_no_sources(served):
 def test_versioned_model_id_and_models_listing(served):
     url, _ = served
     assert chat(url, model="support@v1", max_tokens=2).status_code == 200
-    ids = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+    ids = [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]]
     assert "support" in ids and "support@v1" in ids
 
 
@@ -95,7 +102,7 @@ def test_versioned_model_id_and_models_listing(served):
 )
 def test_bad_requests_get_openai_shaped_4xx(served, body, status, fragment):
     url, _ = served
-    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **body}, timeout=60)
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **body}, headers=AUTH, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert fragment in err["message"] and err["type"], err
@@ -103,7 +110,7 @@ def test_bad_requests_get_openai_shaped_4xx(served, body, status, fragment):
 
 def test_non_json_body_is_a_400_and_server_stays_healthy(served):
     url, _ = served
-    r = httpx.post(f"{url}/v1/chat/completions", content=b"not json", headers={"content-type": "application/json"}, timeout=60)
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"not json", headers={"content-type": "application/json", **AUTH}, timeout=60)
     assert r.status_code == 400 and "error" in r.json()
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
 
@@ -112,7 +119,167 @@ def test_official_openai_client(served):
     from openai import OpenAI
 
     url, _ = served
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
     resp = client.chat.completions.create(model="support", messages=[{"role": "user", "content": "How long is the warranty?"}], max_tokens=3, temperature=0)
     assert resp.choices[0].message.role == "assistant"
     assert resp.model_extra["sources"][0]["source"].endswith(".md")
+    done = client.completions.create(model="support", prompt="The Tidewell T4 warranty lasts", max_tokens=3, extra_body={"retrieval": False})
+    assert done.object == "text_completion" and isinstance(done.choices[0].text, str) and done.usage.completion_tokens <= 3
+    assert {"support", "support@v1"} <= {m.id for m in client.models.list()}
+
+
+def test_streaming_chat_and_completions_match_the_unstreamed_answer(served):
+    from openai import OpenAI
+
+    url, _ = served
+    client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
+    msgs = [{"role": "user", "content": "How long is the Tidewell T4 warranty?"}]
+    whole = client.chat.completions.create(model="support", messages=msgs, max_tokens=6, temperature=0)
+    chunks = list(client.chat.completions.create(model="support", messages=msgs, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].model_extra["sources"], "sources ride on the first chunk"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == whole.choices[0].message.content, "streaming yields the same greedy answer"
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="support", prompt="Backups run", max_tokens=4, stream=True, extra_body={"retrieval": False}))
+    plain = client.completions.create(model="support", prompt="Backups run", max_tokens=4, extra_body={"retrieval": False}).choices[0].text
+    assert streamed.strip() == plain
+
+
+def test_stop_sequences_cut_the_answer_streamed_or_not(served):
+    url, _ = served
+    free = chat(url, model="support", max_tokens=8, retrieval=False).json()["choices"][0]["message"]["content"]
+    assert len(free) >= 6, f"premise: the tiny model says something: {free!r}"
+    stop = free[3:6]  # the answer must end just before this text first appears
+    cut = chat(url, model="support", max_tokens=8, retrieval=False, stop=[stop]).json()["choices"][0]
+    assert cut["message"]["content"] == free[: free.index(stop)].strip() and cut["finish_reason"] == "stop", (free, stop, cut)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={"model": "support", "messages": [{"role": "user", "content": "How long is the Tidewell T4 warranty?"}], "max_tokens": 8, "retrieval": False, "stop": stop, "stream": True}, headers=AUTH, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert streamed.strip() == cut["message"]["content"] and events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_kb_override_and_seeded_sampling(served):
+    url, cfg = served
+    base = cfg.base_model.rsplit("/", 1)[-1]
+    r = chat(url, model=base, kb="handbook", k=1, max_tokens=2)
+    assert r.status_code == 200 and len(r.json()["sources"]) == 1, "the base model retrieves when asked to"
+    assert chat(url, model=base, kb="nope", max_tokens=2).status_code == 404
+    a, b = (chat(url, model="support", temperature=1.5, top_p=0.9, seed=7, max_tokens=8, retrieval=False).json()["choices"][0]["message"]["content"] for _ in range(2))
+    assert a == b, "the same seed samples the same answer"
+
+
+def test_api_keys_guard_v1_but_not_health(served):
+    url, _ = served
+    body = {"model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"}, timeout=60)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 401
+    assert httpx.get(f"{url}/health", timeout=60).status_code == 200
+
+
+MALFORMED = [
+    ({"model": "support", "messages": "hi"}, 400),
+    ({"model": "support", "messages": [{"role": "user"}]}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": 5}]}, 400),
+    ({"model": "support", "messages": [{"content": "hi"}]}, 400),
+    ({"model": "support", "messages": [{"role": "assistant", "content": "only me"}]}, 400),
+    ({"model": 7, "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ({"model": "", "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "k": 0}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "seed": "x"}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stream": "yes please"}, 400),
+    ({"model": "/etc/passwd", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ({"model": "support@latest@v1", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ({"model": "support@v0", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi " * 3000}]}, 400),  # prompt past the context
+    ([1, 2, 3], 400),
+    ("just a string", 400),
+    (None, 400),
+]
+
+
+def test_malformed_requests_all_get_4xx_and_the_server_stays_healthy(served):
+    url, _ = served
+    for body, status in MALFORMED:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == status, (body if not isinstance(body, dict) else {k: str(v)[:40] for k, v in body.items()}, r.status_code, r.text[:300])
+        assert r.json()["error"]["message"], r.text
+    completions = [({"model": "support"}, 400), ({"model": "support", "prompt": "   "}, 400), ({"model": "support", "prompt": "x", "echo": True}, 400), ({"model": "ghost", "prompt": "x"}, 404)]
+    for body, status in completions:
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == status, (body, r.text)
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{" + b" " * 30000 + b"}", headers={"content-type": "application/json", **AUTH}, timeout=60)
+    assert r.status_code == 413
+    r = httpx.post(f"{url}/v1/chat/completions", content="\xff\xfe garbage".encode("latin-1"), headers={"content-type": "application/json", **AUTH}, timeout=60)
+    assert r.status_code == 400
+    assert len(MALFORMED) + len(completions) + 2 >= 25
+    assert chat(url, model="support", max_tokens=2).status_code == 200, "still answering after all that"
+
+
+def test_over_capacity_is_503_never_5xx_and_replicas_scale(ray_session, served, tmp_path):
+    """A second app with one small replica, autoscaling to 2: a burst beyond its queue gets only
+    200s and 503s, the autoscaler adds a replica under load and removes it when idle."""
+    import time
+
+    from ray import serve
+
+    from lorag.config import AutoscalingConfig
+    from lorag.serving import build_app
+
+    _, cfg = served
+    small = cfg.model_copy(deep=True)
+    small.serve.max_ongoing_requests, small.serve.max_queued_requests, small.serve.max_tokens = 1, 2, 24
+    small.serve.autoscaling = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0, downscale_delay_s=2)
+    serve.run(build_app(small), name="small", route_prefix="/small")
+    url = f"http://127.0.0.1:{cfg.serve.port}/small"
+
+    def replicas() -> int:
+        return sum(n for state, n in serve.status().applications["small"].deployments["Generator"].replica_states.items() if state == "RUNNING")
+
+    body = {"model": "support", "messages": [{"role": "user", "content": "Tell me everything."}], "retrieval": False}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120).status_code, range(24)))
+            deadline, scaled = time.time() + 60, False
+            while time.time() < deadline and not scaled:  # keep load on until a second replica runs
+                list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120).status_code, range(8)))
+                scaled = replicas() == 2
+        assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+        assert scaled, "the autoscaler added a replica under load"
+        deadline = time.time() + 90
+        while time.time() < deadline and replicas() > 1:
+            time.sleep(1)
+        assert replicas() == 1, "and removed it when idle"
+    finally:
+        serve.delete("small")
+
+
+def test_exported_serve_config_is_valid_and_matches_the_shipped_one(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from conftest import REPO
+
+    out = tmp_path / "config.yaml"
+    r = subprocess.run([sys.executable, "-m", "lorag.cli", "serve", "-c", "examples/quickstart/lorag.yaml", "--export", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    exported = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(exported)
+    assert exported == yaml.safe_load((REPO / "serve" / "config.yaml").read_text()), "serve/config.yaml is out of date: regenerate it with the command in its header"
+    app = exported["applications"][0]
+    assert app["import_path"] == "serve.app:app" and app["args"]["config"] == "examples/quickstart/lorag.yaml"

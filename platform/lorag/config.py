@@ -148,6 +148,22 @@ class AdapterConfig(_Strict):
     _check_name = field_validator("name")(lambda v: validate_name("adapter", v))
 
 
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of the generator replicas (`autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle (0 scales to zero; the first request then waits for a cold start).")
+    max_replicas: int = Field(2, ge=1, description="Upper bound under load.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests in flight per replica that the autoscaler aims for.")
+    upscale_delay_s: float = Field(3.0, ge=0, description="How long load must stay high before adding replicas.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="How long load must stay low before removing replicas.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(_Strict):
     """The HTTP endpoint (Ray Serve)."""
 
@@ -157,6 +173,13 @@ class ServeConfig(_Strict):
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per generator replica.")
     max_adapters_per_replica: int = Field(4, ge=1, description="Adapters a replica keeps loaded (least recently used is evicted).")
     max_tokens: int = Field(128, ge=1, description="Default completion length when a request gives no max_tokens.")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Scale generator replicas with load (replaces `replicas`).")
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests one generator replica works on at once (they share its batches).")
+    max_queued_requests: int = Field(32, ge=0, description="Requests waiting for a generator replica; beyond this the endpoint answers 503 at once instead of queueing.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request still running after this answers 408/504 (Serve's HTTP timeout).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused with 413.")
+    api_keys_env: str = Field("LORAG_API_KEYS", description="Environment variable with comma-separated API keys. If it or api_keys_file is set, every /v1 request needs `Authorization: Bearer <key>`.")
+    api_keys_file: str | None = Field(None, description="File with one API key per line (relative to this file); combined with api_keys_env.")
 
 
 class LoragConfig(_Strict):
@@ -326,6 +349,8 @@ def resolve_paths(cfg: LoragConfig, root: Path) -> LoragConfig:
         kb["sources"] = [absolute(s) for s in kb["sources"]]
         if kb["uri"]:
             kb["uri"] = absolute(kb["uri"])
+    if data["serve"]["api_keys_file"]:
+        data["serve"]["api_keys_file"] = absolute(data["serve"]["api_keys_file"])
     for ad in data["adapters"]:
         ad["dataset"] = absolute(ad["dataset"])
         for key in ("deepspeed_config", "storage_path"):

@@ -47,6 +47,7 @@ class IngestReport:
     entities: int
     seconds: float
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    rebuilt: str | None = None  # why the existing collection was dropped and rebuilt, if it was
 
 
 def fingerprint(cfg, kb) -> str:
@@ -79,6 +80,10 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
     dim = int(json.loads((embedder_path / "config.json").read_text())["hidden_size"])
     uri = cfg.milvus_uri(kb)
     store = open_store(uri, kb.token)
+    # A knowledge base is derived data: one built by an older lorag or another embedder is rebuilt.
+    rebuilt = store.incompatible(kb.collection, dim)
+    if rebuilt:
+        store.drop(kb.collection)
     store.ensure_collection(kb.collection, dim)
 
     # Skip documents that are stored whole with the same hash; redo the rest.
@@ -141,7 +146,7 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
         pool.shutdown()
     # Only after every current chunk is written: drop chunks of changed and deleted documents.
     removed = store.prune(kb.collection, keep, gone)
-    return IngestReport(kb.name, uri, len(files), len(files) - len(todo), written, removed, store.count(kb.collection), time.time() - start, failed)
+    return IngestReport(kb.name, uri, len(files), len(files) - len(todo), written, removed, store.count(kb.collection), time.time() - start, failed, rebuilt)
 
 
 ROW_KEYS = ("id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks")

@@ -67,23 +67,26 @@ class MilvusStore:
         m = re.match(r"v?(\d+)\.(\d+)", self.version)
         return bool(m) and (int(m.group(1)), int(m.group(2))) >= (2, 5)
 
+    def incompatible(self, collection: str, dim: int) -> str | None:
+        """Why an existing collection cannot take this embedder's chunks (None if it can, or is absent)."""
+        if not self.client.has_collection(collection):
+            return None
+        fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
+        if not set(FIELDS) <= set(fields):
+            return f"it was built by an older lorag (no {sorted(set(FIELDS) - set(fields))} fields)"
+        existing = int(fields["vector"]["params"]["dim"])
+        if existing != dim:
+            return f"it stores {existing}-d vectors but the embedder makes {dim}-d ones"
+        return None
+
     def ensure_collection(self, collection: str, dim: int) -> None:
         """Create the collection with lorag's schema, or check an existing one matches it."""
         from pymilvus import DataType, Function, FunctionType, MilvusClient
 
         if self.client.has_collection(collection):
-            fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
-            if not set(FIELDS) <= set(fields):
-                raise ValueError(
-                    f"collection {collection!r} at {self.uri} was built by an older lorag (no {sorted(set(FIELDS) - set(fields))} fields): "
-                    f"drop it with `lorag kb drop` and ingest again"
-                )
-            existing = int(fields["vector"]["params"]["dim"])
-            if existing != dim:
-                raise ValueError(
-                    f"collection {collection!r} at {self.uri} stores {existing}-d vectors but the embedder makes {dim}-d ones: "
-                    f"drop it (`lorag kb drop`) or use the embedder it was built with"
-                )
+            reason = self.incompatible(collection, dim)
+            if reason:
+                raise ValueError(f"collection {collection!r} at {self.uri} cannot be used: {reason}; drop it with `lorag kb drop` and ingest again")
             return
         bm25 = self.native_bm25
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)

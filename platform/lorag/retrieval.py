@@ -110,9 +110,16 @@ def augment(messages: list[dict[str, str]], hits: list[dict[str, Any]]) -> list[
     if not hits or not users:
         return messages
     last = users[-1]
-    context = "\n\n".join(f"[{n}] {h['title']}\n{h['text']}" for n, h in enumerate(hits, 1))
-    content = f"{INSTRUCTION}\n\nSources:\n{context}\n\nQuestion: {messages[last]['content']}"
+    content = augment_text(messages[last]["content"], hits, "Question: ")
     return [*messages[:last], {"role": "user", "content": content}, *messages[last + 1 :]]
+
+
+def augment_text(prompt: str, hits: list[dict[str, Any]], lead: str = "") -> str:
+    """`prompt` preceded by the instruction and the numbered sources (unchanged with no hits)."""
+    if not hits:
+        return prompt
+    context = "\n\n".join(f"[{n}] {h['title']}\n{h['text']}" for n, h in enumerate(hits, 1))
+    return f"{INSTRUCTION}\n\nSources:\n{context}\n\n{lead}{prompt}"
 
 
 def citations(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:

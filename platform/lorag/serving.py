@@ -7,28 +7,36 @@ Two deployments:
 - `Generator`: holds the base model; adapters are loaded per id with `serve.multiplexed` (LRU
   eviction), so Serve routes requests for an adapter to replicas that already hold it.
 
-`build_app(cfg)` binds both from one `LoragConfig`; `serve/app.py` only calls it.
+`build_app(cfg)` binds both from one `LoragConfig`; `serve/app.py` only calls it, and
+`serve_config(cfg)` writes the same deployment as a `serve deploy` config file.
+
+Over capacity (a generator's queue past `max_queued_requests`) requests get 503 at once; API keys
+(`Authorization: Bearer`) guard every /v1 route when configured; bodies past `max_body_bytes` get
+413. Per-adapter request and token counters and retrieval latency go to Ray's Prometheus metrics.
 """
 
 
 import asyncio
+import hmac
+import json
+import os
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pymilvus.exceptions import MilvusException
 from ray import serve
 from ray.exceptions import RayActorError
 
 from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
 from lorag.config import LoragConfig
-from lorag.retrieval import augment, citations, question
+from lorag.retrieval import augment, augment_text, citations, question
 
 
 class APIError(Exception):
@@ -51,29 +59,61 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    """`POST /v1/chat/completions` body. Unknown OpenAI fields are ignored; lorag adds `retrieval` and `k`."""
+class SamplingRequest(BaseModel):
+    """Fields shared by chat and text completions. Unknown OpenAI fields are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, description="0 or omitted: greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
+    stream_options: dict[str, Any] | None = None
     retrieval: bool = Field(True, description="lorag: retrieve from the adapter's knowledge base (false: answer without sources).")
     k: int | None = Field(None, ge=1, le=50, description="lorag: chunks to retrieve (default: the knowledge base's top_k).")
+    kb: str | None = Field(None, description="lorag: retrieve from this knowledge base instead of the adapter's own.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def stops(self) -> list[str]:
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else (self.stop or [])) if s]
+
+
+class ChatRequest(SamplingRequest):
+    """`POST /v1/chat/completions` body; lorag adds `retrieval`, `k` and `kb`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
 
     @field_validator("messages")
     @classmethod
     def _has_user_turn(cls, v: list[ChatMessage]) -> list[ChatMessage]:
         if not any(m.role == "user" and m.content.strip() for m in v):
             raise ValueError("messages must contain a user message with non-empty content")
+        return v
+
+
+class CompletionRequest(SamplingRequest):
+    """`POST /v1/completions` body: raw text in, no chat template; retrieval puts the sources before the prompt."""
+
+    prompt: str = Field(min_length=1)
+    echo: bool = Field(False, le=False, description="Not supported.")
+    suffix: str | None = Field(None, max_length=0, description="Not supported.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be blank")
         return v
 
 
@@ -89,16 +129,30 @@ async def _api_error(_: Request, e: APIError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(validation_message(e), "invalid_request_error", "invalid_request"), status_code=400)
+
+
+def validation_message(e: ValidationError | RequestValidationError) -> str:
+    """Pydantic errors as one line: `field.path: reason; ...` (invalid JSON says so)."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if p != "body")
-        parts.append(f"{loc or 'body'}: {err['msg']}")
-    return JSONResponse(error_body("; ".join(parts), "invalid_request_error", "invalid_request"), status_code=400)
+        msg = "body is not valid JSON" if err["type"] == "json_invalid" else err["msg"]
+        parts.append(f"{loc or 'body'}: {msg}")
+    return "; ".join(parts)
 
 
 def base_name(cfg: LoragConfig) -> str:
     """The `model` name clients use for the base model without an adapter."""
     return Path(cfg.base_model).name if "/" in cfg.base_model and Path(cfg.base_model).exists() else cfg.base_model
+
+
+def api_keys(cfg: LoragConfig) -> frozenset[str]:
+    """Keys from the `api_keys_env` variable (comma-separated) and `api_keys_file` (one per line)."""
+    keys = [k for k in os.environ.get(cfg.serve.api_keys_env, "").split(",")]
+    if cfg.serve.api_keys_file:
+        keys += Path(cfg.serve.api_keys_file).read_text().splitlines()
+    return frozenset(k.strip() for k in keys if k.strip() and not k.strip().startswith("#"))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -107,6 +161,8 @@ class Gateway:
     """OpenAI-style front door: validation, adapter resolution, retrieval, response shaping."""
 
     def __init__(self, config: dict[str, Any], generator):
+        from ray.serve.metrics import Counter, Histogram
+
         from lorag.embed import Embedder
         from lorag.milvus import open_store
         from lorag.models import resolve_model
@@ -117,13 +173,18 @@ class Gateway:
         self.base = base_name(self.cfg)
         self.embedder = Embedder(resolve_model(self.cfg.embedder, self.cfg.model_cache)) if self.cfg.knowledge_bases else None
         self.kb_stores = {kb.name: open_store(self.cfg.milvus_uri(kb), kb.token) for kb in self.cfg.knowledge_bases}
+        self.api_keys = api_keys(self.cfg)
+        self.requests = Counter("lorag_requests", description="Completion requests per model.", tag_keys=("model", "status"))
+        self.tokens = Counter("lorag_tokens", description="Prompt and completion tokens per model.", tag_keys=("model", "kind"))
+        self.retrieval_ms = Histogram("lorag_retrieval_ms", description="Knowledge-base search latency.", boundaries=[2, 5, 10, 20, 50, 100, 250, 1000], tag_keys=("kb",))
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
         now = int(time.time())
         data = [{"id": self.base, "object": "model", "created": now, "owned_by": "lorag"}]
         for name in self.store.names():
@@ -133,48 +194,137 @@ class Gateway:
         return {"object": "list", "data": data}
 
     @api.post("/v1/chat/completions")
-    async def chat(self, req: ChatRequest) -> JSONResponse:
-        if req.stream:
-            raise APIError(400, "stream=true is not supported yet; send stream=false", code="unsupported_parameter")
-        adapter_id, kb_name, system_prompt = self._resolve(req.model)
-        messages = [m.model_dump() for m in req.messages]
-        hits: list[dict[str, Any]] = []
-        if kb_name and req.retrieval:
-            hits = await self._retrieve(kb_name, messages, req.k)
+    async def chat(self, request: Request):
         from lorag.data import with_system
 
+        req = await self._parse(request, ChatRequest)
+        adapter_id, kb_name, system_prompt = self._resolve(req.model, req.kb)
+        messages = [m.model_dump() for m in req.messages]
+        hits = await self._retrieve(kb_name, question(messages), req.k) if kb_name and req.retrieval else []
         prompt = with_system(augment(messages, hits), system_prompt)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        return await self._complete(req, adapter_id, prompt, max_tokens, hits, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        req = await self._parse(request, CompletionRequest)
+        adapter_id, kb_name, _ = self._resolve(req.model, req.kb)
+        hits = await self._retrieve(kb_name, req.prompt, req.k) if kb_name and req.retrieval else []
+        return await self._complete(req, adapter_id, augment_text(req.prompt, hits), req.max_tokens, hits, chat=False)
+
+    def _authorize(self, request: Request) -> None:
+        """With API keys configured, every /v1 request needs `Authorization: Bearer <key>` (401 otherwise)."""
+        if not self.api_keys:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.api_keys):
+            raise APIError(401, "missing or invalid API key: send Authorization: Bearer <key>", code="invalid_api_key")
+
+    async def _parse(self, request: Request, model: type[BaseModel]):
+        """Authorize, bound the body size (413), then parse and validate the JSON body (400 with field paths)."""
+        self._authorize(request)
+        limit = self.cfg.serve.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        body = await request.body()
+        if len(body) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            raise APIError(400, validation_message(e), code="invalid_request") from None
+
+    async def _complete(self, req: SamplingRequest, adapter_id: str | None, prompt, max_tokens: int | None, hits: list, chat: bool):
         params = {
-            "max_tokens": req.max_completion_tokens or req.max_tokens or self.cfg.serve.max_tokens,
+            "max_tokens": max_tokens or self.cfg.serve.max_tokens,
             "temperature": req.temperature or 0.0,
             "top_p": req.top_p,
-            "stop": [req.stop] if isinstance(req.stop, str) else (req.stop or []),
+            "stop": req.stops(),
             "seed": req.seed,
         }
         handle = self.generator.options(multiplexed_model_id=adapter_id) if adapter_id else self.generator
-        out = await handle.generate.remote(prompt, params)
-        if "error" in out:
-            raise APIError(out["status"], out["error"], code=out.get("code"))
-        body = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
+        tag = adapter_id or self.base
+        meta = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": out["finish_reason"]}],
-            "usage": {
-                "prompt_tokens": out["prompt_tokens"],
-                "completion_tokens": out["completion_tokens"],
-                "total_tokens": out["prompt_tokens"] + out["completion_tokens"],
-            },
         }
+        if req.stream:
+            stream = handle.options(stream=True).generate_stream.remote(prompt, params)
+            first = await self._call(anext(stream, None), tag)
+            if first is None or "error" in first:
+                self.requests.inc(tags={"model": tag, "status": "error"})
+                raise APIError(first["status"], first["error"], code=first.get("code")) if first else APIError(500, "empty stream", type="server_error")
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(self._sse(meta, first, stream, hits, chat, include_usage, tag), media_type="text/event-stream")
+        out = await self._call(handle.generate.remote(prompt, params), tag)
+        if "error" in out:
+            self.requests.inc(tags={"model": tag, "status": "error"})
+            raise APIError(out["status"], out["error"], code=out.get("code"))
+        self._count(tag, out)
+        usage = {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"], "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": out["finish_reason"]}
+        else:
+            choice = {"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}
+        body = {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage}
         if hits:
             body["sources"] = citations(hits)
         return JSONResponse(body)
 
-    def _resolve(self, model: str) -> tuple[str | None, str | None, str | None]:
+    async def _sse(self, meta, first, stream, hits, chat: bool, include_usage: bool, tag: str) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format; `sources` ride on the first chunk."""
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+            if chat:
+                d: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
+                return {**meta, "object": obj, "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+            return {**meta, "object": obj, "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}
+
+        head = chunk(None, None, role=True)
+        if hits:
+            head["sources"] = citations(hits)
+        yield f"data: {json.dumps(head)}\n\n"
+        item = first
+        try:
+            while item is not None:
+                if "finish_reason" in item:
+                    self._count(tag, item)
+                    yield f"data: {json.dumps(chunk(None, item['finish_reason']))}\n\n"
+                    if include_usage:
+                        usage = {"prompt_tokens": item["prompt_tokens"], "completion_tokens": item["completion_tokens"], "total_tokens": item["prompt_tokens"] + item["completion_tokens"]}
+                        yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
+                    break
+                if item.get("text"):
+                    yield f"data: {json.dumps(chunk(item['text'], None))}\n\n"
+                item = await anext(stream, None)
+        except Exception as e:  # the stream already started: report in-band, as OpenAI does
+            yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'server_error', None))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _call(self, awaitable, tag: str):
+        """Await a generator call; a full queue is a 503 for the client, never a crash."""
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            return await awaitable
+        except BackPressureError:
+            self.requests.inc(tags={"model": tag, "status": "overloaded"})
+            raise APIError(503, "the endpoint is over capacity; retry shortly", type="server_error", code="overloaded") from None
+
+    def _count(self, tag: str, out: dict[str, Any]) -> None:
+        self.requests.inc(tags={"model": tag, "status": "ok"})
+        self.tokens.inc(out["prompt_tokens"], tags={"model": tag, "kind": "prompt"})
+        self.tokens.inc(out["completion_tokens"], tags={"model": tag, "kind": "completion"})
+
+    def _resolve(self, model: str, kb_override: str | None = None) -> tuple[str | None, str | None, str | None]:
         """(multiplexed adapter id or None for the base, knowledge base, system prompt)."""
+        if kb_override is not None and kb_override not in self.kb_stores:
+            raise APIError(404, f"knowledge base {kb_override!r} not found. Available: {sorted(self.kb_stores)}", code="kb_not_found")
         if model == self.base:
-            return None, None, None
+            return None, kb_override, None
         name, version = parse_model_id(model)
         try:
             path = self.store.resolve(name, version)
@@ -188,16 +338,18 @@ class Gateway:
         system_prompt = in_cfg.system_prompt if in_cfg else meta.get("system_prompt")
         if kb is not None and kb not in self.kb_stores:
             kb = None
-        return f"{name}@{path.name}", kb, system_prompt
+        return f"{name}@{path.name}", kb_override or kb, system_prompt
 
-    async def _retrieve(self, kb_name: str, messages: list[dict[str, str]], k: int | None) -> list[dict[str, Any]]:
+    async def _retrieve(self, kb_name: str, query: str, k: int | None) -> list[dict[str, Any]]:
         kb = self.cfg.knowledge_base(kb_name)
-        query = question(messages)
+        start = time.perf_counter()
         vector = None if kb.search == "bm25" else (await asyncio.to_thread(self.embedder.embed, [query]))[0].tolist()
         try:
-            return await self.kb_stores[kb_name].acall("search", kb.collection, vector, query, k or kb.top_k, kb.search)
+            hits = await self.kb_stores[kb_name].acall("search", kb.collection, vector, query, k or kb.top_k, kb.search)
         except (LookupError, MilvusException, RayActorError) as e:
             raise APIError(503, f"knowledge base {kb_name!r} is not built: {e}", type="server_error", code="kb_unavailable") from None
+        self.retrieval_ms.observe((time.perf_counter() - start) * 1000, tags={"kb": kb_name})
+        return hits
 
 
 @serve.deployment
@@ -244,33 +396,74 @@ class Generator:
             if adapter_id in getattr(self.model, "peft_config", {}):
                 self.model.delete_adapter(adapter_id)
 
-    async def generate(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, prompt: list[dict[str, str]] | str, params: dict[str, Any]) -> dict[str, Any]:
+        """One completion: chat messages (rendered with the chat template) or raw text."""
+        error = await self._ensure_adapter()
+        if error:
+            return error
+        adapter_id = serve.get_multiplexed_model_id() or None
+        return await asyncio.to_thread(self._generate, adapter_id, prompt, params, None)
+
+    async def generate_stream(self, prompt: list[dict[str, str]] | str, params: dict[str, Any]):
+        """The same, streamed: text pieces as they are decoded, then the finish record (or one error record)."""
+        from transformers import TextIteratorStreamer
+
+        error = await self._ensure_adapter()
+        if error:
+            yield error
+            return
+        adapter_id = serve.get_multiplexed_model_id() or None
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        job = asyncio.ensure_future(asyncio.to_thread(self._generate, adapter_id, prompt, params, streamer))
+        held = StopHold(params["stop"])
+        while True:
+            piece = await asyncio.to_thread(next, streamer, None)
+            if piece is None or held.stopped:
+                break
+            if piece := held.feed(piece):
+                yield {"text": piece}
+        out = await job
+        if "error" in out:
+            yield out
+            return
+        if tail := held.flush():
+            yield {"text": tail}
+        yield {"finish_reason": "stop" if held.stopped else out["finish_reason"], "prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"]}
+
+    async def _ensure_adapter(self) -> dict[str, Any] | None:
         adapter_id = serve.get_multiplexed_model_id() or None
         if adapter_id:
             try:
                 await self.get_adapter(adapter_id)
             except (AdapterNotFoundError, ValueError) as e:
                 return {"error": str(e), "status": 404 if isinstance(e, AdapterNotFoundError) else 400, "code": "adapter_unavailable"}
-        return await asyncio.to_thread(self._generate, adapter_id, messages, params)
+        return None
 
-    def _generate(self, adapter_id: str | None, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
+    def _generate(self, adapter_id: str | None, prompt, params: dict[str, Any], streamer) -> dict[str, Any]:
         import contextlib
 
         import torch
 
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        if isinstance(prompt, str):
+            enc = self.tokenizer(prompt, return_tensors="pt")
+        else:
+            enc = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         n_prompt = int(enc["input_ids"].shape[1])
         limit = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         if n_prompt + params["max_tokens"] > limit:
+            if streamer is not None:
+                streamer.end()
             return {
                 "error": f"prompt ({n_prompt} tokens) plus max_tokens ({params['max_tokens']}) exceeds the model's context of {limit} tokens",
                 "status": 400,
                 "code": "context_length_exceeded",
             }
         sample = params["temperature"] > 0
-        kwargs = {"max_new_tokens": params["max_tokens"], "do_sample": sample, "pad_token_id": self.tokenizer.pad_token_id}
+        kwargs = {"max_new_tokens": params["max_tokens"], "do_sample": sample, "pad_token_id": self.tokenizer.pad_token_id, "streamer": streamer}
         if sample:
             kwargs.update(temperature=params["temperature"], top_p=params["top_p"])
+        if params["stop"]:
+            kwargs.update(stop_strings=params["stop"], tokenizer=self.tokenizer)
         with self.lock:
             if params["seed"] is not None:
                 torch.manual_seed(params["seed"])
@@ -284,10 +477,37 @@ class Generator:
         new = out[0, n_prompt:]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         finish = "stop" if len(new) < params["max_tokens"] or (len(new) and int(new[-1]) == self.tokenizer.eos_token_id) else "length"
-        for s in params["stop"]:
-            if s and s in text:
-                text, finish = text[: text.index(s)], "stop"
+        cut = min((text.index(s) for s in params["stop"] if s in text), default=None)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
         return {"text": text.strip(), "finish_reason": finish, "prompt_tokens": n_prompt, "completion_tokens": int(len(new))}
+
+
+class StopHold:
+    """Streams text while holding back what could be the start of a stop sequence.
+
+    `feed(piece)` returns the text safe to send; once a stop sequence appears, `stopped` turns
+    true and nothing from the stop sequence on is ever returned; `flush()` returns what is held.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.buffer, self.stopped = [s for s in stops if s], "", False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.buffer += piece
+        cut = min((self.buffer.index(s) for s in self.stops if s in self.buffer), default=None)
+        if cut is not None:
+            out, self.buffer, self.stopped = self.buffer[:cut], "", True
+            return out
+        keep = max((n for s in self.stops for n in range(len(s) - 1, 0, -1) if self.buffer.endswith(s[:n])), default=0)
+        out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out
 
 
 class LoadedAdapter:
@@ -302,11 +522,58 @@ class LoadedAdapter:
             gen._detach(self.adapter_id)
 
 
+def generator_options(cfg: LoragConfig) -> dict[str, Any]:
+    """Serve deployment options of the generator replicas, from `cfg.serve`."""
+    sv = cfg.serve
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": sv.max_ongoing_requests,
+        "max_queued_requests": sv.max_queued_requests,
+        "ray_actor_options": {"num_cpus": sv.cpus_per_replica},
+    }
+    if sv.autoscaling:
+        a = sv.autoscaling
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "initial_replicas": max(a.min_replicas, 1),
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+        }
+    else:
+        opts["num_replicas"] = sv.replicas
+    return opts
+
+
 def build_app(cfg: LoragConfig):
     """The Serve application for `cfg`: `Gateway` in front of `Generator` replicas."""
     data = cfg.model_dump(mode="json")
-    generator = Generator.options(
-        num_replicas=cfg.serve.replicas,
-        ray_actor_options={"num_cpus": cfg.serve.cpus_per_replica},
-    ).bind(data)
-    return Gateway.bind(data, generator)
+    generator = Generator.options(**generator_options(cfg)).bind(data)
+    # The gateway only validates, retrieves and forwards; its queue bounds what the proxy holds.
+    gateway = Gateway.options(max_ongoing_requests=max(64, 4 * cfg.serve.max_ongoing_requests), max_queued_requests=4 * max(cfg.serve.max_queued_requests, 1))
+    return gateway.bind(data, generator)
+
+
+def serve_config(cfg: LoragConfig, config_path: str) -> dict[str, Any]:
+    """A `serve deploy` / `serve run` config file for `cfg`, as a dict (see `lorag serve --export`).
+
+    Args:
+        cfg: the loaded config (for the HTTP and deployment options).
+        config_path: how the deployed app finds the lorag.yaml: a path relative to the
+            working_dir (repository root) or absolute.
+    """
+    gen = generator_options(cfg)
+    gen_entry: dict[str, Any] = {"name": "Generator", **{k: v for k, v in gen.items()}}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port, "request_timeout_s": cfg.serve.request_timeout_s},
+        "applications": [
+            {
+                "name": "lorag",
+                "route_prefix": "/",
+                "import_path": "serve.app:app",
+                "args": {"config": config_path},
+                "deployments": [gen_entry],
+            }
+        ],
+    }
