@@ -283,3 +283,23 @@ def test_exported_serve_config_is_valid_and_matches_the_shipped_one(tmp_path):
     assert exported == yaml.safe_load((REPO / "serve" / "config.yaml").read_text()), "serve/config.yaml is out of date: regenerate it with the command in its header"
     app = exported["applications"][0]
     assert app["import_path"] == "serve.app:app" and app["args"]["config"] == "examples/quickstart/lorag.yaml"
+
+
+def test_a_new_adapter_is_served_without_a_restart(served, tmp_path, tiny_model):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorag.adapters import AdapterStore
+
+    url, cfg = served
+    assert "fresh" not in [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]]
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=8, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "fresh")
+    AdapterStore(cfg.adapter_store).save("fresh", tmp_path / "fresh", {"base_model": cfg.base_model})
+    assert {"fresh", "fresh@v1"} <= {m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]}
+    fresh = chat(url, model="fresh", max_tokens=6, retrieval=False)
+    assert fresh.status_code == 200 and "sources" not in fresh.json(), "an adapter bound to no knowledge base answers without sources"
+    support = chat(url, model="support", max_tokens=6, retrieval=False)
+    assert fresh.json()["choices"][0]["message"]["content"] != support.json()["choices"][0]["message"]["content"], "two adapters, two answers"
