@@ -231,6 +231,7 @@ def test_malformed_requests_all_get_4xx_and_the_server_stays_healthy(served):
 def test_over_capacity_is_503_never_5xx_and_replicas_scale(ray_session, served, tmp_path):
     """A second app with one small replica, autoscaling to 2: a burst beyond its queue gets only
     200s and 503s, the autoscaler adds a replica under load and removes it when idle."""
+    import threading
     import time
 
     from ray import serve
@@ -249,14 +250,27 @@ def test_over_capacity_is_503_never_5xx_and_replicas_scale(ray_session, served, 
         return sum(n for state, n in serve.status().applications["small"].deployments["Generator"].replica_states.items() if state == "RUNNING")
 
     body = {"model": "support", "messages": [{"role": "user", "content": "Tell me everything."}], "retrieval": False}
+    post = lambda: httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120).status_code  # noqa: E731
     try:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            statuses = list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120).status_code, range(24)))
-            deadline, scaled = time.time() + 60, False
-            while time.time() < deadline and not scaled:  # keep load on until a second replica runs
-                list(pool.map(lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120).status_code, range(8)))
+            statuses = list(pool.map(lambda _: post(), range(24)))
+            # Then steady load until a second replica runs (the autoscaler averages over a few seconds).
+            stop, seen = threading.Event(), []
+
+            def load():
+                while not stop.is_set():
+                    seen.append(post())
+
+            workers = [pool.submit(load) for _ in range(6)]
+            deadline, scaled = time.time() + 90, False
+            while time.time() < deadline and not scaled:
+                time.sleep(0.5)
                 scaled = replicas() == 2
+            stop.set()
+            for w in workers:
+                w.result()
         assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses, statuses
+        assert set(seen) <= {200, 503}, set(seen)
         assert scaled, "the autoscaler added a replica under load"
         deadline = time.time() + 90
         while time.time() < deadline and replicas() > 1:
@@ -303,3 +317,8 @@ def test_a_new_adapter_is_served_without_a_restart(served, tmp_path, tiny_model)
     assert fresh.status_code == 200 and "sources" not in fresh.json(), "an adapter bound to no knowledge base answers without sources"
     support = chat(url, model="support", max_tokens=6, retrieval=False)
     assert fresh.json()["choices"][0]["message"]["content"] != support.json()["choices"][0]["message"]["content"], "two adapters, two answers"
+    # Concurrent requests for both adapters share the replica's batches; each answer must equal its sequential one.
+    want = {m: r.json()["choices"][0]["message"]["content"] for m, r in (("fresh", fresh), ("support", support))}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda m: (m, chat(url, model=m, max_tokens=6, retrieval=False).json()["choices"][0]["message"]["content"]), ["fresh", "support"] * 4))
+    assert all(text == want[m] for m, text in got), (want, got)

@@ -4,8 +4,9 @@ Two deployments:
 - `Gateway` (FastAPI ingress): validates requests, resolves `model` (`<adapter>`,
   `<adapter>@<version>` or the base model's name) against the adapter store, retrieves from the
   adapter's knowledge base, and returns the answer with numbered `sources`.
-- `Generator`: holds the base model; adapters are loaded per id with `serve.multiplexed` (LRU
-  eviction), so Serve routes requests for an adapter to replicas that already hold it.
+- `Generator`: holds the base model with adapter slots (`lorag.multilora`); adapters are loaded
+  per id with `serve.multiplexed` (LRU), so Serve routes requests for an adapter to replicas that
+  already hold it, and concurrent requests for different adapters share one batched forward pass.
 
 `build_app(cfg)` binds both from one `LoragConfig`; `serve/app.py` only calls it, and
 `serve_config(cfg)` writes the same deployment as a `serve deploy` config file.
@@ -23,6 +24,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
@@ -354,67 +356,93 @@ class Gateway:
 
 @serve.deployment
 class Generator:
-    """Base model plus LRU-cached LoRA adapters; one generation at a time per replica."""
+    """The base model with adapter slots (batched LoRA): requests for different adapters share one forward pass.
+
+    Serve's multiplexing routes each adapter's requests to replicas that already hold it; inside a
+    replica a small batcher collects concurrent requests (whatever their adapters) into one
+    `generate` call whose rows each use their own adapter (`lorag.multilora`). `serve.batch` is
+    not used because it splits batches by multiplexed model id. Streamed requests run alone.
+    """
 
     def __init__(self, config: dict[str, Any]):
         from lorag.models import load_causal_lm, load_tokenizer, resolve_model
+        from lorag.multilora import MultiLoraModel
 
         self.cfg = LoragConfig.model_validate(config)
+        sv = self.cfg.serve
         path = resolve_model(self.cfg.base_model, self.cfg.model_cache)
         self.tokenizer = load_tokenizer(path)
-        self.model = load_causal_lm(path)
+        self.model = load_causal_lm(path).eval()
+        # Slots beyond Serve's LRU size: a batch may still need adapters Serve has just evicted.
+        self.mm = MultiLoraModel(self.model, max_adapters=sv.max_adapters_per_replica + sv.max_batch_size, max_rank=sv.max_lora_rank)
         self.store = AdapterStore(self.cfg.adapter_store)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one forward pass at a time; guards the adapter slots
+        self.recent: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
+        self.batcher = Batcher(self._run_batch, sv.max_batch_size, sv.batch_wait_ms / 1000)
         # Wrapped here, not with a decorator, because the cache size comes from the config; Serve
         # keeps its LRU on the wrapped function object, so it must be a plain function, not a bound method.
-        async def load(adapter_id: str) -> LoadedAdapter:
-            return await self._load_adapter(adapter_id)
+        async def load(adapter_id: str) -> str:
+            await asyncio.to_thread(self._load_adapter, adapter_id)
+            return adapter_id
 
-        self.get_adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.serve.max_adapters_per_replica)(load)
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=sv.max_adapters_per_replica)(load)
 
-    async def _load_adapter(self, adapter_id: str) -> "LoadedAdapter":
+    # -- adapters ------------------------------------------------------------------------------
+
+    def _load_adapter(self, adapter_id: str) -> None:
+        """Validate an adapter against this base model and put it in a slot (its cold load)."""
+        with self.lock:
+            self._slot(adapter_id, busy=set())
+
+    def _slot(self, adapter_id: str, busy: set[str]) -> int:
+        """The adapter's slot, loading it (evicting the least recently used idle one) if needed. Hold `self.lock`."""
+        from lorag.multilora import LoraWeights
+
+        if adapter_id in self.mm.slots:
+            self.recent.move_to_end(adapter_id)
+            return self.mm.slots[adapter_id]
         name, version = parse_model_id(adapter_id)
         path = self.store.resolve(name, version)
         meta = self.store.metadata(name, version)
         if meta.get("base_model") not in (None, self.cfg.base_model):
             raise ValueError(f"adapter {adapter_id} was trained on {meta['base_model']!r}, but this endpoint serves {self.cfg.base_model!r}")
-        await asyncio.to_thread(self._attach, adapter_id, path)
-        return LoadedAdapter(self, adapter_id)
+        weights = LoraWeights.load(path)
+        if len(self.mm.slots) >= self.mm.max_adapters:
+            idle = next(a for a in self.recent if a not in busy)
+            self.mm.unload(idle)
+            del self.recent[idle]
+        slot = self.mm.load(adapter_id, weights)
+        self.recent[adapter_id] = None
+        return slot
 
-    def _attach(self, adapter_id: str, path: Path) -> None:
-        from peft import PeftModel
-
-        with self.lock:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(path), adapter_name=adapter_id)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_id)
-            self.model.eval()
-
-    def _detach(self, adapter_id: str) -> None:
-        with self.lock:
-            if adapter_id in getattr(self.model, "peft_config", {}):
-                self.model.delete_adapter(adapter_id)
+    # -- requests ------------------------------------------------------------------------------
 
     async def generate(self, prompt: list[dict[str, str]] | str, params: dict[str, Any]) -> dict[str, Any]:
-        """One completion: chat messages (rendered with the chat template) or raw text."""
-        error = await self._ensure_adapter()
+        """One completion: chat messages (rendered with the chat template) or raw text; batched with others."""
+        adapter_id = serve.get_multiplexed_model_id() or None
+        error = await self._ensure_adapter(adapter_id)
         if error:
             return error
-        adapter_id = serve.get_multiplexed_model_id() or None
-        return await asyncio.to_thread(self._generate, adapter_id, prompt, params, None)
+        ids = await asyncio.to_thread(self._encode, prompt)
+        if error := self._too_long(len(ids), params):
+            return error
+        return await self.batcher.submit((adapter_id, ids, params))
 
     async def generate_stream(self, prompt: list[dict[str, str]] | str, params: dict[str, Any]):
         """The same, streamed: text pieces as they are decoded, then the finish record (or one error record)."""
         from transformers import TextIteratorStreamer
 
-        error = await self._ensure_adapter()
+        adapter_id = serve.get_multiplexed_model_id() or None
+        error = await self._ensure_adapter(adapter_id)
         if error:
             yield error
             return
-        adapter_id = serve.get_multiplexed_model_id() or None
+        ids = await asyncio.to_thread(self._encode, prompt)
+        if error := self._too_long(len(ids), params):
+            yield error
+            return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        job = asyncio.ensure_future(asyncio.to_thread(self._generate, adapter_id, prompt, params, streamer))
+        job = asyncio.ensure_future(asyncio.to_thread(self._run_stream, adapter_id, ids, params, streamer))
         held = StopHold(params["stop"])
         while True:
             piece = await asyncio.to_thread(next, streamer, None)
@@ -423,15 +451,11 @@ class Generator:
             if piece := held.feed(piece):
                 yield {"text": piece}
         out = await job
-        if "error" in out:
-            yield out
-            return
         if tail := held.flush():
             yield {"text": tail}
         yield {"finish_reason": "stop" if held.stopped else out["finish_reason"], "prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"]}
 
-    async def _ensure_adapter(self) -> dict[str, Any] | None:
-        adapter_id = serve.get_multiplexed_model_id() or None
+    async def _ensure_adapter(self, adapter_id: str | None) -> dict[str, Any] | None:
         if adapter_id:
             try:
                 await self.get_adapter(adapter_id)
@@ -439,48 +463,128 @@ class Generator:
                 return {"error": str(e), "status": 404 if isinstance(e, AdapterNotFoundError) else 400, "code": "adapter_unavailable"}
         return None
 
-    def _generate(self, adapter_id: str | None, prompt, params: dict[str, Any], streamer) -> dict[str, Any]:
-        import contextlib
+    def _encode(self, prompt: list[dict[str, str]] | str) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt)["input_ids"]
+        return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
 
+    def _too_long(self, n_prompt: int, params: dict[str, Any]) -> dict[str, Any] | None:
+        limit = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        if n_prompt + params["max_tokens"] <= limit:
+            return None
+        return {
+            "error": f"prompt ({n_prompt} tokens) plus max_tokens ({params['max_tokens']}) exceeds the model's context of {limit} tokens",
+            "status": 400,
+            "code": "context_length_exceeded",
+        }
+
+    # -- generation (worker threads, under the lock) ---------------------------------------------
+
+    def _run_batch(self, items: list[tuple[str | None, list[int], dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Generate for a batch of requests. Greedy requests share one pass whatever their adapters;
+        sampled ones share a pass when their sampling settings match; a seeded one runs alone, so
+        the same seed gives the same answer whatever else is in flight."""
+        from lorag.multilora import generate_batch
+
+        groups: dict[Any, list[int]] = {}
+        for i, (_, _, p) in enumerate(items):
+            key = "greedy" if p["temperature"] == 0 else ("sample", p["temperature"], p["top_p"], i if p["seed"] is not None else None)
+            groups.setdefault(key, []).append(i)
+        results: list[dict[str, Any]] = [{} for _ in items]
+        with self.lock:
+            for rows in groups.values():
+                busy = {items[i][0] for i in rows if items[i][0]}
+                slots = [self._slot(items[i][0], busy) if items[i][0] else 0 for i in rows]
+                p = items[rows[0]][2]
+                out = generate_batch(
+                    self.mm, [items[i][1] for i in rows], slots,
+                    max_new_tokens=max(items[i][2]["max_tokens"] for i in rows), pad_id=self._pad_id(),
+                    temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"],
+                )
+                for i, new in zip(rows, out):
+                    results[i] = self._finish(new[: items[i][2]["max_tokens"]], len(items[i][1]), items[i][2])
+        return results
+
+    def _run_stream(self, adapter_id: str | None, ids: list[int], params: dict[str, Any], streamer) -> dict[str, Any]:
         import torch
 
-        if isinstance(prompt, str):
-            enc = self.tokenizer(prompt, return_tensors="pt")
-        else:
-            enc = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        n_prompt = int(enc["input_ids"].shape[1])
-        limit = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
-        if n_prompt + params["max_tokens"] > limit:
-            if streamer is not None:
-                streamer.end()
-            return {
-                "error": f"prompt ({n_prompt} tokens) plus max_tokens ({params['max_tokens']}) exceeds the model's context of {limit} tokens",
-                "status": 400,
-                "code": "context_length_exceeded",
-            }
         sample = params["temperature"] > 0
-        kwargs = {"max_new_tokens": params["max_tokens"], "do_sample": sample, "pad_token_id": self.tokenizer.pad_token_id, "streamer": streamer}
+        kwargs: dict[str, Any] = {"max_new_tokens": params["max_tokens"], "do_sample": sample, "pad_token_id": self._pad_id(), "streamer": streamer}
         if sample:
             kwargs.update(temperature=params["temperature"], top_p=params["top_p"])
         if params["stop"]:
             kwargs.update(stop_strings=params["stop"], tokenizer=self.tokenizer)
-        with self.lock:
-            if params["seed"] is not None:
-                torch.manual_seed(params["seed"])
-            if adapter_id:
-                self.model.set_adapter(adapter_id)
-                ctx = contextlib.nullcontext()
-            else:
-                ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config") else contextlib.nullcontext()
-            with ctx, torch.inference_mode():
-                out = self.model.generate(**enc, **kwargs)
-        new = out[0, n_prompt:]
+        try:
+            with self.lock:
+                slot = self._slot(adapter_id, {adapter_id}) if adapter_id else 0
+                if sample and params["seed"] is not None:
+                    torch.manual_seed(params["seed"])
+                with self.mm.rows([slot]), torch.inference_mode():
+                    out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kwargs)
+        except BaseException:
+            streamer.end()
+            raise
+        return self._finish(out[0, len(ids):].tolist(), len(ids), params)
+
+    def _finish(self, new: list[int], n_prompt: int, params: dict[str, Any]) -> dict[str, Any]:
+        """Decode, cut at the first stop sequence, and say why the completion ended."""
+        eos = self.tokenizer.eos_token_id
+        ended = bool(new) and new[-1] == eos
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        finish = "stop" if len(new) < params["max_tokens"] or (len(new) and int(new[-1]) == self.tokenizer.eos_token_id) else "length"
+        finish = "stop" if ended or len(new) < params["max_tokens"] else "length"
         cut = min((text.index(s) for s in params["stop"] if s in text), default=None)
         if cut is not None:
             text, finish = text[:cut], "stop"
-        return {"text": text.strip(), "finish_reason": finish, "prompt_tokens": n_prompt, "completion_tokens": int(len(new))}
+        return {"text": text.strip(), "finish_reason": finish, "prompt_tokens": n_prompt, "completion_tokens": len(new)}
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+class Batcher:
+    """Collects concurrent calls into batches of up to `max_size`, waiting at most `wait_s` to fill one.
+
+    `await submit(item)` returns `run(items)[i]` for its item; `run` (blocking) executes in a worker
+    thread while the next batch gathers.
+    """
+
+    def __init__(self, run, max_size: int, wait_s: float):
+        self.run, self.max_size, self.wait_s = run, max_size, wait_s
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        if self.task is None or self.task.done():  # started lazily, inside the replica's event loop
+            self.queue = asyncio.Queue()
+            self.task = asyncio.create_task(self._loop())
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((item, future))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_size:
+                try:
+                    batch.append(self.queue.get_nowait() if loop.time() >= deadline else await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+            batch = [(item, f) for item, f in batch if not f.done()]  # skip callers that gave up
+            if not batch:
+                continue
+            try:
+                results = await asyncio.to_thread(self.run, [item for item, _ in batch])
+            except Exception as e:
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (_, f), r in zip(batch, results):
+                if not f.done():
+                    f.set_result(r)
 
 
 class StopHold:
@@ -508,18 +612,6 @@ class StopHold:
     def flush(self) -> str:
         out, self.buffer = ("" if self.stopped else self.buffer), ""
         return out
-
-
-class LoadedAdapter:
-    """What the multiplexed loader returns; Serve calls `__del__` when it evicts the adapter."""
-
-    def __init__(self, generator: Generator, adapter_id: str):
-        self.generator, self.adapter_id = generator, adapter_id
-
-    def __del__(self) -> None:
-        gen, self.generator = self.generator, None
-        if gen is not None:
-            gen._detach(self.adapter_id)
 
 
 def generator_options(cfg: LoragConfig) -> dict[str, Any]:

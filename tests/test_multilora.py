@@ -1,0 +1,209 @@
+"""Batched multi-LoRA (lorag.multilora): rows of one batch use different adapters in one forward pass.
+
+Run: `.venv/bin/python -m pytest -q tests/test_multilora.py` (CPU, a few seconds).
+
+The reference is peft itself: each adapter alone through `PeftModel` must give the logits the
+batched path gives, and a row inside a mixed batch must give what it gives alone. Adapters are
+made with `init_lora_weights=False`, so B is non-zero and every adapter really changes the model.
+"""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from lorag.models import load_causal_lm
+from lorag.multilora import LoraWeights, MultiLoraModel, find_segments, generate_batch
+
+# Different ranks, targets and scaling rules, so the comparisons with peft cover each.
+ADAPTERS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "c": dict(r=16, lora_alpha=4, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"], alpha_pattern={"down_proj": 32}),
+}
+STRATEGIES = ["dense", "bmm", "segments"]
+
+
+def make_adapter(base_path, out, seed=0, **lora):
+    torch.manual_seed(seed)
+    model = get_peft_model(load_causal_lm(base_path), LoraConfig(init_lora_weights=False, **lora))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_model, root / name, seed=i, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
+
+
+@pytest.fixture
+def base(tiny_model):
+    return load_causal_lm(tiny_model)
+
+
+@pytest.fixture
+def mm(tiny_model):
+    return MultiLoraModel(load_causal_lm(tiny_model), max_adapters=4, max_rank=16)
+
+
+def tokens(rows, length=7, seed=1):
+    return torch.randint(3, 1000, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize(
+    "indices, bounds, adapters",
+    [
+        ([], [0], []),
+        ([3], [0, 1], [3]),
+        ([0, 0, 0], [0, 3], [0]),
+        ([1, 1, 0, 2, 2], [0, 2, 3, 5], [1, 0, 2]),
+        ([1, 0, 1], [0, 1, 2, 3], [1, 0, 1]),  # unsorted rows: the same adapter can make several runs
+        ([2, 1, 3, 4], [0, 1, 2, 3, 4], [2, 1, 3, 4]),
+    ],
+)
+def test_find_segments(indices, bounds, adapters):
+    assert find_segments(indices) == (bounds, adapters)
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_each_adapter_matches_peft(name, adapters, tiny_model, mm):
+    ids = tokens(2)
+    reference = logits(PeftModel.from_pretrained(load_causal_lm(tiny_model), str(adapters[name])), ids)
+    slot = mm.load(name, LoraWeights.load(adapters[name]))
+    with mm.rows([slot, slot]):
+        got = logits(mm.model, ids)
+    assert not torch.allclose(reference, logits(load_causal_lm(tiny_model), ids), atol=1e-3), "the adapter should change the model"
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_mixed_batch_rows_equal_each_row_alone(strategy, adapters, base, mm):
+    mm.strategy = strategy
+    slot = {name: mm.load(name, path) for name, path in adapters.items()}
+    rows = [slot["a"], 0, slot["b"], slot["a"], slot["c"]]
+    ids = tokens(len(rows))
+    with mm.rows(rows):
+        mixed = logits(mm.model, ids)
+    plain = logits(base, ids)
+    for i, s in enumerate(rows):
+        with mm.rows([s]):
+            alone = logits(mm.model, ids[i : i + 1])[0]
+        torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-5, msg=f"row {i} (slot {s}) differs in the mixed batch")
+    assert torch.equal(mixed[1], plain[1]), "a base row must get exactly the base model's output"
+    assert torch.equal(logits(mm.model, ids), plain), "with no batch set the wrapped model must be the base model"
+
+
+def test_mixed_greedy_generation_equals_each_row_alone(adapters, mm, tiny_model):
+    slot = {name: mm.load(name, path) for name, path in adapters.items()}
+    rows = [slot["a"], 0, slot["b"], slot["c"], slot["a"]]
+    prompts = [list(range(10, 10 + n)) for n in (5, 9, 3, 7, 12)]  # different lengths: left padding
+    pad = 2
+    batched = generate_batch(mm, prompts, rows, max_new_tokens=8, pad_id=pad, eos_ids=[pad])
+    for i, (p, s) in enumerate(zip(prompts, rows)):
+        alone = generate_batch(mm, [p], [s], max_new_tokens=8, pad_id=pad, eos_ids=[pad])[0]
+        assert batched[i] == alone, f"row {i} (slot {s}) generated differently in the batch"
+    # and the adapter rows follow peft's own generation
+    peft_model = PeftModel.from_pretrained(load_causal_lm(tiny_model), str(adapters["b"]))
+    with torch.no_grad():
+        ref = peft_model.generate(input_ids=torch.tensor([prompts[2]]), max_new_tokens=8, do_sample=False, pad_token_id=pad, eos_token_id=pad)
+    assert batched[2] == ref[0, len(prompts[2]) :].tolist()[: len(batched[2])]
+    assert len({tuple(t) for t in batched}) > 1, "different adapters should generate different text"
+
+
+def test_unload_frees_the_slot_and_its_rows_get_the_base(adapters, base, mm):
+    sa, sb = mm.load("a", adapters["a"]), mm.load("b", adapters["b"])
+    ids = tokens(2)
+    mm.set_batch([sa, sb])
+    with_a = logits(mm.model, ids)
+    assert mm.unload("a") == sa and mm.slots == {"b": sb}
+    after = logits(mm.model, ids)
+    assert not torch.allclose(with_a[0], after[0])
+    assert torch.equal(after[0], logits(base, ids)[0]), "rows of an unloaded adapter must get exactly the base output"
+    torch.testing.assert_close(after[1], with_a[1], atol=1e-6, rtol=1e-6)
+    assert mm.load("c", adapters["c"]) == sa, "the freed slot is reused"
+    mm.set_batch(None)
+
+
+def test_reloading_a_name_replaces_its_weights_in_place(adapters, mm, tiny_model):
+    slot = mm.load("x", adapters["c"])
+    assert mm.load("x", adapters["a"]) == slot
+    ids = tokens(1)
+    reference = logits(PeftModel.from_pretrained(load_causal_lm(tiny_model), str(adapters["a"])), ids)
+    with mm.rows([slot]):
+        torch.testing.assert_close(logits(mm.model, ids), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_keys_are_unchanged(tiny_model, base):
+    wrapped = MultiLoraModel(load_causal_lm(tiny_model), max_adapters=2, max_rank=4)
+    assert list(wrapped.model.state_dict()) == list(base.state_dict())
+    assert len(wrapped.layers) == 2 * 7
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def test_bin_only_adapter_is_refused(adapters, tmp_path):
+    (tmp_path / "adapter_config.json").write_text((adapters["a"] / "adapter_config.json").read_text())
+    (tmp_path / "adapter_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(ValueError, match="holds only adapter_model.bin: lorag loads adapters from safetensors only"):
+        LoraWeights.load(tmp_path)
+
+
+def test_dora_adapter_is_refused(tiny_model, tmp_path):
+    make_adapter(tiny_model, tmp_path, r=4, target_modules=["q_proj"], use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=True: DoRA adapters are served through peft, not the batched path"):
+        LoraWeights.load(tmp_path)
+
+
+def test_adapter_for_another_base_is_refused_with_both_shapes(tmp_path, mm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    small.save_pretrained(tmp_path / "small")
+    make_adapter(tmp_path / "small", tmp_path / "adapter", r=4, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: adapter shape \[32, 32\] \(out, in\) != base weight shape \[64, 64\]"):
+        mm.load("other", tmp_path / "adapter")
+    assert mm.slots == {}, "a refused adapter must not take a slot"
+
+
+def test_rank_above_max_rank_and_unwrapped_modules_are_refused(adapters, tiny_model):
+    small = MultiLoraModel(load_causal_lm(tiny_model), max_adapters=2, max_rank=8, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="rank 16 exceeds max_rank 8") as e:
+        small.load("c", adapters["c"])
+    assert "model.layers.1.mlp.down_proj: not a wrapped layer" in str(e.value), "every problem is listed"
+    assert small.slots == {}
+
+
+def test_full_slots_raise_until_one_is_unloaded(adapters, tiny_model):
+    small = MultiLoraModel(load_causal_lm(tiny_model), max_adapters=2, max_rank=16)
+    small.load("a", adapters["a"])
+    small.load("b", adapters["b"])
+    with pytest.raises(RuntimeError, match=r"all 2 adapter slots are in use \(\['a', 'b'\]\): unload one first"):
+        small.load("c", adapters["c"])
+    small.unload("a")
+    assert small.load("c", adapters["c"]) == 1
+
+
+def test_rows_must_use_loaded_slots(mm, adapters):
+    mm.load("a", adapters["a"])
+    with pytest.raises(ValueError, match=r"rows use slots \[3\], which hold no adapter"):
+        mm.set_batch([1, 3])
+
+
+def test_unexpected_tensors_are_refused(adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(json.loads((adapters["a"] / "adapter_config.json").read_text())))
+    weights = load_file(adapters["a"] / "adapter_model.safetensors")
+    weights["base_model.model.lm_head.weight"] = torch.zeros(2, 2)
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="unexpected tensor 'base_model.model.lm_head.weight'"):
+        LoraWeights.load(tmp_path)
