@@ -146,6 +146,8 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
         pool.shutdown()
     # Only after every current chunk is written: drop chunks of changed and deleted documents.
     removed = store.prune(kb.collection, keep, gone)
+    if written or removed:
+        store.settle(kb.collection)
     return IngestReport(kb.name, uri, len(files), len(files) - len(todo), written, removed, store.count(kb.collection), time.time() - start, failed, rebuilt)
 
 

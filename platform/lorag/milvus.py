@@ -166,13 +166,28 @@ class MilvusStore:
         self._bm25.pop(collection, None)
         return before - self.count(collection)
 
+    def settle(self, collection: str, timeout: float = 60.0) -> None:
+        """After a batch of writes: seal segments (so they get indexed) and wait until searches,
+        which read with bounded staleness, see every write."""
+        if not self.client.has_collection(collection):
+            return
+        self.client.flush(collection)
+        want = self.count(collection)
+        deadline = time.time() + timeout
+        while self._count(collection, "Bounded") != want and time.time() < deadline:
+            time.sleep(0.2)
+
     # -- reads -----------------------------------------------------------------------------
 
     def count(self, collection: str) -> int:
+        """Entities in the collection, counting every acknowledged write."""
         if not self.client.has_collection(collection):
             return 0
         self._load(collection)
-        res = self.client.query(collection, filter="", output_fields=["count(*)"])
+        return self._count(collection, "Strong")
+
+    def _count(self, collection: str, consistency: str) -> int:
+        res = self.client.query(collection, filter="", output_fields=["count(*)"], consistency_level=consistency)
         return int(res[0]["count(*)"])
 
     def search(
@@ -207,7 +222,9 @@ class MilvusStore:
     def _dense(self, collection: str, vector, k: int, prefix: str | None) -> list[dict[str, Any]]:
         if vector is None:
             raise ValueError("dense and hybrid search need the query vector")
-        res = self.client.search(collection, data=[list(map(float, vector))], anns_field="vector", limit=k, output_fields=OUTPUT, **_prefix_filter(prefix))
+        res = self.client.search(
+            collection, data=[list(map(float, vector))], anns_field="vector", limit=k, output_fields=OUTPUT, consistency_level=SEARCH_CONSISTENCY, **_prefix_filter(prefix)
+        )
         return [{"id": hit["id"], "score": float(hit["distance"]), **hit["entity"]} for hit in res[0]]
 
     def _full_text(self, collection: str, query: str, k: int, prefix: str | None) -> list[dict[str, Any]]:
@@ -217,7 +234,8 @@ class MilvusStore:
             return []
         if "sparse" in {f["name"] for f in self.client.describe_collection(collection)["fields"]}:
             res = self.client.search(
-                collection, data=[query], anns_field="sparse", limit=k, output_fields=OUTPUT, search_params={"metric_type": "BM25"}, **_prefix_filter(prefix)
+                collection, data=[query], anns_field="sparse", limit=k, output_fields=OUTPUT, search_params={"metric_type": "BM25"},
+                consistency_level=SEARCH_CONSISTENCY, **_prefix_filter(prefix),
             )
             return [{"id": hit["id"], "score": abs(float(hit["distance"])), **hit["entity"]} for hit in res[0]]
         # Milvus < 2.5 has no BM25: score in this process over the collection's text (built once, dropped on writes).
@@ -245,6 +263,9 @@ class MilvusStore:
         self.client.close()
 
 
+# Searches read with bounded staleness: a strong read waits for the next time tick (~200 ms on a
+# server). Ingest ends with `settle`, so a finished ingest is fully visible to them.
+SEARCH_CONSISTENCY = "Bounded"
 LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
 FIELDS = ("id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "vector")
 OUTPUT = ["text", "source", "title", "section", "chunk_index", "start", "end"]
@@ -328,13 +349,26 @@ SERVER_PORTS = (
 )
 
 
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (all held open while choosing, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @contextlib.contextmanager
 def local_server(data_dir: str | os.PathLike, timeout: float = 180) -> Iterator[str]:
     """Run a Milvus standalone server (the `milvus` PyPI package's `milvus-server`) for tests,
     benchmarks and local development; yields its URI and stops it on exit.
 
-    Every port is a free one chosen here and every component advertises 127.0.0.1. (Milvus 2.3's
-    gRPC listeners bind all interfaces; it has no setting to narrow that.)
+    Every port is a free one chosen here, the embedded etcd listens on loopback only, and every
+    component advertises 127.0.0.1. (Milvus 2.3's gRPC listeners bind all interfaces; it has no
+    setting to narrow that.)
 
     Raises:
         FileNotFoundError: `milvus-server` is not installed (`pip install --no-deps milvus`).
@@ -343,22 +377,27 @@ def local_server(data_dir: str | os.PathLike, timeout: float = 180) -> Iterator[
     exe = os.path.join(os.path.dirname(sys.executable), "milvus-server")
     if not os.path.exists(exe):
         raise FileNotFoundError(f"{exe} not found: install the Milvus server package with `pip install --no-deps milvus`")
-    socks = []
-    for _ in SERVER_PORTS:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = dict(zip(SERVER_PORTS, (s.getsockname()[1] for s in socks)))
-    for s in socks:
-        s.close()
+    ports = dict(zip([*SERVER_PORTS, "etcd-peer"], _free_ports(len(SERVER_PORTS) + 1)))
+    peer = ports.pop("etcd-peer")
     cmd = [exe, "--data", str(data_dir)]
     for key, port in ports.items():
         cmd += [f"--{key}", str(port)]
     for component in ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord", "indexNode", "dataCoord", "dataNode"):
         cmd += ["--extra-config", f"{component}.ip=127.0.0.1"]
     os.makedirs(data_dir, exist_ok=True)
+    # The embedded etcd would take 2379/2380 on every server; give it its own loopback ports
+    # (Milvus reads `etcd.config.path` from ETCD_CONFIG_PATH), so several servers can coexist.
+    etcd_cfg = os.path.join(os.path.abspath(data_dir), "embed-etcd.yaml")
+    client_url, peer_url = f"http://127.0.0.1:{ports['etcd-port']}", f"http://127.0.0.1:{peer}"
+    with open(etcd_cfg, "w") as f:
+        f.write(
+            f"name: lorag\ndata-dir: {os.path.join(os.path.abspath(data_dir), 'etcd')}\n"
+            f"listen-client-urls: {client_url}\nadvertise-client-urls: {client_url}\n"
+            f"listen-peer-urls: {peer_url}\ninitial-advertise-peer-urls: {peer_url}\ninitial-cluster: lorag={peer_url}\n"
+        )
     log = open(os.path.join(data_dir, "milvus-server.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "ETCD_CONFIG_PATH": etcd_cfg}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     uri = f"http://127.0.0.1:{ports['proxy-port']}"
     try:
         deadline = time.time() + timeout
