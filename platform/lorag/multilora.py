@@ -10,23 +10,29 @@ group by adapter) and `generate_batch` (left-padded greedy or shared-parameter s
     out = generate_batch(mm, [ids1, ids2], slots=[a, 0], max_new_tokens=32, pad_id=tok.pad_token_id)
 
 Slot 0 is the base model; slots 1..max_adapters hold adapters. Each slot's LoRA pair lives in two
-stacked buffers per layer, `lora_A [max_adapters * max_rank, in]` and `lora_B [out, max_adapters *
-max_rank]`, zero-padded to `max_rank`, with PEFT's `alpha / r` scaling folded into B at load.
+stacked buffers per layer, `lora_A [max_adapters * max_rank, in]` and `lora_B` (B transposed,
+`[max_adapters * max_rank, out]`, so any run of slots is one contiguous block of rows), zero-padded
+to `max_rank`, with PEFT's `alpha / r` scaling folded into B at load.
 Rows of slot 0 get exactly the base model's output: their LoRA term is never added, or is an exact
 zero. The row -> slot mapping is set once per batch (`set_batch` / `rows`) and holds for the whole
 `model.generate` call, so the per-layer work (views, masks) is planned once, not per step.
 
-How the LoRA term is computed (`strategy`), measured with bench/serve.py on SmolLM2-135M, 2 CPU
-threads, batch 8, 32 greedy tokens (tokens/s relative to the base model, one interleaved run):
-- one adapter for every row: `x @ A_s^T` then `y.addmm_(h, B_s^T)`, two small matmuls a layer;
-- "dense" (default up to `dense_max_slots` distinct adapters): one matmul against the contiguous
-  span of slot buffers the batch uses, a row mask that zeroes other slots' columns, one addmm.
-  It does K times the LoRA FLOPs for K adapters but only 3 ops a layer, and on CPU the per-op
-  overhead of 210 small layers dominates: measured TODO
-- "bmm" (more distinct adapters): per-row A and B gathered once per batch, then `bmm`/`baddbmm_`.
-  Exact FLOPs, 2 ops a layer, but per-row copies of the weights: measured TODO
-- "segments" (LoRAX's loop over runs of equal slots, `find_segments`): 2 matmuls per run per
-  layer; the Python/dispatch overhead grows with the number of runs: measured TODO
+How the LoRA term is computed. A prompt (prefill) runs one matmul pair per run of rows with the
+same adapter (`find_segments`), so its FLOPs are exact and the per-op overhead is amortised over
+the prompt's tokens. A decode step (one token a row) is where the op count matters, so it has its
+own plan, chosen by `strategy`:
+- every row on one adapter: `h = x A_s^T`, `y.addmm_(h, B_s^T)`, two small matmuls a layer;
+- "dense" (auto up to `dense_max_slots` slots): one matmul against the contiguous span of slot
+  buffers the batch uses, a mask that zeroes each row's other slots, one addmm: 3 ops a layer,
+  K times the LoRA FLOPs for K adapters;
+- "segments" (auto beyond): the prefill plan, 2 matmuls per run per layer, exact FLOPs.
+Measured (SmolLM2-135M, 30 layers x 7 wrapped Linears, batch 8, 4 rank-16 adapters on all 7;
+1 thread, CPU time of one decode-shaped forward, median of 20 interleaved; base = 1.00): one
+adapter 1.09, dense 1.20, segments 1.31, a padded gather/`bmm`/`index_add_` grouping 1.28, and
+per-row gathered A/B with 2 `bmm`s ~1.26 plus ~290 ms per `set_batch` for the per-row copies
+(dropped, as was the grouping). bf16 slot buffers upcast per step did not help (1.20 vs 1.23):
+on this CPU the extra time tracks the adapter weights read per step, which for 4 rank-16
+adapters are already 14% of the base model's bytes. End-to-end ratios: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -146,41 +152,42 @@ class BatchedLoraLinear(nn.Module):
         self.register_parameter("bias", linear.bias)
         w = linear.weight.detach()
         self.register_buffer("lora_A", w.new_zeros(max_adapters * max_rank, self.in_features), persistent=False)
-        self.register_buffer("lora_B", w.new_zeros(self.out_features, max_adapters * max_rank), persistent=False)
-        self.ranks = [0] * (max_adapters + 1)  # rank held by each slot (slot 0, the base, is always 0)
-        self.plan: tuple | None = None  # set by MultiLoraModel.set_batch
+        self.register_buffer("lora_B", w.new_zeros(max_adapters * max_rank, self.out_features), persistent=False)  # B^T
+        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A_s [r, in], B_s^T [r, out]) views
+        # (rows, decode plan, prefill plan) from MultiLoraModel.set_batch; a plan is (A, B^T, mask) or
+        # a list of (first row, end row, A_s, B_s^T) runs
+        self.plan: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.plan is None:
             return y
-        kind, rows, a, b, mask = self.plan
+        rows, decode, prefill = self.plan
         assert x.shape[0] == rows, f"the batch has {x.shape[0]} rows but set_batch was given {rows}"
-        if kind == "bmm":
-            return y.baddbmm_(torch.bmm(x, a), b)
-        if kind == "segments":
-            for lo, hi, a_s, b_s in a:
-                h = F.linear(x[lo:hi], a_s)
-                y[lo:hi].view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), b_s)
+        plan = decode if x.shape[1] == 1 else prefill
+        if isinstance(plan, list):
+            for lo, hi, a, bt in plan:
+                h = F.linear(x[lo:hi], a)
+                y[lo:hi].view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), bt)
             return y
+        a, bt, mask = plan
         h = F.linear(x, a)
         if mask is not None:
             h.mul_(mask)
-        y.view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), b)
+        y.view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), bt)
         return y
 
     def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         lo, r = (slot - 1) * self.max_rank, a.shape[0]
         self.lora_A[lo : lo + r].copy_(a)
-        self.lora_B[:, lo : lo + r].copy_(b)
-        self.ranks[slot] = r
+        self.lora_B[lo : lo + r].copy_(b.t())
+        self.pairs[slot] = (self.lora_A[lo : lo + r], self.lora_B[lo : lo + r])
 
     def clear_slot(self, slot: int) -> None:
-        if self.ranks[slot]:
+        if self.pairs.pop(slot, None) is not None:
             lo = (slot - 1) * self.max_rank
             self.lora_A[lo : lo + self.max_rank].zero_()
-            self.lora_B[:, lo : lo + self.max_rank].zero_()
-            self.ranks[slot] = 0
+            self.lora_B[lo : lo + self.max_rank].zero_()
 
 
 class MultiLoraModel:
@@ -191,7 +198,7 @@ class MultiLoraModel:
     """
 
     def __init__(self, model: nn.Module, max_adapters: int = 8, max_rank: int = 16, target_modules: Sequence[str] = TARGETS,
-                 strategy: str = "auto", dense_max_slots: int = 8):
+                 strategy: str = "auto", dense_max_slots: int = 4):
         """Wrap every `nn.Linear` named in `target_modules` (the decoder layers' projections by default).
 
         Args:
@@ -199,12 +206,12 @@ class MultiLoraModel:
             max_adapters: slots 1..max_adapters; each costs one rank-`max_rank` copy of every target layer.
             max_rank: largest adapter rank accepted; smaller ranks are zero-padded.
             target_modules: names of the Linear layers to wrap; an adapter may target a subset.
-            strategy: "auto", "dense", "bmm" or "segments" (see the module docstring); "auto" is
-                "dense" up to `dense_max_slots` distinct adapters in a batch, then "bmm".
+            strategy: how mixed batches decode (see the module docstring): "auto" is "dense" up to
+                `dense_max_slots` distinct adapters, then "segments".
         """
         if any(isinstance(m, BatchedLoraLinear) for m in model.modules()):
             raise ValueError("the model is already wrapped by a MultiLoraModel")
-        assert strategy in ("auto", "dense", "bmm", "segments"), f"unknown strategy {strategy!r}"
+        assert strategy in ("auto", "dense", "segments"), f"unknown strategy {strategy!r}: use auto, dense or segments"
         self.model, self.max_adapters, self.max_rank = model, max_adapters, max_rank
         self.strategy, self.dense_max_slots = strategy, dense_max_slots
         self.slots: dict[str, int] = {}
@@ -268,7 +275,10 @@ class MultiLoraModel:
         return slot
 
     def set_batch(self, rows: Sequence[int] | None) -> None:
-        """Use slot `rows[i]` (0: no adapter) for row i of every following forward pass; None: all base."""
+        """Use slot `rows[i]` (0: no adapter) for row i of every following forward pass; None: all base.
+
+        Rows sorted by slot run fastest (one run per adapter in prefill); `generate_batch` sorts them.
+        """
         if rows is not None:
             empty = sorted({s for s in rows if s} - set(self.slots.values()))
             if empty:
@@ -286,50 +296,44 @@ class MultiLoraModel:
             self.set_batch(None)
 
     def _replan(self) -> None:
+        """Precompute each layer's work for the current rows, once per batch rather than per step."""
         rows = self._rows
         if not rows or not any(rows):
             for layer in self.layers.values():
                 layer.plan = None
             return
         bounds, adapters = find_segments(rows)
-        index = torch.tensor(rows)
-        first = next(iter(self.layers.values())).lora_A
+        used = sorted(set(adapters) - {0})
         r, n = self.max_rank, len(rows)
-        mask = first.new_zeros(n, 1, self.max_adapters * r)
-        for i, s in enumerate(rows):
-            if s:
-                mask[i, 0, (s - 1) * r : s * r] = 1
+        masks: dict[tuple[int, int], torch.Tensor] = {}
         for layer in self.layers.values():
-            live = sorted({s for s in adapters if s and layer.ranks[s]})
+            live = [s for s in used if s in layer.pairs]
             if not live:
                 layer.plan = None
-            elif len(adapters) == 1:  # every row uses the same adapter: no mask, its exact rank
-                lo = (live[0] - 1) * r
-                rank = layer.ranks[live[0]]
-                layer.plan = ("mm", n, layer.lora_A[lo : lo + rank], layer.lora_B[:, lo : lo + rank].t(), None)
-            else:
-                strategy = self.strategy
-                if strategy == "auto":
-                    strategy = "dense" if len(live) <= self.dense_max_slots else "bmm"
-                layer.plan = _plan(strategy, layer, n, live, bounds, adapters, index, mask)
+                continue
+            if len(adapters) == 1:  # every row uses one adapter: no mask, its exact rank
+                single = (*layer.pairs[live[0]], None)
+                layer.plan = (n, single, single)
+                continue
+            # prefill: one matmul pair per run of rows, exact FLOPs; the ops' overhead is amortised over the prompt
+            runs = [(bounds[i], bounds[i + 1], *layer.pairs[s]) for i, s in enumerate(adapters) if s in layer.pairs]
+            decode = runs
+            lo, hi = live[0], live[-1]
+            if self.strategy == "dense" or (self.strategy == "auto" and hi - lo < self.dense_max_slots):
+                if (lo, hi) not in masks:
+                    masks[lo, hi] = _mask(rows, lo, hi, r, layer.lora_A)
+                span = slice((lo - 1) * r, hi * r)
+                decode = (layer.lora_A[span], layer.lora_B[span], masks[lo, hi])
+            layer.plan = (n, decode, runs)
 
 
-def _plan(strategy: str, layer: BatchedLoraLinear, n: int, live: list[int], bounds: list[int], adapters: list[int],
-          index: torch.Tensor, mask: torch.Tensor) -> tuple:
-    r = layer.max_rank
-    if strategy == "dense":  # the span of slots in use; other slots' columns are masked to exact zeros
-        lo, hi = (live[0] - 1) * r, live[-1] * r
-        return ("mm", n, layer.lora_A[lo:hi], layer.lora_B[:, lo:hi].t(), mask[:, :, lo:hi].contiguous())
-    if strategy == "segments":
-        runs = [(bounds[i], bounds[i + 1], layer.lora_A[(s - 1) * r : (s - 1) * r + layer.ranks[s]],
-                 layer.lora_B[:, (s - 1) * r : (s - 1) * r + layer.ranks[s]].t()) for i, s in enumerate(adapters) if s in live]
-        return ("segments", n, runs, None, None)
-    # bmm: per-row copies of A and B, gathered once per batch; base rows get zeros
-    keep = (index > 0).to(layer.lora_A.dtype)[:, None, None]
-    at = (index - 1).clamp(min=0)
-    a = layer.lora_A.view(-1, r, layer.in_features).index_select(0, at) * keep  # [n, r, in]
-    b = layer.lora_B.view(layer.out_features, -1, r).index_select(1, at).permute(1, 2, 0) * keep  # [n, r, out]
-    return ("bmm", n, a.transpose(1, 2), b.contiguous(), None)
+def _mask(rows: list[int], lo: int, hi: int, rank: int, like: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, (hi - lo + 1) * rank]: ones on the columns of each row's slot, zeros elsewhere (and for base rows)."""
+    mask = like.new_zeros(len(rows), 1, (hi - lo + 1) * rank)
+    for i, s in enumerate(rows):
+        if lo <= s <= hi:
+            mask[i, 0, (s - lo) * rank : (s - lo + 1) * rank] = 1
+    return mask
 
 
 def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: Sequence[int], *, max_new_tokens: int,
@@ -356,25 +360,30 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
     if not all(prompts):
         raise ValueError("every prompt needs at least one token")
     eos = list(eos_ids) or _as_list(mm.model.generation_config.eos_token_id)
+    order = sorted(range(len(prompts)), key=lambda i: slots[i])  # one run per adapter (see set_batch)
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + list(prompts[i]) for i in order])
+    attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in order])
     sample = temperature > 0
     kwargs = {"do_sample": sample, "temperature": temperature if sample else None, "top_p": top_p if sample else None, "top_k": None}
     if sample and seed is not None:
         torch.manual_seed(seed)
-    with mm.rows(slots), torch.inference_mode():
+    with mm.rows([slots[i] for i in order]), torch.inference_mode():
         out = mm.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                 pad_token_id=pad_id, eos_token_id=eos or None, **kwargs)
-    result = []
-    for row in out[:, width:].tolist():
-        stop = next((i for i, t in enumerate(row) if t in eos), None)
-        result.append(row if stop is None else row[: stop + 1])
+    result: list[list[int]] = [[] for _ in prompts]
+    for i, row in zip(order, out[:, width:].tolist()):
+        stop = next((j for j, t in enumerate(row) if t in eos), None)
+        result[i] = row if stop is None else row[: stop + 1]
     return result
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:
     return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def _shape(t: torch.Tensor | None) -> list[int] | None:
+    return None if t is None else list(t.shape)
 
 
 def _summary(layers: dict[str, BatchedLoraLinear]) -> str:

@@ -1,0 +1,218 @@
+"""Serving benchmarks for batched multi-LoRA, measured as ratios within one run (see docs/benchmarks.md).
+
+    .venv/bin/python bench/serve.py                          # bundled SmolLM2-135M, CPU, ~6 min
+    .venv/bin/python bench/serve.py --rounds 1 --new-tokens 8  # smoke run
+
+1. A mixed batch of 4 adapters (rank 16 on q/k/v/o/gate/up/down) in one forward pass vs the base
+   model: generated tokens/s.                                               goal >= 0.9x
+   For comparison: peft's own mixed batch (`generate(adapter_names=...)`), and decoding with
+   lorag.multilora's "segments" strategy instead of "dense".
+2. One adapter for the whole batch vs the base model (and peft with that adapter active).
+                                                                            goal >= 0.95x
+3. Cold load of a rank-16 adapter from disk into a slot (median of 10).     goal < 100 ms
+4. 1 vs 8 vs 32 distinct adapters in a batch of 32, vs the base model (and 8 with "dense").
+
+All variants generate the same prompts (quickstart questions in the chat template, left-padded)
+with exactly `--new-tokens` greedy tokens each (lorag's rows sorted by adapter, as
+`generate_batch` sorts them; the time includes `set_batch`), and are timed in interleaved rounds so machine
+noise hits them alike; each ratio is the median over rounds of (variant / base in the same round).
+Adapters are random (rank 16, alpha 32): throughput does not depend on what they learned. The
+HTTP endpoint's overhead over in-process generation is measured with the serving layer, not here.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTIONS = REPO / "examples" / "quickstart" / "train.jsonl"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_adapters(model, root: Path, count: int, rank: int) -> list[Path]:
+    """`count` random PEFT adapter directories (safetensors + adapter_config.json) for `model`."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    linears = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS and isinstance(m, torch.nn.Linear)}
+    paths = []
+    for k in range(count):
+        tensors = {}
+        for name, lin in linears.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, lin.in_features, generator=gen) / lin.in_features**0.5
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(lin.out_features, rank, generator=gen) * 0.01
+        path = root / f"adapter{k}"
+        path.mkdir()
+        save_file(tensors, path / "adapter_model.safetensors")
+        (path / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "target_modules": TARGETS,
+            "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+            "base_model_name_or_path": "smollm2-135m-instruct",
+        }))
+        paths.append(path)
+    return paths
+
+
+def prompts(tok, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` chat prompts, left-padded: (input_ids, attention_mask)."""
+    questions = [json.loads(line)["prompt"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
+    ids = [tok.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}], add_generation_prompt=True) for i in range(n)]
+    ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + list(x) for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    return input_ids, mask
+
+
+def timed_generate(model, batch, new_tokens: int, **kw) -> None:
+    """Generate exactly `new_tokens` greedy tokens for every row."""
+    input_ids, mask = batch
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=2, **kw)
+    assert out.shape[1] == input_ids.shape[1] + new_tokens, out.shape
+
+
+def clocked(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for one call of `fn`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def rounds(variants: dict, rounds: int) -> dict[str, dict[str, float]]:
+    """Run every variant once per round, in a rotating order.
+
+    Per variant: median wall seconds, and the median over rounds of its speed relative to 'base' in
+    the same round, by wall time ("ratio") and by this process's CPU time ("cpu_ratio"). On a
+    shared machine the CPU-time ratio is the steadier one: time spent descheduled does not count.
+    """
+    names = list(variants)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            times[n].append(clocked(variants[n]))
+    base = times["base"]
+    return {n: {"s": statistics.median(w for w, _ in t),
+                "ratio": statistics.median(b[0] / x[0] for b, x in zip(base, t)),
+                "cpu_ratio": statistics.median(b[1] / x[1] for b, x in zip(base, t))} for n, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved repeats per comparison (half as many, at least 2, for 4)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per row")
+    ap.add_argument("--batch", type=int, default=8, help="rows in the batch for comparisons 1 and 2")
+    ap.add_argument("--big-batch", type=int, default=32, help="rows in the batch for comparison 4")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--skip-big", action="store_true", help="skip comparison 4")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from peft import PeftModel
+
+    from lorag.models import load_causal_lm, load_tokenizer, resolve_model
+    from lorag.multilora import LoraWeights, MultiLoraModel
+
+    path = resolve_model("smollm2-135m-instruct", Path.home() / ".cache" / "lorag")
+    tok = load_tokenizer(path)
+    base = load_causal_lm(path)
+    tmp = tempfile.TemporaryDirectory(prefix="lorag-bench-serve-")
+    n_adapters = 1 if args.skip_big else args.big_batch
+    t0 = time.perf_counter()
+    dirs = write_adapters(base, Path(tmp.name), max(4, n_adapters), rank=16)
+    print(f"bench/serve.py: SmolLM2-135M fp32, {args.threads} threads, batch {args.batch}, {args.new_tokens} new tokens, "
+          f"{args.rounds} rounds ({len(dirs)} random rank-16 adapters written in {time.perf_counter() - t0:.1f}s)", flush=True)
+
+    mm = MultiLoraModel(load_causal_lm(path), max_adapters=max(4, n_adapters), max_rank=16)
+    slots = [mm.load(f"a{k}", LoraWeights.load(d)) for k, d in enumerate(dirs)]
+    peft = PeftModel.from_pretrained(load_causal_lm(path), str(dirs[0]), adapter_name="a0")
+    for k in range(1, 4):
+        peft.load_adapter(str(dirs[k]), adapter_name=f"a{k}")
+    peft.eval()
+
+    # -- 1 and 2: batch of 8 ------------------------------------------------------------------
+    batch = prompts(tok, args.batch)
+    mixed = [slots[i % 4] for i in range(args.batch)]  # rows interleave the 4 adapters, as requests arrive
+
+    def ours(rows, strategy="auto"):
+        def run():
+            mm.strategy = strategy
+            with mm.rows(sorted(rows)):
+                timed_generate(mm.model, batch, args.new_tokens)
+        return run
+
+    variants = {
+        "base": lambda: timed_generate(base, batch, args.new_tokens),
+        "mixed4": ours(mixed),
+        "mixed4_segments": ours(mixed, "segments"),
+        "peft_mixed4": lambda: timed_generate(peft, batch, args.new_tokens, adapter_names=[f"a{slots.index(s)}" for s in mixed]),
+        "single": ours([slots[0]] * args.batch),
+        "peft_single": lambda: timed_generate(peft, batch, args.new_tokens),  # peft's active adapter: a0
+    }
+    # warm-up: first calls pay allocator and kernel-selection costs
+    for model in (base, peft):
+        timed_generate(model, batch, 2)
+    with mm.rows(sorted(mixed)):
+        timed_generate(mm.model, batch, 2)
+    small = rounds(variants, args.rounds)
+    print(json.dumps(small, indent=2), flush=True)
+
+    # -- 3: cold load --------------------------------------------------------------------------
+    mm.unload("a0")
+    loads, reads = [], []
+    for _ in range(10):
+        t = time.perf_counter()
+        w = LoraWeights.load(dirs[0])
+        reads.append(time.perf_counter() - t)
+        mm.load("a0", w)
+        loads.append(time.perf_counter() - t)
+        mm.unload("a0")
+    mm.load("a0", dirs[0])
+    cold = {"median_ms": 1000 * statistics.median(loads), "read_ms": 1000 * statistics.median(reads), "mb": dirs[0].joinpath("adapter_model.safetensors").stat().st_size / 2**20}
+    print(json.dumps({"cold_load": cold}), flush=True)
+
+    # -- 4: batch of 32 with 1, 8, 32 distinct adapters ------------------------------------------
+    big = None
+    if not args.skip_big:
+        batch = prompts(tok, args.big_batch)
+        n = args.big_batch
+        variants = {"base": lambda: timed_generate(base, batch, args.new_tokens)}
+        for k in (1, 8, 32):
+            if k <= n:
+                variants[f"distinct{k}"] = ours([slots[i % k] for i in range(n)])
+        variants["distinct8_dense"] = ours([slots[i % 8] for i in range(n)], "dense")
+        big = rounds(variants, max(2, args.rounds // 2))
+        print(json.dumps(big, indent=2), flush=True)
+
+    # -- table -----------------------------------------------------------------------------------
+    def row(label: str, r: dict, rows: int, goal: str = "-") -> None:
+        tok_s = rows * args.new_tokens / r["s"]
+        bold = "**" if goal != "-" else ""
+        print(f"| {label} | {bold}{r['ratio']:.2f}x{bold} ({tok_s:.0f} tok/s) | {r['cpu_ratio']:.2f}x | {goal} |")
+
+    print("\n| measurement | tokens/s vs base, wall clock | same, by CPU time | goal |")
+    print("| --- | --- | --- | --- |")
+    row(f"base model, batch {args.batch}", small["base"], args.batch)
+    row(f"mixed batch of 4 adapters ({args.batch // 4} rows each)", small["mixed4"], args.batch, ">= 0.9x")
+    row("same batch, decoded with strategy segments instead of dense", small["mixed4_segments"], args.batch)
+    row("same batch through peft `generate(adapter_names=...)`", small["peft_mixed4"], args.batch)
+    row("one adapter for the whole batch", small["single"], args.batch, ">= 0.95x")
+    row("same, through peft (one active adapter)", small["peft_single"], args.batch)
+    if big:
+        row(f"base model, batch {args.big_batch}", big["base"], args.big_batch)
+        for k in (1, 8, 32):
+            if f"distinct{k}" in big:
+                row(f"{k} distinct adapter(s) in a batch of {args.big_batch}", big[f"distinct{k}"], args.big_batch)
+        row("8 distinct, decoded with strategy dense instead of segments", big["distinct8_dense"], args.big_batch)
+    print(f"\ncold load of a rank-16 adapter ({cold['mb']:.1f} MB safetensors) from disk into a slot, median of 10: "
+          f"**{cold['median_ms']:.0f} ms** (of which reading the file {cold['read_ms']:.0f} ms); goal < 100 ms")
+
+
+if __name__ == "__main__":
+    main()
