@@ -334,7 +334,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        corpus, workdir = Path(args.corpus), Path(args.workdir or tempfile.mkdtemp(prefix="lorag-bench-"))
+        corpus, workdir = Path(args.corpus), Path(args.workdir) if args.workdir else None
         load = os.getloadavg()[0]
         if args.child == "bare":
             res = bare_embedder(corpus, args.threads)
