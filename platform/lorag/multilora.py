@@ -32,7 +32,9 @@ adapter 1.09, dense 1.20, segments 1.31, a padded gather/`bmm`/`index_add_` grou
 per-row gathered A/B with 2 `bmm`s ~1.26 plus ~290 ms per `set_batch` for the per-row copies
 (dropped, as was the grouping). bf16 slot buffers upcast per step did not help (1.20 vs 1.23):
 on this CPU the extra time tracks the adapter weights read per step, which for 4 rank-16
-adapters are already 14% of the base model's bytes. End-to-end ratios: docs/benchmarks.md.
+adapters are already 14% of the base model's bytes. In whole `generate` calls (bench/serve.py,
+2 threads) 8 adapters in a batch of 32 decoded dense ran at 0.90x of base against 0.80x with
+segments, hence `dense_max_slots=8`. End-to-end ratios: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class MultiLoraModel:
     """
 
     def __init__(self, model: nn.Module, max_adapters: int = 8, max_rank: int = 16, target_modules: Sequence[str] = TARGETS,
-                 strategy: str = "auto", dense_max_slots: int = 4):
+                 strategy: str = "auto", dense_max_slots: int = 8):
         """Wrap every `nn.Linear` named in `target_modules` (the decoder layers' projections by default).
 
         Args:
@@ -206,8 +208,8 @@ class MultiLoraModel:
             max_adapters: slots 1..max_adapters; each costs one rank-`max_rank` copy of every target layer.
             max_rank: largest adapter rank accepted; smaller ranks are zero-padded.
             target_modules: names of the Linear layers to wrap; an adapter may target a subset.
-            strategy: how mixed batches decode (see the module docstring): "auto" is "dense" up to
-                `dense_max_slots` distinct adapters, then "segments".
+            strategy: how mixed batches decode (see the module docstring): "auto" is "dense" when
+                the slots a batch uses lie within `dense_max_slots` consecutive slots, else "segments".
         """
         if any(isinstance(m, BatchedLoraLinear) for m in model.modules()):
             raise ValueError("the model is already wrapped by a MultiLoraModel")
