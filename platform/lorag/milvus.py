@@ -54,7 +54,7 @@ class MilvusStore:
         except Exception as e:  # pymilvus raises its own types (and grpc's) for an unreachable server
             raise ConnectionError(f"cannot reach Milvus at {uri}: {e}") from e
         self.version = str(self.client.get_server_version())
-        self._loaded: set[str] = set()
+        self._loaded: dict[str, set[str]] = {}  # collection -> its field names, once loaded
         self._bm25: dict[str, Any] = {}  # collection -> Bm25Index, for servers without BM25 functions
 
     # -- schema ----------------------------------------------------------------------------
@@ -116,11 +116,13 @@ class MilvusStore:
                 return int(field["params"]["dim"])
         raise ValueError(f"collection {collection!r} has no 'vector' field: it was not made by lorag")
 
-    def _load(self, collection: str) -> None:
-        # A reopened database lists its collections as released; searches need them loaded.
+    def _load(self, collection: str) -> set[str]:
+        """Load the collection once (a reopened database lists its collections as released;
+        searches need them loaded) and return its field names, so searches ask the schema once."""
         if collection not in self._loaded:
             self.client.load_collection(collection)
-            self._loaded.add(collection)
+            self._loaded[collection] = {f["name"] for f in self.client.describe_collection(collection)["fields"]}
+        return self._loaded[collection]
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -203,7 +205,7 @@ class MilvusStore:
         """
         from lorag.retrieval import rrf
 
-        if not self.client.has_collection(collection):
+        if collection not in self._loaded and not self.client.has_collection(collection):
             raise LookupError(f"knowledge base collection {collection!r} does not exist at {self.uri}: run `lorag kb ingest` first")
         if mode not in ("dense", "bm25", "hybrid"):
             raise ValueError(f"search mode must be dense, bm25 or hybrid, not {mode!r}")
@@ -234,7 +236,7 @@ class MilvusStore:
 
         if not query.strip():
             return []
-        if "sparse" in {f["name"] for f in self.client.describe_collection(collection)["fields"]}:
+        if "sparse" in self._load(collection):
             res = self.client.search(
                 collection, data=[query], anns_field="sparse", limit=k, output_fields=OUTPUT, search_params={"metric_type": "BM25"},
                 consistency_level=SEARCH_CONSISTENCY, **_prefix_filter(prefix),
@@ -258,7 +260,7 @@ class MilvusStore:
     def drop(self, collection: str) -> None:
         if self.client.has_collection(collection):
             self.client.drop_collection(collection)
-        self._loaded.discard(collection)
+        self._loaded.pop(collection, None)
         self._bm25.pop(collection, None)
 
     def close(self) -> None:
