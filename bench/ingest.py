@@ -372,12 +372,17 @@ def main() -> None:
         print(f"WARNING: lorag's sources changed during the run (from {library} to {library_fingerprint()}); rerun before quoting")
     rows = table(res)
     res["table"] = [dict(zip(("measurement", "measured", "goal", "met"), r)) for r in rows]
-    print("\n| measurement | measured | goal | met? |")
-    print("| --- | --- | --- | --- |")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(("measurement", "measured", "goal", "met?"), rows)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A Markdown table on stdout, ready for docs/benchmarks.md."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
 
 
 if __name__ == "__main__":

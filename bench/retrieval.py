@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest import chunk_corpus, library_fingerprint, stdlib_corpus, stdlib_docs  # bench/ is on sys.path when run as a script, like bench/train.py
+from ingest import chunk_corpus, library_fingerprint, print_table, stdlib_corpus, stdlib_docs  # bench/ is on sys.path when run as a script, like bench/train.py
 
 COLLECTION = "stdlib"
 K = 10
@@ -246,7 +246,7 @@ def _child(kind: str, work: Path, budget: float, phase: str = "") -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--work", str(work), "--budget", str(budget), "--phase", phase]
     # Progress lines stream through; the result is the last RESULT line.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    result, out = None, []
+    result = None
     for line in proc.stdout:
         if line.startswith("RESULT "):
             result = json.loads(line[7:])
@@ -329,10 +329,7 @@ def main() -> None:
                 rec = modes["dense"]["recall_at_10"]
                 rows.append((backend, state, "dense recall@10 vs exact", f"**{rec:.3f}**", "", str(modes["dense"]["queries"]), "", ">= 0.95", "met" if rec >= 0.95 else "missed"))
     res["table"] = rows
-    print("\n| backend | state | mode | p50 | p99 | queries | first query | goal | met? |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print_table(("backend", "state", "mode", "p50", "p99", "queries", "first query", "goal", "met?"), rows)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
 
