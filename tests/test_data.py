@@ -197,3 +197,21 @@ def test_augment_wraps_only_the_last_user_turn(messages, hits, changed_index):
             assert b["content"].endswith("Question: " + a["content"]) and "[1] T\nfact" in b["content"]
         else:
             assert a == b
+
+
+def test_embedding_actor_threads_follow_the_config(ray_session, embedder_path):
+    """Under Ray an actor reserving one CPU gets one torch thread; `embed_threads` overrides it on CPU."""
+    from lorag.embed import Embedder
+
+    @ray_session.remote(num_cpus=1)
+    class Probe:
+        def __init__(self, threads):
+            self.emb = Embedder(embedder_path, device="cpu", threads=threads)
+
+        def threads(self):
+            import torch
+
+            return torch.get_num_threads(), self.emb.embed(["a probe"]).shape
+
+    assert ray_session.get(Probe.remote(None).threads.remote()) == (1, (1, 384))
+    assert ray_session.get(Probe.remote(2).threads.remote()) == (2, (1, 384))

@@ -73,6 +73,11 @@ class KnowledgeBaseConfig(_Strict):
     search: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused by reciprocal rank).")
     embed_batch_size: int = Field(64, ge=1, description="Chunks per embedding batch in the ingest pipeline.")
     embed_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data pool; one per spare CPU (or GPU) is a good start.")
+    embed_threads: int | None = Field(
+        None, ge=1,
+        description="CPU embedding: torch threads per embedding actor. Default: Ray's, one per CPU the actor reserves (1). "
+        "On a laptop with one actor, set it to the number of cores: parsing and writing need little CPU.",
+    )
 
     _check_name = field_validator("name")(lambda v: validate_name("knowledge base", v))
 

@@ -113,7 +113,7 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
             )
             .map_batches(
                 Embedder,
-                fn_constructor_kwargs={"model_path": str(embedder_path)},
+                fn_constructor_kwargs={"model_path": str(embedder_path), "threads": kb.embed_threads},
                 batch_size=kb.embed_batch_size,
                 compute=ray.data.ActorPoolStrategy(size=kb.embed_actors),
                 batch_format="numpy",

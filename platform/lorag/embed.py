@@ -19,14 +19,18 @@ class Embedder:
         model_path: local checkpoint directory (see `lorag.models.resolve_model`).
         max_length: tokens per text; longer texts are truncated.
         device: "cpu", "cuda", or None to use CUDA when available.
+        threads: on CPU, torch's intra-op threads for this process (None leaves torch's setting,
+            which under Ray is one per CPU the actor reserved).
     """
 
-    def __init__(self, model_path: str | Path, max_length: int = 256, device: str | None = None):
+    def __init__(self, model_path: str | Path, max_length: int = 256, device: str | None = None, threads: int | None = None):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if threads and self.device == "cpu":
+            torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.model = AutoModel.from_pretrained(str(model_path)).to(self.device).eval()
         self.max_length = max_length

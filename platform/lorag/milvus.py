@@ -10,6 +10,7 @@ every caller.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 import contextlib
 import json
 import logging
@@ -56,6 +57,7 @@ class MilvusStore:
         self.version = str(self.client.get_server_version())
         self._loaded: dict[str, set[str]] = {}  # collection -> its field names, once loaded
         self._bm25: dict[str, Any] = {}  # collection -> Bm25Index, for servers without BM25 functions
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="lorag-dense")  # hybrid search on a server: dense halves (threads start on first use)
 
     # -- schema ----------------------------------------------------------------------------
 
@@ -215,11 +217,16 @@ class MilvusStore:
         if mode == "bm25":
             return self._full_text(collection, query, k, source_prefix)
         depth = max(2 * k, 20)  # each list contributes candidates beyond k, as RRF expects
-        lexical = self._full_text(collection, query, depth, source_prefix)
+        if is_lite(self.uri):  # Milvus Lite computes in this process: nothing to overlap
+            dense, lexical = self._dense(collection, vector, depth, source_prefix), self._full_text(collection, query, depth, source_prefix)
+        else:  # a server answers the dense search while the full-text one runs (or waits on it too)
+            pending = self._pool.submit(self._dense, collection, vector, depth, source_prefix)
+            lexical = self._full_text(collection, query, depth, source_prefix)
+            dense = pending.result()
         # Full-text hits far below the best one match only common words ("what", "the"); in a fused
         # ranking they would outvote the one chunk that holds a rare, exact term. Drop them first.
         lexical = [h for h in lexical if h["score"] >= LEXICAL_FLOOR * lexical[0]["score"]]
-        return rrf([self._dense(collection, vector, depth, source_prefix), lexical], k)
+        return rrf([dense, lexical], k)
 
     def _dense(self, collection: str, vector, k: int, prefix: str | None) -> list[dict[str, Any]]:
         if vector is None:
@@ -264,6 +271,7 @@ class MilvusStore:
         self._bm25.pop(collection, None)
 
     def close(self) -> None:
+        self._pool.shutdown()
         self.client.close()
 
 
