@@ -12,13 +12,18 @@
 3. Cold load of a rank-16 adapter from disk into a slot (median of 10).     goal < 100 ms
 4. 1 vs 8 vs 32 distinct adapters in a batch of 32, vs the base model (and 8 decoded with
    "segments" instead of "dense"; 32 distinct decode with "segments").
+5. The HTTP endpoint vs in-process generation at the same batch: `--batch` concurrent chat
+   requests for one adapter through the official `openai` client to `lorag serve`'s app (Ray
+   Serve on a local Ray, proxy -> Gateway -> Generator replica, one replica with --threads CPUs),
+   vs the replica's own batch code (`Generator._run_batch`, tokenizing included) called in this
+   process on the same prompts: completion tokens/s.                         goal >= 0.9x
 
 All variants generate the same prompts (quickstart questions in the chat template, left-padded)
 with exactly `--new-tokens` greedy tokens each (lorag's rows sorted by adapter, as
 `generate_batch` sorts them; the time includes `set_batch`), and are timed in interleaved rounds so machine
 noise hits them alike; each ratio is the median over rounds of (variant / base in the same round).
-Adapters are random (rank 16, alpha 32): throughput does not depend on what they learned. The
-HTTP endpoint's overhead over in-process generation is measured with the serving layer, not here.
+Adapters are random (rank 16, alpha 32): throughput does not depend on what they learned.
+In 5, the replica waits up to --batch-wait-ms for a batch to fill (the `serve.batch_wait_ms` setting).
 """
 
 import argparse
@@ -112,6 +117,8 @@ def main() -> None:
     ap.add_argument("--big-batch", type=int, default=32, help="rows in the batch for comparison 4")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--skip-big", action="store_true", help="skip comparison 4")
+    ap.add_argument("--skip-http", action="store_true", help="skip comparison 5")
+    ap.add_argument("--batch-wait-ms", type=float, default=50, help="the replica's batch_wait_ms in comparison 5")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -191,6 +198,13 @@ def main() -> None:
         big = rounds(variants, max(2, args.rounds // 2))
         print(json.dumps(big, indent=2), flush=True)
 
+    # -- 5: HTTP endpoint vs in-process ----------------------------------------------------------
+    http = None
+    if not args.skip_http:
+        del peft, base  # the replica loads its own copy
+        http = http_vs_inprocess(args, dirs[0])
+        print(json.dumps(http, indent=2), flush=True)
+
     # -- table -----------------------------------------------------------------------------------
     def row(label: str, r: dict, rows: int, goal: str = "-") -> None:
         tok_s = rows * args.new_tokens / r["s"]
@@ -211,8 +225,75 @@ def main() -> None:
             if f"distinct{k}" in big:
                 row(f"{k} distinct adapter(s) in a batch of {args.big_batch}", big[f"distinct{k}"], args.big_batch)
         row("8 distinct, decoded with strategy segments instead of dense", big["distinct8_segments"], args.big_batch)
+    if http:
+        print(f"| {args.batch} concurrent requests over HTTP (openai client -> Ray Serve) vs the replica's batch code in-process "
+              f"({http['inprocess_tok_s']:.0f} tok/s) | **{http['ratio']:.2f}x** ({http['http_tok_s']:.0f} tok/s) | - | >= 0.9x |")
     print(f"\ncold load of a rank-16 adapter ({cold['mb']:.1f} MB safetensors) from disk into a slot, median of 10: "
           f"**{cold['median_ms']:.0f} ms** (of which reading the file {cold['read_ms']:.0f} ms); goal < 100 ms")
+
+
+def http_vs_inprocess(args, adapter_dir: Path) -> dict[str, float]:
+    """Comparison 5: `args.batch` concurrent chat requests over HTTP vs `Generator._run_batch` in this process."""
+    import concurrent.futures
+    import socket
+
+    import openai
+    import ray
+    import yaml
+    from ray import serve
+
+    from lorag.adapters import AdapterStore
+    from lorag.config import load_config
+    from lorag.serving import Generator, build_app
+
+    questions = [json.loads(line)["prompt"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
+    messages = [[{"role": "user", "content": questions[i % len(questions)]}] for i in range(args.batch)]
+    root = Path(tempfile.mkdtemp(prefix="lorag-bench-http-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / "lorag.yaml").write_text(yaml.safe_dump({
+        "base_model": "smollm2-135m-instruct", "workdir": "work",
+        "adapters": [{"name": "bench", "dataset": "unused.jsonl"}],
+        "serve": {"port": port, "host": "127.0.0.1", "replicas": 1, "cpus_per_replica": args.threads, "max_batch_size": args.batch,
+                  "batch_wait_ms": args.batch_wait_ms, "max_ongoing_requests": 2 * args.batch, "max_tokens": args.new_tokens},
+    }))
+    cfg = load_config(root / "lorag.yaml")
+    AdapterStore(cfg.adapter_store).save("bench", adapter_dir, {"base_model": cfg.base_model})
+
+    ray.init(num_cpus=args.threads, include_dashboard=False, logging_level="ERROR")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="lorag", route_prefix="/")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    pool = concurrent.futures.ThreadPoolExecutor(args.batch)
+
+    def over_http() -> int:
+        def one(m):
+            return client.chat.completions.create(model="bench", messages=m, max_tokens=args.new_tokens, temperature=0).usage.completion_tokens
+        return sum(pool.map(one, messages))
+
+    gen = Generator.func_or_class(cfg.model_dump(mode="json"))
+    params = {"max_tokens": args.new_tokens, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None}
+
+    def in_process() -> int:
+        out = gen._run_batch([("bench", gen._encode(m), params) for m in messages])
+        return sum(o["completion_tokens"] for o in out)
+
+    for fn in (over_http, in_process):  # warm-up: adapter load, first batch
+        fn()
+    times: dict[str, list[float]] = {"http": [], "inprocess": []}
+    tokens: dict[str, list[int]] = {"http": [], "inprocess": []}
+    for r in range(max(2, args.rounds)):
+        for name, fn in sorted({"http": over_http, "inprocess": in_process}.items(), reverse=bool(r % 2)):
+            t = time.perf_counter()
+            tokens[name].append(fn())
+            times[name].append(time.perf_counter() - t)
+    serve.shutdown()
+    ray.shutdown()
+    rate = {n: [k / t for k, t in zip(tokens[n], times[n])] for n in times}
+    return {"http_tok_s": statistics.median(rate["http"]), "inprocess_tok_s": statistics.median(rate["inprocess"]),
+            "ratio": statistics.median(h / i for h, i in zip(rate["http"], rate["inprocess"])),
+            "tokens_http": tokens["http"], "tokens_inprocess": tokens["inprocess"]}
 
 
 if __name__ == "__main__":

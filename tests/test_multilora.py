@@ -161,6 +161,33 @@ def test_reloading_a_name_replaces_its_weights_in_place(adapters, mm, tiny_model
         torch.testing.assert_close(logits(mm.model, ids), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_merged_single_adapter_follows_slot_changes_and_leaves_the_base_exact(adapters, base, mm, tiny_model):
+    """A batch on one adapter runs on merged weights W + BA: recomputed when its slot changes, never written into W."""
+
+    def peft_logits(name, ids):
+        return logits(PeftModel.from_pretrained(load_causal_lm(tiny_model), str(adapters[name])), ids)
+
+    ids = tokens(2)
+    slot = mm.load("x", adapters["c"])
+    with mm.rows([slot, slot]):
+        torch.testing.assert_close(logits(mm.model, ids), peft_logits("c", ids), atol=1e-5, rtol=1e-5)
+    assert any(layer.merged_slot == slot for layer in mm.layers.values()), "a single-adapter batch should run merged"
+    assert mm.load("x", adapters["a"]) == slot  # same slot, other weights: the merged copy is stale
+    with mm.rows([slot, slot]):
+        torch.testing.assert_close(logits(mm.model, ids), peft_logits("a", ids), atol=1e-5, rtol=1e-5)
+    mm.unload("x")
+    assert mm.load("y", adapters["b"]) == slot
+    with mm.rows([slot, slot]):
+        merged = logits(mm.model, ids)
+    torch.testing.assert_close(merged, peft_logits("b", ids), atol=1e-5, rtol=1e-5)
+    mm.merge_single = False
+    with mm.rows([slot, slot]):
+        torch.testing.assert_close(logits(mm.model, ids), merged, atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits(mm.model, ids), logits(base, ids)), "the base weights must stay exact"
+    base_weights = dict(base.named_parameters())
+    assert all(torch.equal(p, base_weights[n]) for n, p in mm.model.named_parameters())
+
+
 def test_state_dict_keys_are_unchanged(tiny_model, base):
     wrapped = MultiLoraModel(load_causal_lm(tiny_model), max_adapters=2, max_rank=4)
     assert list(wrapped.model.state_dict()) == list(base.state_dict())

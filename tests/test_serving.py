@@ -322,3 +322,51 @@ def test_a_new_adapter_is_served_without_a_restart(served, tmp_path, tiny_model)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda m: (m, chat(url, model=m, max_tokens=6, retrieval=False).json()["choices"][0]["message"]["content"]), ["fresh", "support"] * 4))
     assert all(text == want[m] for m, text in got), (want, got)
+
+
+def run_batcher(wait_s: float, gaps: list[float], max_size: int = 64, fail: bool = False):
+    """Submit one call after each gap (seconds); return the batches `run` saw and each call's result."""
+    import asyncio
+
+    from lorag.serving import Batcher
+
+    seen = []
+
+    def run(items):
+        seen.append(list(items))
+        if fail:
+            raise RuntimeError("boom")
+        return [i * 10 for i in items]
+
+    async def main():
+        batcher = Batcher(run, max_size, wait_s)
+        calls = []
+        for i, gap in enumerate(gaps):
+            await asyncio.sleep(gap)
+            calls.append(asyncio.create_task(batcher.submit(i)))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    return seen, asyncio.run(main())
+
+
+def test_batcher_keeps_a_trickling_burst_together_and_splits_on_a_pause():
+    # five calls 150 ms apart (600 ms in all, past the 500 ms wait) share one batch;
+    # after a 2 s pause the next ones start a new batch
+    seen, results = run_batcher(0.5, [0, 0.15, 0.15, 0.15, 0.15, 2.0, 0.01])
+    assert seen == [[0, 1, 2, 3, 4], [5, 6]]
+    assert results == [0, 10, 20, 30, 40, 50, 60]
+
+
+def test_batcher_closes_a_full_batch_and_caps_the_wait_of_a_steady_stream():
+    seen, _ = run_batcher(10.0, [0] * 5, max_size=2)
+    assert [len(b) for b in seen] == [2, 2, 1]
+    # calls every 30 ms never leave a 100 ms gap, but a batch closes 8 x 100 ms after its first call
+    seen, results = run_batcher(0.1, [0.03] * 60)
+    assert len(seen) >= 2 and sorted(i for b in seen for i in b) == list(range(60))
+    assert results == [i * 10 for i in range(60)]
+
+
+def test_batcher_gives_every_caller_the_error_and_keeps_running():
+    seen, results = run_batcher(0.3, [0, 0.01, 1.5], fail=True)
+    assert seen == [[0, 1], [2]]
+    assert all(isinstance(r, RuntimeError) for r in results)

@@ -179,7 +179,16 @@ class ServeConfig(_Strict):
     max_adapters_per_replica: int = Field(4, ge=1, description="Adapters a replica keeps loaded (least recently used is evicted); Serve routes each adapter to replicas holding it.")
     max_lora_rank: int = Field(64, ge=1, le=512, description="Largest adapter rank a replica can serve (its adapter slots are sized for it).")
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests one forward pass serves together, whatever their adapters (batched LoRA).")
-    batch_wait_ms: float = Field(5.0, ge=0, description="How long a replica waits for more requests to fill a batch.")
+    batch_wait_ms: float = Field(
+        20.0, ge=0,
+        description="How long a replica's open batch waits for the next request before it runs (8x this at most from its first "
+        "request). Raise it (e.g. 50) when bursts arrive spread out on a busy CPU machine; 0 runs each request as it comes.",
+    )
+    merge_single_adapter: bool = Field(
+        True,
+        description="A batch whose requests all use one adapter runs on merged weights (W + BA, kept in a second copy of the "
+        "adapted layers, recomputed when the batch's adapter changes): base-model speed, at the memory of that copy.",
+    )
     max_tokens: int = Field(128, ge=1, description="Default completion length when a request gives no max_tokens.")
     autoscaling: AutoscalingConfig | None = Field(None, description="Scale generator replicas with load (replaces `replicas`).")
     max_ongoing_requests: int = Field(8, ge=1, description="Requests one generator replica works on at once (they share its batches).")

@@ -21,7 +21,9 @@ How the LoRA term is computed. A prompt (prefill) runs one matmul pair per run o
 same adapter (`find_segments`), so its FLOPs are exact and the per-op overhead is amortised over
 the prompt's tokens. A decode step (one token a row) is where the op count matters, so it has its
 own plan, chosen by `strategy`:
-- every row on one adapter: `h = x A_s^T`, `y.addmm_(h, B_s^T)`, two small matmuls a layer;
+- every row on one adapter: the merged weight `W + B_s A_s` (`merge_single`, the default; kept in
+  a second copy of each wrapped weight and recomputed only when the batch's adapter changes), so
+  prefill and decode cost exactly the base model's; without it `h = x A_s^T`, `y.addmm_(h, B_s^T)`;
 - "dense" (auto up to `dense_max_slots` slots): one matmul against the contiguous span of slot
   buffers the batch uses, a mask that zeroes each row's other slots, one addmm: 3 ops a layer,
   K times the LoRA FLOPs for K adapters;
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+MERGED = "merged"  # a layer plan: run on the layer's merged weight
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 # Config fields whose effect the batched path cannot reproduce row by row.
@@ -156,17 +159,21 @@ class BatchedLoraLinear(nn.Module):
         self.register_buffer("lora_A", w.new_zeros(max_adapters * max_rank, self.in_features), persistent=False)
         self.register_buffer("lora_B", w.new_zeros(max_adapters * max_rank, self.out_features), persistent=False)  # B^T
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A_s [r, in], B_s^T [r, out]) views
+        self.merged: torch.Tensor | None = None  # W + B_s A_s for `merged_slot` (allocated on first use)
+        self.merged_slot: int | None = None
         # (rows, decode plan, prefill plan) from MultiLoraModel.set_batch; a plan is (A, B^T, mask) or
         # a list of (first row, end row, A_s, B_s^T) runs
         self.plan: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if self.plan is None:
-            return y
+            return F.linear(x, self.weight, self.bias)
         rows, decode, prefill = self.plan
         assert x.shape[0] == rows, f"the batch has {x.shape[0]} rows but set_batch was given {rows}"
         plan = decode if x.shape[1] == 1 else prefill
+        if plan is MERGED:
+            return F.linear(x, self.merged, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         if isinstance(plan, list):
             for lo, hi, a, bt in plan:
                 h = F.linear(x[lo:hi], a)
@@ -179,13 +186,28 @@ class BatchedLoraLinear(nn.Module):
         y.view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), bt)
         return y
 
+    def merge(self, slot: int) -> None:
+        """Make `merged` = W + B_s A_s (the base weight itself is never modified); kept until the slot changes."""
+        if self.merged_slot == slot:
+            return
+        a, bt = self.pairs[slot]
+        with torch.no_grad():
+            if self.merged is None:
+                self.merged = torch.empty_like(self.weight, requires_grad=False)
+            torch.addmm(self.weight.detach(), bt.t(), a, out=self.merged)
+        self.merged_slot = slot
+
     def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.merged_slot == slot:
+            self.merged_slot = None
         lo, r = (slot - 1) * self.max_rank, a.shape[0]
         self.lora_A[lo : lo + r].copy_(a)
         self.lora_B[lo : lo + r].copy_(b.t())
         self.pairs[slot] = (self.lora_A[lo : lo + r], self.lora_B[lo : lo + r])
 
     def clear_slot(self, slot: int) -> None:
+        if self.merged_slot == slot:
+            self.merged_slot = None
         if self.pairs.pop(slot, None) is not None:
             lo = (slot - 1) * self.max_rank
             self.lora_A[lo : lo + self.max_rank].zero_()
@@ -200,7 +222,7 @@ class MultiLoraModel:
     """
 
     def __init__(self, model: nn.Module, max_adapters: int = 8, max_rank: int = 16, target_modules: Sequence[str] = TARGETS,
-                 strategy: str = "auto", dense_max_slots: int = 8):
+                 strategy: str = "auto", dense_max_slots: int = 8, merge_single: bool = True):
         """Wrap every `nn.Linear` named in `target_modules` (the decoder layers' projections by default).
 
         Args:
@@ -210,12 +232,15 @@ class MultiLoraModel:
             target_modules: names of the Linear layers to wrap; an adapter may target a subset.
             strategy: how mixed batches decode (see the module docstring): "auto" is "dense" when
                 the slots a batch uses lie within `dense_max_slots` consecutive slots, else "segments".
+            merge_single: a batch whose rows all use one adapter runs on merged weights W + BA
+                (computed once per adapter change into a second copy of each wrapped weight, so the
+                base weights stay exact): base-model speed for the price of that copy's memory.
         """
         if any(isinstance(m, BatchedLoraLinear) for m in model.modules()):
             raise ValueError("the model is already wrapped by a MultiLoraModel")
         assert strategy in ("auto", "dense", "segments"), f"unknown strategy {strategy!r}: use auto, dense or segments"
         self.model, self.max_adapters, self.max_rank = model, max_adapters, max_rank
-        self.strategy, self.dense_max_slots = strategy, dense_max_slots
+        self.strategy, self.dense_max_slots, self.merge_single = strategy, dense_max_slots, merge_single
         self.slots: dict[str, int] = {}
         self.layers: dict[str, BatchedLoraLinear] = {}
         for parent_name, parent in list(model.named_modules()):
@@ -313,9 +338,13 @@ class MultiLoraModel:
             if not live:
                 layer.plan = None
                 continue
-            if len(adapters) == 1:  # every row uses one adapter: no mask, its exact rank
-                single = (*layer.pairs[live[0]], None)
-                layer.plan = (n, single, single)
+            if len(adapters) == 1:  # every row uses one adapter: merged weights, or no mask and its exact rank
+                if self.merge_single:
+                    layer.merge(live[0])
+                    layer.plan = (n, MERGED, MERGED)
+                else:
+                    single = (*layer.pairs[live[0]], None)
+                    layer.plan = (n, single, single)
                 continue
             # prefill: one matmul pair per run of rows, exact FLOPs; the ops' overhead is amortised over the prompt
             runs = [(bounds[i], bounds[i + 1], *layer.pairs[s]) for i, s in enumerate(adapters) if s in layer.pairs]

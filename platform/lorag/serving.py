@@ -374,7 +374,8 @@ class Generator:
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path).eval()
         # Slots beyond Serve's LRU size: a batch may still need adapters Serve has just evicted.
-        self.mm = MultiLoraModel(self.model, max_adapters=sv.max_adapters_per_replica + sv.max_batch_size, max_rank=sv.max_lora_rank)
+        self.mm = MultiLoraModel(self.model, max_adapters=sv.max_adapters_per_replica + sv.max_batch_size, max_rank=sv.max_lora_rank,
+                                 merge_single=sv.merge_single_adapter)
         self.store = AdapterStore(self.cfg.adapter_store)
         self.lock = threading.Lock()  # one forward pass at a time; guards the adapter slots
         self.recent: OrderedDict[str, None] = OrderedDict()  # loaded adapters, least recently used first
@@ -543,11 +544,16 @@ class Generator:
 
 
 class Batcher:
-    """Collects concurrent calls into batches of up to `max_size`, waiting at most `wait_s` to fill one.
+    """Collects concurrent calls into batches of up to `max_size`.
 
-    `await submit(item)` returns `run(items)[i]` for its item; `run` (blocking) executes in a worker
-    thread while the next batch gathers.
+    A batch closes when it is full, when no call has arrived for `wait_s`, or `MAX_WAIT_FACTOR *
+    wait_s` after its first call, whichever comes first: a burst whose calls trickle in (through
+    the proxy and the gateway, on a busy machine) still shares one pass, and a lone call waits only
+    `wait_s`. `await submit(item)` returns `run(items)[i]` for its item; `run` (blocking) executes
+    in a worker thread while the next batch gathers.
     """
+
+    MAX_WAIT_FACTOR = 8
 
     def __init__(self, run, max_size: int, wait_s: float):
         self.run, self.max_size, self.wait_s = run, max_size, wait_s
@@ -566,12 +572,15 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
-            deadline = loop.time() + self.wait_s
+            now = loop.time()
+            last_call = now + self.MAX_WAIT_FACTOR * self.wait_s
+            deadline = min(now + self.wait_s, last_call)
             while len(batch) < self.max_size:
                 try:
                     batch.append(self.queue.get_nowait() if loop.time() >= deadline else await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):
                     break
+                deadline = min(loop.time() + self.wait_s, last_call)  # each arrival extends the wait, up to the cap
             batch = [(item, f) for item, f in batch if not f.done()]  # skip callers that gave up
             if not batch:
                 continue
