@@ -1,15 +1,17 @@
 """Serving benchmarks for batched multi-LoRA, measured as ratios within one run (see docs/benchmarks.md).
 
-    .venv/bin/python bench/serve.py                          # bundled SmolLM2-135M, CPU, ~6 min
+    .venv/bin/python bench/serve.py                          # bundled SmolLM2-135M, CPU, ~12 min on 2 cores
     .venv/bin/python bench/serve.py --rounds 1 --new-tokens 8  # smoke run
 
 1. A mixed batch of 4 adapters (rank 16 on q/k/v/o/gate/up/down) in one forward pass vs the base
    model: generated tokens/s.                                               goal >= 0.9x
    For comparison: peft's own mixed batch (`generate(adapter_names=...)`), and decoding with
    lorag.multilora's "segments" strategy instead of "dense".
+   Also: the time of one prefill and one decode-step forward, base vs the mixed batch.
 2. One adapter for the whole batch vs the base model (and peft with that adapter active).
                                                                             goal >= 0.95x
 3. Cold load of a rank-16 adapter from disk into a slot (median of 10).     goal < 100 ms
+   Also: merging it into the weights (what a one-adapter batch pays when its adapter changes).
 4. 1 vs 8 vs 32 distinct adapters in a batch of 32, vs the base model (and 8 decoded with
    "segments" instead of "dense"; 32 distinct decode with "segments").
 5. The HTTP endpoint vs in-process generation at the same batch: `--batch` concurrent chat
@@ -27,6 +29,7 @@ In 5, the replica waits up to --batch-wait-ms for a batch to fill (the `serve.ba
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -170,6 +173,8 @@ def main() -> None:
         timed_generate(mm.model, batch, 2)
     small = rounds(variants, args.rounds)
     print(json.dumps(small, indent=2), flush=True)
+    steps = step_times(base, mm, batch, sorted(mixed))
+    print(json.dumps({"step_ms": steps}), flush=True)
 
     # -- 3: cold load --------------------------------------------------------------------------
     mm.unload("a0")
@@ -182,7 +187,16 @@ def main() -> None:
         loads.append(time.perf_counter() - t)
         mm.unload("a0")
     mm.load("a0", dirs[0])
-    cold = {"median_ms": 1000 * statistics.median(loads), "read_ms": 1000 * statistics.median(reads), "mb": dirs[0].joinpath("adapter_model.safetensors").stat().st_size / 2**20}
+    merges = []  # what the first one-adapter batch after an adapter change also pays: W + BA into the merged copies
+    for _ in range(10):
+        for layer in mm.layers.values():
+            layer.merged_slot = None
+        t = time.perf_counter()
+        mm.set_batch([mm.slots["a0"]] * args.batch)
+        merges.append(time.perf_counter() - t)
+        mm.set_batch(None)
+    cold = {"median_ms": 1000 * statistics.median(loads), "read_ms": 1000 * statistics.median(reads), "merge_ms": 1000 * statistics.median(merges),
+            "mb": dirs[0].joinpath("adapter_model.safetensors").stat().st_size / 2**20}
     print(json.dumps({"cold_load": cold}), flush=True)
 
     # -- 4: batch of 32 with 1, 8, 32 distinct adapters ------------------------------------------
@@ -228,8 +242,38 @@ def main() -> None:
     if http:
         print(f"| {args.batch} concurrent requests over HTTP (openai client -> Ray Serve) vs the replica's batch code in-process "
               f"({http['inprocess_tok_s']:.0f} tok/s) | **{http['ratio']:.2f}x** ({http['http_tok_s']:.0f} tok/s) | - | >= 0.9x |")
+    print("\nOne forward of the batch of 8, median ms (prefill: the whole prompt; decode: one token a row after it):")
+    for name, t in steps.items():
+        print(f"  {name}: prefill {t['prefill']:.0f} ms, decode step {t['decode']:.1f} ms")
     print(f"\ncold load of a rank-16 adapter ({cold['mb']:.1f} MB safetensors) from disk into a slot, median of 10: "
-          f"**{cold['median_ms']:.0f} ms** (of which reading the file {cold['read_ms']:.0f} ms); goal < 100 ms")
+          f"**{cold['median_ms']:.0f} ms** (of which reading the file {cold['read_ms']:.0f} ms); goal < 100 ms. "
+          f"Merging it into the weights for a one-adapter batch: {cold['merge_ms']:.0f} ms, once per adapter change")
+
+
+def step_times(base, mm, batch, mixed: list[int], repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Median ms of one prefill forward and one decode-step forward: base, mixed dense, mixed segments."""
+    input_ids, mask = batch
+    step_mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], 1)
+
+    def measure(model) -> tuple[float, float]:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = model(input_ids=input_ids, attention_mask=mask, use_cache=True)
+            prefill = time.perf_counter() - t
+            cache = out.past_key_values
+            t = time.perf_counter()
+            model(input_ids=input_ids[:, -1:], attention_mask=step_mask, past_key_values=cache, use_cache=True)
+            return prefill, time.perf_counter() - t
+
+    times: dict[str, list[tuple[float, float]]] = {"base": [], "mixed4 dense": [], "mixed4 segments": []}
+    for _ in range(repeats):
+        for name in times:
+            model = base if name == "base" else mm.model
+            mm.strategy = name.split()[-1] if name != "base" else "auto"
+            with mm.rows(mixed) if name != "base" else contextlib.nullcontext():
+                times[name].append(measure(model))
+    mm.strategy = "auto"
+    return {n: {"prefill": 1000 * statistics.median(p for p, _ in t), "decode": 1000 * statistics.median(d for _, d in t)} for n, t in times.items()}
 
 
 def http_vs_inprocess(args, adapter_dir: Path) -> dict[str, float]:

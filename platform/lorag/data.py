@@ -145,7 +145,9 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
         written += sum(f.result() for f in pending)
         pool.shutdown()
     # Only after every current chunk is written: drop chunks of changed and deleted documents.
-    removed = store.prune(kb.collection, keep, gone)
+    # A source the collection did not hold when this run started has no chunks but this run's,
+    # so only re-indexed sources that were stored before need a delete (each is a scan on Lite).
+    removed = store.prune(kb.collection, {s: ids for s, ids in keep.items() if s in stored}, gone)
     if written or removed:
         store.settle(kb.collection)
     return IngestReport(kb.name, uri, len(files), len(files) - len(todo), written, removed, store.count(kb.collection), time.time() - start, failed, rebuilt)
