@@ -76,7 +76,7 @@ class KnowledgeBaseConfig(_Strict):
     embed_threads: int | None = Field(
         None, ge=1,
         description="CPU embedding: torch threads per embedding actor. Default: Ray's, one per CPU the actor reserves (1). "
-        "On a laptop with one actor, set it to the number of cores: parsing and writing need little CPU.",
+        "About one actor per core (embed_actors) measured faster than one actor with every core's threads.",
     )
 
     _check_name = field_validator("name")(lambda v: validate_name("knowledge base", v))
