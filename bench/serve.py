@@ -279,8 +279,6 @@ def step_times(base, mm, batch, mixed: list[int], repeats: int = 5) -> dict[str,
 def http_vs_inprocess(args, adapter_dir: Path) -> dict[str, float]:
     """Comparison 5: `args.batch` concurrent chat requests over HTTP vs `Generator._run_batch` in this process."""
     import concurrent.futures
-    import socket
-
     import openai
     import ray
     import yaml
@@ -288,14 +286,13 @@ def http_vs_inprocess(args, adapter_dir: Path) -> dict[str, float]:
 
     from lorag.adapters import AdapterStore
     from lorag.config import load_config
+    from lorag.milvus import _free_ports  # the free-loopback-port helper local_server uses
     from lorag.serving import Generator, build_app
 
     questions = [json.loads(line)["prompt"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
     messages = [[{"role": "user", "content": questions[i % len(questions)]}] for i in range(args.batch)]
     root = Path(tempfile.mkdtemp(prefix="lorag-bench-http-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_ports(1)[0]
     (root / "lorag.yaml").write_text(yaml.safe_dump({
         "base_model": "smollm2-135m-instruct", "workdir": "work",
         "adapters": [{"name": "bench", "dataset": "unused.jsonl"}],

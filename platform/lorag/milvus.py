@@ -9,9 +9,8 @@ every caller.
 
 from __future__ import annotations
 
-import hashlib
-from concurrent.futures import ThreadPoolExecutor
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 ACTOR_NAMESPACE = "lorag"
