@@ -109,6 +109,27 @@ def test_mixed_batch_rows_equal_each_row_alone(length, strategy, adapters, base,
     assert torch.equal(logits(mm.model, ids), plain), "with no batch set the wrapped model must be the base model"
 
 
+def test_decode_plan_follows_a_slot_reloaded_with_another_adapter(adapters, mm, tiny_model, tmp_path):
+    """The dense plan packs the batch's adapters into one matrix per layer (without the slots' zero
+    padding: ranks 4 and 8 in rank-16 slots); a slot given to another adapter of the same shape must
+    not reuse that copy."""
+    mm.strategy = "dense"
+    a, b = mm.load("a", adapters["a"]), mm.load("b", adapters["b"])
+    ids = tokens(2, 1)
+    with mm.rows([a, b]):
+        before = logits(mm.model, ids)
+    mm.unload("b")
+    b2 = make_adapter(tiny_model, tmp_path / "b2", seed=7, **ADAPTERS["b"])
+    assert mm.load("b2", b2) == b, "b2 should take b's freed slot"
+    with mm.rows([a, b]):
+        after = logits(mm.model, ids)
+    with mm.rows([b]):
+        alone = logits(mm.model, ids[1:])[0]
+    torch.testing.assert_close(after[1], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before[1], after[1], atol=1e-3), "the row must now use b2, not b's packed copy"
+    torch.testing.assert_close(after[0], before[0], atol=1e-5, rtol=1e-5)
+
+
 def test_mixed_greedy_generation_equals_each_row_alone(adapters, mm, tiny_model):
     slot = {name: mm.load(name, path) for name, path in adapters.items()}
     rows = [slot["a"], 0, slot["b"], slot["c"], slot["a"]]

@@ -24,9 +24,10 @@ own plan, chosen by `strategy`:
 - every row on one adapter: the merged weight `W + B_s A_s` (`merge_single`, the default; kept in
   a second copy of each wrapped weight and recomputed only when the batch's adapter changes), so
   prefill and decode cost exactly the base model's; without it `h = x A_s^T`, `y.addmm_(h, B_s^T)`;
-- "dense" (auto up to `dense_max_slots` slots): one matmul against the contiguous span of slot
-  buffers the batch uses, a mask that zeroes each row's other slots, one addmm: 3 ops a layer,
-  K times the LoRA FLOPs for K adapters;
+- "dense" (auto up to `dense_max_slots` adapters): one matmul against the A's of the adapters the
+  batch uses, back to back at their own ranks (`pack`: a view of the slot buffers, or a cached
+  copy without the zero padding when slots are sized for a larger rank), a mask that zeroes each
+  row's other adapters, one addmm: 3 ops a layer, K times the LoRA FLOPs for K adapters;
 - "segments" (auto beyond): the prefill plan, 2 matmuls per run per layer, exact FLOPs.
 Measured (SmolLM2-135M, 30 layers x 7 wrapped Linears, batch 8, 4 rank-16 adapters on all 7;
 1 thread, CPU time of one decode-shaped forward, median of 20 interleaved; base = 1.00): one
@@ -161,6 +162,7 @@ class BatchedLoraLinear(nn.Module):
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A_s [r, in], B_s^T [r, out]) views
         self.merged: torch.Tensor | None = None  # W + B_s A_s for `merged_slot` (allocated on first use)
         self.merged_slot: int | None = None
+        self.packed: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None  # (slots, A, B^T) from `pack`
         # (rows, decode plan, prefill plan) from MultiLoraModel.set_batch; a plan is (A, B^T, mask) or
         # a list of (first row, end row, A_s, B_s^T) runs
         self.plan: tuple | None = None
@@ -197,9 +199,27 @@ class BatchedLoraLinear(nn.Module):
             torch.addmm(self.weight.detach(), bt.t(), a, out=self.merged)
         self.merged_slot = slot
 
+    def pack(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B^T of `slots` (sorted, all loaded here) back to back, each at its own rank.
+
+        A view of the slot buffers when they already lie so (consecutive slots, each at max_rank);
+        otherwise a copy without the zero padding, kept until the slots asked for or their contents
+        change. A replica sized for rank 64 serving rank-8 adapters would else read and multiply
+        eight times the adapters' bytes on every decode step.
+        """
+        r = self.max_rank
+        if slots[-1] - slots[0] + 1 == len(slots) and all(self.pairs[s][0].shape[0] == r for s in slots):
+            span = slice((slots[0] - 1) * r, slots[-1] * r)
+            return self.lora_A[span], self.lora_B[span]
+        if self.packed is None or self.packed[0] != slots:
+            with torch.no_grad():
+                self.packed = (slots, torch.cat([self.pairs[s][0] for s in slots]), torch.cat([self.pairs[s][1] for s in slots]))
+        return self.packed[1], self.packed[2]
+
     def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         if self.merged_slot == slot:
             self.merged_slot = None
+        self.packed = None
         lo, r = (slot - 1) * self.max_rank, a.shape[0]
         self.lora_A[lo : lo + r].copy_(a)
         self.lora_B[lo : lo + r].copy_(b.t())
@@ -208,6 +228,7 @@ class BatchedLoraLinear(nn.Module):
     def clear_slot(self, slot: int) -> None:
         if self.merged_slot == slot:
             self.merged_slot = None
+        self.packed = None
         if self.pairs.pop(slot, None) is not None:
             lo = (slot - 1) * self.max_rank
             self.lora_A[lo : lo + self.max_rank].zero_()
@@ -231,7 +252,7 @@ class MultiLoraModel:
             max_rank: largest adapter rank accepted; smaller ranks are zero-padded.
             target_modules: names of the Linear layers to wrap; an adapter may target a subset.
             strategy: how mixed batches decode (see the module docstring): "auto" is "dense" when
-                the slots a batch uses lie within `dense_max_slots` consecutive slots, else "segments".
+                a batch uses at most `dense_max_slots` adapters, else "segments".
             merge_single: a batch whose rows all use one adapter runs on merged weights W + BA
                 (computed once per adapter change into a second copy of each wrapped weight, so the
                 base weights stay exact): base-model speed for the price of that copy's memory.
@@ -331,8 +352,8 @@ class MultiLoraModel:
             return
         bounds, adapters = find_segments(rows)
         used = sorted(set(adapters) - {0})
-        r, n = self.max_rank, len(rows)
-        masks: dict[tuple[int, int], torch.Tensor] = {}
+        n = len(rows)
+        masks: dict[tuple[tuple[int, int], ...], torch.Tensor] = {}
         for layer in self.layers.values():
             live = [s for s in used if s in layer.pairs]
             if not live:
@@ -349,21 +370,24 @@ class MultiLoraModel:
             # prefill: one matmul pair per run of rows, exact FLOPs; the ops' overhead is amortised over the prompt
             runs = [(bounds[i], bounds[i + 1], *layer.pairs[s]) for i, s in enumerate(adapters) if s in layer.pairs]
             decode = runs
-            lo, hi = live[0], live[-1]
-            if self.strategy == "dense" or (self.strategy == "auto" and hi - lo < self.dense_max_slots):
-                if (lo, hi) not in masks:
-                    masks[lo, hi] = _mask(rows, lo, hi, r, layer.lora_A)
-                span = slice((lo - 1) * r, hi * r)
-                decode = (layer.lora_A[span], layer.lora_B[span], masks[lo, hi])
+            if self.strategy == "dense" or (self.strategy == "auto" and len(live) <= self.dense_max_slots):
+                a, bt = layer.pack(tuple(live))
+                layout = tuple((s, layer.pairs[s][0].shape[0]) for s in live)  # the columns of `a`, slot by slot
+                if layout not in masks:
+                    masks[layout] = _mask(rows, layout, layer.lora_A)
+                decode = (a, bt, masks[layout])
             layer.plan = (n, decode, runs)
 
 
-def _mask(rows: list[int], lo: int, hi: int, rank: int, like: torch.Tensor) -> torch.Tensor:
-    """[rows, 1, (hi - lo + 1) * rank]: ones on the columns of each row's slot, zeros elsewhere (and for base rows)."""
-    mask = like.new_zeros(len(rows), 1, (hi - lo + 1) * rank)
+def _mask(rows: list[int], layout: tuple[tuple[int, int], ...], like: torch.Tensor) -> torch.Tensor:
+    """[rows, 1, sum of ranks]: ones on the columns of each row's slot in `layout` ((slot, rank) back to back), zeros elsewhere."""
+    mask = like.new_zeros(len(rows), 1, sum(r for _, r in layout))
+    start, lo = {}, 0
+    for s, r in layout:
+        start[s], lo = (lo, r), lo + r
     for i, s in enumerate(rows):
-        if lo <= s <= hi:
-            mask[i, 0, (s - lo) * rank : (s - lo + 1) * rank] = 1
+        if s in start:
+            mask[i, 0, start[s][0] : start[s][0] + start[s][1]] = 1
     return mask
 
 
