@@ -330,8 +330,8 @@ def http_vs_inprocess(args, adapter_dir: Path) -> dict[str, float]:
     gen = Generator.func_or_class(cfg.model_dump(mode="json"))
     params = {"max_tokens": args.new_tokens, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None}
 
-    def in_process() -> int:
-        out = gen._run_batch([("bench", gen._encode(m), params) for m in messages])
+    def in_process() -> int:  # on the replica's torch thread, as the replica runs it
+        out = gen.torch.submit(gen._run_batch, [("bench", gen._encode(m), params) for m in messages]).result()
         return sum(o["completion_tokens"] for o in out)
 
     for fn in (over_http, in_process):  # warm-up: adapter load, first batch
