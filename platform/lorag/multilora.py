@@ -35,7 +35,9 @@ adapter 1.09, dense 1.20, segments 1.31, a padded gather/`bmm`/`index_add_` grou
 per-row gathered A/B with 2 `bmm`s ~1.26 plus ~290 ms per `set_batch` for the per-row copies
 (dropped, as was the grouping). bf16 slot buffers upcast per step did not help (1.20 vs 1.23):
 on this CPU the extra time tracks the adapter weights read per step, which for 4 rank-16
-adapters are already 14% of the base model's bytes. In whole `generate` calls (bench/serve.py,
+adapters are already 14% of the base model's bytes. Nor did (later, 2 threads, decode step vs
+base) LoRA matmuls in bf16 on an AVX512-BF16 CPU (0.79x vs 0.86x in fp32) or one A-matmul shared
+by the layers that read the same input (q/k/v, gate/up: 0.83x vs 0.84x). In whole `generate` calls (bench/serve.py,
 2 threads) 8 adapters in a batch of 32 decoded dense ran at 0.90x of base against 0.80x with
 segments, hence `dense_max_slots=8`. End-to-end ratios: docs/benchmarks.md.
 """
