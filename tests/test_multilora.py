@@ -21,12 +21,17 @@ ADAPTERS = {
     "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "b": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
     "c": dict(r=16, lora_alpha=4, target_modules=["o_proj", "gate_proj", "up_proj", "down_proj"], alpha_pattern={"down_proj": 32}),
+    "d": dict(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
 }
 
 
 def make_adapter(base_path, out, seed=0, **lora):
     torch.manual_seed(seed)
     model = get_peft_model(load_causal_lm(base_path), LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():  # DoRA starts with m = ||W + BA||, where it equals LoRA: move m as training would
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.rand_like(param) + 0.5)
     model.save_pretrained(out)
     return out
 
@@ -96,7 +101,7 @@ def test_each_adapter_matches_peft(name, adapters, tiny_model, mm):
 def test_mixed_batch_rows_equal_each_row_alone(length, strategy, adapters, base, mm):
     mm.strategy = strategy
     slot = {name: mm.load(name, path) for name, path in adapters.items()}
-    rows = [slot["a"], slot["a"], 0, slot["b"], slot["c"], slot["a"]]  # a run of two rows, and "a" again later
+    rows = [slot["a"], slot["a"], 0, slot["b"], slot["d"], slot["c"], slot["a"]]  # a run of two rows, and "a" again later
     ids = tokens(len(rows), length)
     with mm.rows(rows):
         mixed = logits(mm.model, ids)
@@ -225,10 +230,33 @@ def test_bin_only_adapter_is_refused(adapters, tmp_path):
         LoraWeights.load(tmp_path)
 
 
-def test_dora_adapter_is_refused(tiny_model, tmp_path):
-    make_adapter(tiny_model, tmp_path, r=4, target_modules=["q_proj"], use_dora=True)
-    with pytest.raises(ValueError, match="use_dora=True: DoRA adapters are served through peft, not the batched path"):
-        LoraWeights.load(tmp_path)
+def test_dora_on_a_model_with_biases_matches_peft_alone_and_in_a_mixed_batch(tmp_path):
+    """DoRA scales W x + BA x per output row before the bias; the tiny Llama has no biases, this one has."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, attention_bias=True, mlp_bias=True))
+    with torch.no_grad():  # HF initialises biases to zero
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "biased")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    dora = make_adapter(tmp_path / "biased", tmp_path / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=targets)
+    lora = make_adapter(tmp_path / "biased", tmp_path / "lora", seed=1, r=4, lora_alpha=8, target_modules=targets)
+    ids = tokens(3, 5)
+    reference = logits(PeftModel.from_pretrained(load_causal_lm(tmp_path / "biased"), str(dora)), ids)
+    for merge in (True, False):
+        mm = MultiLoraModel(load_causal_lm(tmp_path / "biased"), max_adapters=2, max_rank=8, merge_single=merge)
+        d, l = mm.load("dora", dora), mm.load("lora", lora)
+        with mm.rows([d, d, d]):
+            torch.testing.assert_close(logits(mm.model, ids), reference, atol=1e-5, rtol=1e-5, msg=f"merge_single={merge}")
+        for length in (5, 1):  # prefill (runs) and decode (dense) plans
+            with mm.rows([l, d, 0]):
+                mixed = logits(mm.model, ids[:, :length])
+            torch.testing.assert_close(mixed[1], reference[1, :length], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(reference, logits(PeftModel.from_pretrained(load_causal_lm(tmp_path / "biased"), str(lora)), ids), atol=1e-3)
 
 
 def test_adapter_for_another_base_is_refused_with_both_shapes(tmp_path, mm):

@@ -96,7 +96,7 @@ class LoraConfig(_Strict):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Module names to adapt, or 'all-linear' for every linear layer but the output head.",
     )
-    use_dora: bool = Field(False, description="DoRA (weight-decomposed LoRA): often better quality at the same rank, ~1.5x slower steps. Loads in plain peft, but `lorag serve`'s batched path serves plain LoRA only.")
+    use_dora: bool = Field(False, description="DoRA (weight-decomposed LoRA): often better quality at the same rank, ~1.5x slower steps. Served like LoRA (batched, mixed with other adapters), at one extra elementwise op per adapted layer in batches that use it.")
 
 
 class TrainConfig(_Strict):

@@ -13,8 +13,12 @@ Slot 0 is the base model; slots 1..max_adapters hold adapters. Each slot's LoRA 
 stacked buffers per layer, `lora_A [max_adapters * max_rank, in]` and `lora_B` (B transposed,
 `[max_adapters * max_rank, out]`, so any run of slots is one contiguous block of rows), zero-padded
 to `max_rank`, with PEFT's `alpha / r` scaling folded into B at load.
+DoRA adapters also keep, per layer, `m / ||W + BA||_row` (computed at load); a batch with DoRA rows
+multiplies each output row by its adapter's scale (1 for other rows) and adds the bias after it,
+and a merged DoRA weight is row-scaled.
 Rows of slot 0 get exactly the base model's output: their LoRA term is never added, or is an exact
-zero. The row -> slot mapping is set once per batch (`set_batch` / `rows`) and holds for the whole
+zero (only where a DoRA row shares the batch and the layer has a bias can the later bias add differ
+in the last bit). The row -> slot mapping is set once per batch (`set_batch` / `rows`) and holds for the whole
 `model.generate` call, so the per-layer work (views, masks) is planned once, not per step.
 
 How the LoRA term is computed. A prompt (prefill) runs one matmul pair per run of rows with the
@@ -49,7 +53,7 @@ import json
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,9 +64,9 @@ from torch import nn
 MERGED = "merged"  # a layer plan: run on the layer's merged weight
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+_MAGNITUDE = re.compile(r"^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.weight)?$")  # DoRA
 # Config fields whose effect the batched path cannot reproduce row by row.
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters are served through peft, not the batched path",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D bases such as GPT-2) is not supported",
     "lora_bias": "LoRA biases are not supported",
     "modules_to_save": "fully trained modules (modules_to_save) cannot differ per row",
@@ -89,11 +93,16 @@ def find_segments(indices: Sequence[int]) -> tuple[list[int], list[int]]:
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """One PEFT LoRA adapter: base-model module name -> (A `[r, in]`, B `[out, r]` with the scaling folded in)."""
+    """One PEFT LoRA adapter: base-model module name -> (A `[r, in]`, B `[out, r]` with the scaling folded in).
+
+    A DoRA adapter also has `magnitudes`: module name -> the learned magnitude `m` `[out]`. Its layer
+    computes `m / ||W + BA||_row * (W + BA) x + bias` (peft's DoRA at inference, norm per output row).
+    """
 
     path: Path
     base_model: str | None
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -105,7 +114,7 @@ class LoraWeights:
 
         Raises:
             ValueError: no safetensors file (a `.bin` is never unpickled), a config option the
-                batched path cannot serve (DoRA, biases, modules_to_save, ...), or unexpected tensors.
+                batched path cannot serve (biases, modules_to_save, ...), or unexpected tensors.
         """
         path = Path(path)
         weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
@@ -126,11 +135,21 @@ class LoraWeights:
             raise ValueError(f"adapter {path} cannot be served by the batched LoRA path: " + "; ".join(problems))
 
         pairs: dict[str, dict[str, torch.Tensor]] = {}
+        magnitudes: dict[str, torch.Tensor] = {}
         for key, tensor in load_file(weights).items():
+            if (m := _MAGNITUDE.match(key)) and cfg.get("use_dora"):
+                magnitudes[m[1]] = tensor
+                continue
             m = _KEY.match(key)
             if m is None:
-                raise ValueError(f"adapter {path}: unexpected tensor {key!r}; only Linear LoRA pairs (...lora_A.weight, ...lora_B.weight) are supported")
+                raise ValueError(f"adapter {path}: unexpected tensor {key!r}; only Linear LoRA pairs (...lora_A.weight, ...lora_B.weight) "
+                                 "and DoRA magnitudes are supported")
             pairs.setdefault(m[1], {})[m[2]] = tensor
+        for name, m in magnitudes.items():
+            if name not in pairs or m.shape != (pairs[name].get("B", m).shape[0],):
+                raise ValueError(f"adapter {path}: DoRA magnitude of {name} has shape {_shape(m)}, which matches no lora_B of that module")
+        if cfg.get("use_dora") and set(magnitudes) != set(pairs):
+            raise ValueError(f"adapter {path}: use_dora is set but {sorted(set(pairs) - set(magnitudes))} have no lora_magnitude_vector")
         modules = {}
         for name, ab in pairs.items():
             if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
@@ -143,7 +162,7 @@ class LoraWeights:
                     break
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             modules[name] = (ab["A"], ab["B"] * scale)
-        return cls(path, cfg.get("base_model_name_or_path"), modules)
+        return cls(path, cfg.get("base_model_name_or_path"), modules, magnitudes)
 
 
 class BatchedLoraLinear(nn.Module):
@@ -165,33 +184,39 @@ class BatchedLoraLinear(nn.Module):
         self.merged: torch.Tensor | None = None  # W + B_s A_s for `merged_slot` (allocated on first use)
         self.merged_slot: int | None = None
         self.packed: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None  # (slots, A, B^T) from `pack`
-        # (rows, decode plan, prefill plan) from MultiLoraModel.set_batch; a plan is (A, B^T, mask) or
-        # a list of (first row, end row, A_s, B_s^T) runs
+        self.scales: dict[int, torch.Tensor] = {}  # DoRA slots: m / ||W + B_s A_s||_row, [out]
+        # (rows, decode plan, prefill plan, row scales) from MultiLoraModel.set_batch; a plan is
+        # MERGED, (A, B^T, mask) or a list of (first row, end row, A_s, B_s^T) runs; row scales
+        # ([rows, 1, out], 1 for non-DoRA rows) or None when no row of the batch uses DoRA here
         self.plan: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.plan is None:
             return F.linear(x, self.weight, self.bias)
-        rows, decode, prefill = self.plan
+        rows, decode, prefill, scale = self.plan
         assert x.shape[0] == rows, f"the batch has {x.shape[0]} rows but set_batch was given {rows}"
         plan = decode if x.shape[1] == 1 else prefill
         if plan is MERGED:
             return F.linear(x, self.merged, self.bias)
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias if scale is None else None)
         if isinstance(plan, list):
             for lo, hi, a, bt in plan:
                 h = F.linear(x[lo:hi], a)
                 y[lo:hi].view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), bt)
-            return y
-        a, bt, mask = plan
-        h = F.linear(x, a)
-        if mask is not None:
-            h.mul_(mask)
-        y.view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), bt)
+        else:
+            a, bt, mask = plan
+            h = F.linear(x, a)
+            if mask is not None:
+                h.mul_(mask)
+            y.view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), bt)
+        if scale is not None:  # DoRA rows: m / ||W + BA|| * (W + BA) x, then the bias
+            y.mul_(scale)
+            if self.bias is not None:
+                y.add_(self.bias)
         return y
 
     def merge(self, slot: int) -> None:
-        """Make `merged` = W + B_s A_s (the base weight itself is never modified); kept until the slot changes."""
+        """Make `merged` = W + B_s A_s (row-scaled for DoRA; the base weight itself is never modified); kept until the slot changes."""
         if self.merged_slot == slot:
             return
         a, bt = self.pairs[slot]
@@ -199,6 +224,8 @@ class BatchedLoraLinear(nn.Module):
             if self.merged is None:
                 self.merged = torch.empty_like(self.weight, requires_grad=False)
             torch.addmm(self.weight.detach(), bt.t(), a, out=self.merged)
+            if slot in self.scales:
+                self.merged.mul_(self.scales[slot][:, None])
         self.merged_slot = slot
 
     def pack(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +245,7 @@ class BatchedLoraLinear(nn.Module):
                 self.packed = (slots, torch.cat([self.pairs[s][0] for s in slots]), torch.cat([self.pairs[s][1] for s in slots]))
         return self.packed[1], self.packed[2]
 
-    def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    def write_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
         if self.merged_slot == slot:
             self.merged_slot = None
         self.packed = None
@@ -226,11 +253,15 @@ class BatchedLoraLinear(nn.Module):
         self.lora_A[lo : lo + r].copy_(a)
         self.lora_B[lo : lo + r].copy_(b.t())
         self.pairs[slot] = (self.lora_A[lo : lo + r], self.lora_B[lo : lo + r])
+        if magnitude is not None:  # peft's DoRA: the norm of W + BA per output row, a constant at inference
+            norm = torch.linalg.norm(torch.addmm(self.weight.detach(), self.lora_B[lo : lo + r].t(), self.lora_A[lo : lo + r]), dim=1)
+            self.scales[slot] = (magnitude.to(norm) / norm).to(self.weight.dtype)
 
     def clear_slot(self, slot: int) -> None:
         if self.merged_slot == slot:
             self.merged_slot = None
         self.packed = None
+        self.scales.pop(slot, None)
         if self.pairs.pop(slot, None) is not None:
             lo = (slot - 1) * self.max_rank
             self.lora_A[lo : lo + self.max_rank].zero_()
@@ -308,7 +339,7 @@ class MultiLoraModel:
             for layer in self.layers.values():
                 layer.clear_slot(slot)
             for module, (a, b) in weights.modules.items():
-                self.layers[module].write_slot(slot, a, b)
+                self.layers[module].write_slot(slot, a, b, weights.magnitudes.get(module))
         self.slots[name] = slot
         self._replan()
         return slot
@@ -361,13 +392,19 @@ class MultiLoraModel:
             if not live:
                 layer.plan = None
                 continue
+            scale = None
+            if any(s in layer.scales for s in live):
+                scale = layer.weight.new_ones(n, 1, layer.out_features)
+                for i, s in enumerate(rows):
+                    if s in layer.scales:
+                        scale[i, 0] = layer.scales[s]
             if len(adapters) == 1:  # every row uses one adapter: merged weights, or no mask and its exact rank
                 if self.merge_single:
                     layer.merge(live[0])
-                    layer.plan = (n, MERGED, MERGED)
+                    layer.plan = (n, MERGED, MERGED, None)
                 else:
                     single = (*layer.pairs[live[0]], None)
-                    layer.plan = (n, single, single)
+                    layer.plan = (n, single, single, scale)
                 continue
             # prefill: one matmul pair per run of rows, exact FLOPs; the ops' overhead is amortised over the prompt
             runs = [(bounds[i], bounds[i + 1], *layer.pairs[s]) for i, s in enumerate(adapters) if s in layer.pairs]
@@ -378,7 +415,7 @@ class MultiLoraModel:
                 if layout not in masks:
                     masks[layout] = _mask(rows, layout, layer.lora_A)
                 decode = (a, bt, masks[layout])
-            layer.plan = (n, decode, runs)
+            layer.plan = (n, decode, runs, scale)
 
 
 def _mask(rows: list[int], layout: tuple[tuple[int, int], ...], like: torch.Tensor) -> torch.Tensor:

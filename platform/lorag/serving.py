@@ -161,10 +161,10 @@ def api_keys(cfg: LoragConfig) -> frozenset[str]:
 def torch_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
     """The one thread a replica runs its model on: loading it, and every forward pass after.
 
-    torch's CPU kernels run on an OpenMP thread team per calling thread; a model loaded on one
-    thread and run from others (asyncio's pool) generated at 0.7-0.8x the speed of the same model
-    loaded and run on one thread (SmolLM2-135M, batch 8, 2 cores), so the deployments keep all of
-    their torch work on this single worker.
+    Measured (SmolLM2-135M, a batch of 8, 2 cores): a model loaded on one thread and run from
+    another, as asyncio's thread pool would run it, generated at 0.7-0.8x the speed of the same
+    model loaded and run on one thread (likely because OpenMP keeps a thread team per calling
+    thread), so the deployments keep all of their torch work on this single worker.
     """
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
