@@ -152,6 +152,23 @@ def test_mixed_greedy_generation_equals_each_row_alone(adapters, mm, tiny_model)
     assert len({tuple(t) for t in batched}) > 1, "different adapters should generate different text"
 
 
+def test_rows_whose_caller_is_gone_stop_and_the_others_are_unchanged(adapters, mm):
+    slot = mm.load("a", adapters["a"])
+    prompts, rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [slot, 0, slot]
+    full = generate_batch(mm, prompts, rows, max_new_tokens=12, pad_id=2, eos_ids=[])
+    steps = []
+
+    def gone(i):  # the caller of row 1 leaves after the 3rd token
+        steps.append(i)
+        return i == 1 and steps.count(1) >= 3
+
+    cut = generate_batch(mm, prompts, rows, max_new_tokens=12, pad_id=2, eos_ids=[], gone=gone)
+    assert cut[0] == full[0] and cut[2] == full[2], "rows still wanted must be unaffected"
+    assert cut[1][:3] == full[1][:3] and len(cut[1]) <= 4 < len(full[1]), "the gone row stops (then only pads, cut at the pad/eos)"
+    everyone_gone = generate_batch(mm, prompts, rows, max_new_tokens=12, pad_id=2, eos_ids=[], gone=lambda i: True)
+    assert all(len(r) == 1 for r in everyone_gone), "with every caller gone the call ends after one token"
+
+
 def test_generation_stops_at_a_stop_token_and_sampling_follows_the_seed(adapters, mm):
     slot = mm.load("a", adapters["a"])
     prompts, rows = [[5, 6, 7], [8, 9]], [slot, 0]

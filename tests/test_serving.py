@@ -116,6 +116,7 @@ def test_non_json_body_is_a_400_and_server_stays_healthy(served):
 
 
 def test_official_openai_client(served):
+    import openai
     from openai import OpenAI
 
     url, _ = served
@@ -126,6 +127,16 @@ def test_official_openai_client(served):
     done = client.completions.create(model="support", prompt="The Tidewell T4 warranty lasts", max_tokens=3, extra_body={"retrieval": False})
     assert done.object == "text_completion" and isinstance(done.choices[0].text, str) and done.usage.completion_tokens <= 3
     assert {"support", "support@v1"} <= {m.id for m in client.models.list()}
+    assert client.models.retrieve("support@v1").id == "support@v1"
+    with pytest.raises(openai.NotFoundError, match="model 'ghost' not found"):
+        client.models.retrieve("ghost")
+
+
+def test_unknown_routes_and_methods_answer_in_openai_error_shape(served):
+    url, _ = served
+    for method, path, status in [("POST", "/v1/embeddings", 404), ("GET", "/v2/models", 404), ("GET", "/v1/chat/completions", 405)]:
+        r = httpx.request(method, f"{url}{path}", headers=AUTH, timeout=60)
+        assert r.status_code == status and r.json()["error"]["message"], (path, r.text)
 
 
 def test_streaming_chat_and_completions_match_the_unstreamed_answer(served):
@@ -199,6 +210,7 @@ MALFORMED = [
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "k": 0}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "seed": "x"}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "seed": 2**70, "temperature": 0.7}, 400),  # past torch's seed range
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stream": "yes please"}, 400),
     ({"model": "/etc/passwd", "messages": [{"role": "user", "content": "hi"}]}, 404),
     ({"model": "support@latest@v1", "messages": [{"role": "user", "content": "hi"}]}, 404),
@@ -324,6 +336,29 @@ def test_a_new_adapter_is_served_without_a_restart(served, tmp_path, tiny_model)
     assert all(text == want[m] for m, text in got), (want, got)
 
 
+def test_a_client_that_leaves_frees_the_replica(served):
+    """A request whose client disconnects stops generating at its next token (streamed or not), so
+    the next request does not wait behind a long completion nobody will read."""
+    import time
+
+    url, _ = served
+    long = dict(model="support", max_tokens=900, temperature=1.0, seed=3, retrieval=False)
+    start = time.perf_counter()
+    assert chat(url, **long).json()["usage"]["completion_tokens"] > 300, "the random tiny model should rarely hit its eos"
+    whole = time.perf_counter() - start
+    for stream in (False, True):
+        body = {"messages": [{"role": "user", "content": "Tell me everything."}], **long, "stream": stream}
+        if stream:  # read the first event, then hang up
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as r:
+                assert next(r.iter_lines()).startswith("data: ")
+        else:  # give up waiting
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=whole / 10)
+        start = time.perf_counter()
+        assert chat(url, model="support", max_tokens=2).status_code == 200
+        assert time.perf_counter() - start < whole / 2, f"the next request waited behind the abandoned one (stream={stream}; a full one takes {whole:.1f}s)"
+
+
 def run_batcher(wait_s: float, gaps: list[float], max_size: int = 64, fail: bool = False):
     """Submit one call after each gap (seconds); return the batches `run` saw and each call's result."""
     import asyncio
@@ -332,7 +367,7 @@ def run_batcher(wait_s: float, gaps: list[float], max_size: int = 64, fail: bool
 
     seen = []
 
-    def run(items):
+    def run(items, gone):
         seen.append(list(items))
         if fail:
             raise RuntimeError("boom")
@@ -370,3 +405,33 @@ def test_batcher_gives_every_caller_the_error_and_keeps_running():
     seen, results = run_batcher(0.3, [0, 0.01, 1.5], fail=True)
     assert seen == [[0, 1], [2]]
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_batcher_tells_run_which_callers_are_gone():
+    """A caller cancelled while its batch runs (Serve cancels a request whose client disconnected
+    or timed out) shows as gone(i) inside run, so generation can stop for it."""
+    import asyncio
+    import threading
+
+    from lorag.serving import Batcher
+
+    started, seen = threading.Event(), {}
+
+    def run(items, gone):
+        started.set()
+        for _ in range(500):  # up to 5 s for the cancellation to arrive
+            if gone(0):
+                break
+            threading.Event().wait(0.01)
+        seen["gone"] = [gone(i) for i in range(len(items))]
+        return list(items)
+
+    async def main():
+        batcher = Batcher(run, 8, 0.05)
+        leaving, staying = asyncio.create_task(batcher.submit("a")), asyncio.create_task(batcher.submit("b"))
+        await asyncio.to_thread(started.wait, 5)
+        leaving.cancel()
+        return await staying, leaving.cancelled()
+
+    assert asyncio.run(main()) == ("b", True)
+    assert seen["gone"] == [True, False]

@@ -52,7 +52,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 MERGED = "merged"  # a layer plan: run on the layer's merged weight
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -432,7 +433,7 @@ def _mask(rows: list[int], layout: tuple[tuple[int, int], ...], like: torch.Tens
 
 def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: Sequence[int], *, max_new_tokens: int,
                    pad_id: int, eos_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int | None = None) -> list[list[int]]:
+                   seed: int | None = None, gone: Callable[[int], bool] | None = None) -> list[list[int]]:
     """Generate for a batch whose rows use different adapters, in one `model.generate` call.
 
     Prompts are left-padded with `pad_id`. Sampling parameters are shared by the whole batch
@@ -443,9 +444,13 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
         prompts: token ids of each prompt (chat template already applied).
         eos_ids: stop tokens (default: the model's generation_config eos).
         seed: seeds torch's global RNG first (sampling only).
+        gone: `gone(i)` is true once nobody waits for row i any more (a client that disconnected or
+            timed out); checked after every token, such a row stops, and the call ends as soon as
+            every row has stopped, instead of decoding for nobody up to `max_new_tokens`.
 
     Returns:
-        The new tokens of each row, up to and including the first stop token.
+        The new tokens of each row, up to and including the first stop token (a row that was gone:
+        whatever it had, padded).
     """
     if len(prompts) != len(slots):
         raise ValueError(f"{len(prompts)} prompts but {len(slots)} slots")
@@ -462,6 +467,8 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
     kwargs = {"do_sample": sample, "temperature": temperature if sample else None, "top_p": top_p if sample else None, "top_k": None}
     if sample and seed is not None:
         torch.manual_seed(seed)
+    if gone is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([CallerGone(gone, order)])
     with mm.rows([slots[i] for i in order]), torch.inference_mode():
         out = mm.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                 pad_token_id=pad_id, eos_token_id=eos or None, **kwargs)
@@ -470,6 +477,16 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
         stop = next((j for j, t in enumerate(row) if t in eos), None)
         result[i] = row if stop is None else row[: stop + 1]
     return result
+
+
+class CallerGone(StoppingCriteria):
+    """Stops the rows whose caller is gone: `gone(i)` for the caller's row i, where batch row j is caller row `order[j]`."""
+
+    def __init__(self, gone: Callable[[int], bool], order: list[int]):
+        self.gone, self.order = gone, order
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.tensor([self.gone(i) for i in self.order], dtype=torch.bool, device=input_ids.device)
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

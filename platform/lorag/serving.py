@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pymilvus.exceptions import MilvusException
 from ray import serve
@@ -72,7 +73,7 @@ class SamplingRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, description="0 or omitted: greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="Sampling seed (the range torch.manual_seed takes).")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -128,6 +129,13 @@ api = FastAPI(title="lorag", description="OpenAI-compatible LoRA + RAG endpoint"
 @api.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.code), status_code=e.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404) and wrong methods (405) in OpenAI's error shape too."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return JSONResponse(error_body(str(e.detail), "invalid_request_error", code), status_code=e.status_code, headers=getattr(e, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
@@ -200,13 +208,25 @@ class Gateway:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
+        return {"object": "list", "data": self._models()}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request) -> dict[str, Any]:
+        """One model by id (the official client's `models.retrieve`): the base, an adapter or `adapter@vN`."""
+        self._authorize(request)
+        found = next((m for m in self._models() if m["id"] == model), None)
+        if found is None:
+            raise APIError(404, f"model {model!r} not found. Available: {[self.base, *self.store.names()]}", code="model_not_found")
+        return found
+
+    def _models(self) -> list[dict[str, Any]]:
         now = int(time.time())
         data = [{"id": self.base, "object": "model", "created": now, "owned_by": "lorag"}]
         for name in self.store.names():
             versions = self.store.versions(name)
             data.append({"id": name, "object": "model", "created": now, "owned_by": "lorag", "root": self.base})
             data += [{"id": f"{name}@v{v}", "object": "model", "created": now, "owned_by": "lorag", "root": self.base} for v in versions]
-        return {"object": "list", "data": data}
+        return data
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -457,14 +477,19 @@ class Generator:
             yield error
             return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        job = asyncio.get_running_loop().run_in_executor(self.torch, self._run_stream, adapter_id, ids, params, streamer)
+        gone = threading.Event()  # set when the client stops reading: generation ends at its next token
+        job = asyncio.get_running_loop().run_in_executor(self.torch, self._run_stream, adapter_id, ids, params, streamer, gone)
         held = StopHold(params["stop"])
-        while True:
-            piece = await asyncio.to_thread(next, streamer, None)
-            if piece is None or held.stopped:
-                break
-            if piece := held.feed(piece):
-                yield {"text": piece}
+        try:
+            while True:
+                piece = await asyncio.to_thread(next, streamer, None)
+                if piece is None or held.stopped:
+                    break
+                if piece := held.feed(piece):
+                    yield {"text": piece}
+        finally:
+            if not job.done():
+                gone.set()
         out = await job
         if tail := held.flush():
             yield {"text": tail}
@@ -495,10 +520,11 @@ class Generator:
 
     # -- generation (worker threads, under the lock) ---------------------------------------------
 
-    def _run_batch(self, items: list[tuple[str | None, list[int], dict[str, Any]]]) -> list[dict[str, Any]]:
+    def _run_batch(self, items: list[tuple[str | None, list[int], dict[str, Any]]], gone=lambda i: False) -> list[dict[str, Any]]:
         """Generate for a batch of requests. Greedy requests share one pass whatever their adapters;
         sampled ones share a pass when their sampling settings match; a seeded one runs alone, so
-        the same seed gives the same answer whatever else is in flight."""
+        the same seed gives the same answer whatever else is in flight. A request whose caller is
+        gone (`gone(i)`: disconnected, timed out) stops decoding at its next token."""
         from lorag.multilora import generate_batch
 
         groups: dict[Any, list[int]] = {}
@@ -514,17 +540,21 @@ class Generator:
                 out = generate_batch(
                     self.mm, [items[i][1] for i in rows], slots,
                     max_new_tokens=max(items[i][2]["max_tokens"] for i in rows), pad_id=self._pad_id(),
-                    temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"],
+                    temperature=p["temperature"], top_p=p["top_p"], seed=p["seed"], gone=lambda j, rows=rows: gone(rows[j]),
                 )
                 for i, new in zip(rows, out):
                     results[i] = self._finish(new[: items[i][2]["max_tokens"]], len(items[i][1]), items[i][2])
         return results
 
-    def _run_stream(self, adapter_id: str | None, ids: list[int], params: dict[str, Any], streamer) -> dict[str, Any]:
+    def _run_stream(self, adapter_id: str | None, ids: list[int], params: dict[str, Any], streamer, gone: threading.Event) -> dict[str, Any]:
         import torch
+        from transformers import StoppingCriteriaList
+
+        from lorag.multilora import CallerGone
 
         sample = params["temperature"] > 0
-        kwargs: dict[str, Any] = {"max_new_tokens": params["max_tokens"], "do_sample": sample, "pad_token_id": self._pad_id(), "streamer": streamer}
+        kwargs: dict[str, Any] = {"max_new_tokens": params["max_tokens"], "do_sample": sample, "pad_token_id": self._pad_id(), "streamer": streamer,
+                                  "stopping_criteria": StoppingCriteriaList([CallerGone(lambda _: gone.is_set(), [0])])}
         if sample:
             kwargs.update(temperature=params["temperature"], top_p=params["top_p"])
         if params["stop"]:
@@ -563,8 +593,9 @@ class Batcher:
     A batch closes when it is full, when no call has arrived for `wait_s`, or `MAX_WAIT_FACTOR *
     wait_s` after its first call, whichever comes first: a burst whose calls trickle in (through
     the proxy and the gateway, on a busy machine) still shares one pass, and a lone call waits only
-    `wait_s`. `await submit(item)` returns `run(items)[i]` for its item; `run` (blocking) executes
-    on `executor` (default: asyncio's thread pool) while the next batch gathers.
+    `wait_s`. `await submit(item)` returns `run(items, gone)[i]` for its item; `run` (blocking)
+    executes on `executor` (default: asyncio's thread pool) while the next batch gathers, and may
+    poll `gone(i)`: true once item i's caller was cancelled (its client disconnected or timed out).
     """
 
     MAX_WAIT_FACTOR = 8
@@ -599,7 +630,8 @@ class Batcher:
             if not batch:
                 continue
             try:
-                results = await loop.run_in_executor(self.executor, self.run, [item for item, _ in batch])
+                futures = [f for _, f in batch]
+                results = await loop.run_in_executor(self.executor, self.run, [item for item, _ in batch], lambda i: futures[i].cancelled())
             except Exception as e:
                 for _, f in batch:
                     if not f.done():
