@@ -211,6 +211,9 @@ MALFORMED = [
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "k": 0}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "seed": "x"}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "seed": 2**70, "temperature": 0.7}, 400),  # past torch's seed range
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400),  # unsupported: refused, not dropped
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stream": "yes please"}, 400),
     ({"model": "/etc/passwd", "messages": [{"role": "user", "content": "hi"}]}, 404),
     ({"model": "support@latest@v1", "messages": [{"role": "user", "content": "hi"}]}, 404),
@@ -237,6 +240,9 @@ def test_malformed_requests_all_get_4xx_and_the_server_stays_healthy(served):
     r = httpx.post(f"{url}/v1/chat/completions", content="\xff\xfe garbage".encode("latin-1"), headers={"content-type": "application/json", **AUTH}, timeout=60)
     assert r.status_code == 400
     assert len(MALFORMED) + len(completions) + 2 >= 25
+    # what clients send by default is accepted: unsupported features switched off, fields lorag ignores
+    defaults = {"logprobs": False, "tools": [], "response_format": {"type": "text"}, "tool_choice": "none", "user": "u1", "presence_penalty": 0}
+    assert chat(url, model="support", max_tokens=2, **defaults).status_code == 200
     assert chat(url, model="support", max_tokens=2).status_code == 200, "still answering after all that"
 
 

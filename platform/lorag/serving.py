@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pymilvus.exceptions import MilvusException
 from ray import serve
 from ray.exceptions import RayActorError
@@ -63,10 +63,29 @@ class ChatMessage(BaseModel):
     content: str
 
 
+# OpenAI request fields lorag cannot honour: set (truthy), they are a 400 rather than silently dropped.
+UNSUPPORTED_FIELDS = {
+    "logprobs": "log probabilities", "top_logprobs": "log probabilities", "logit_bias": "logit bias",
+    "tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls", "function_call": "function calls",
+    "response_format": "structured output (only {\"type\": \"text\"})", "best_of": "best_of",
+}
+
+
 class SamplingRequest(BaseModel):
-    """Fields shared by chat and text completions. Unknown OpenAI fields are ignored."""
+    """Fields shared by chat and text completions. Other OpenAI fields (user, penalties of 0, ...)
+    are ignored; those lorag cannot honour (`UNSUPPORTED_FIELDS`) are refused when set."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            off = {"response_format": {"type": "text"}, "best_of": 1, "tool_choice": "none"}  # set, but asking for nothing
+            asked = [f"{k} ({why})" for k, why in UNSUPPORTED_FIELDS.items() if data.get(k) and (k not in off or data[k] != off[k])]
+            if asked:
+                raise ValueError(f"not supported by lorag: {', '.join(asked)}")
+        return data
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
