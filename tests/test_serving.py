@@ -317,6 +317,31 @@ def test_exported_serve_config_is_valid_and_matches_the_shipped_one(tmp_path):
     assert app["import_path"] == "serve.app:app" and app["args"]["config"] == "examples/quickstart/lorag.yaml"
 
 
+def test_gpu_replicas_reserve_gpus_and_refuse_to_start_without_cuda(tmp_path):
+    """gpus_per_replica reaches Ray (Serve's own schema validates the export); a replica that was
+    promised a GPU but sees no CUDA says so instead of silently serving on CPU."""
+    import torch
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from lorag.config import load_config
+    from lorag.serving import generator_options, serve_config, serving_device
+
+    (tmp_path / "lorag.yaml").write_text(yaml.safe_dump({"base_model": "smollm2-135m-instruct", "serve": {"gpus_per_replica": 0.5, "cpus_per_replica": 2}}))
+    cfg = load_config(tmp_path / "lorag.yaml")
+    assert generator_options(cfg)["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.5}
+    deployment = ServeDeploySchema.model_validate(serve_config(cfg, "lorag.yaml")).applications[0].deployments[0]
+    assert deployment.ray_actor_options.num_gpus == 0.5
+    cpu = cfg.serve.model_copy(update={"gpus_per_replica": 0})
+    assert serving_device(cpu) == ("cpu", "float32")
+    assert serving_device(cpu.model_copy(update={"dtype": "bfloat16"})) == ("cpu", "bfloat16")
+    if torch.cuda.is_available():
+        assert serving_device(cfg.serve)[0] == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="gpus_per_replica is 0.5 but this replica sees no CUDA device"):
+            serving_device(cfg.serve)
+
+
 def test_a_new_adapter_is_served_without_a_restart(served, tmp_path, tiny_model):
     import torch
     from peft import LoraConfig, get_peft_model

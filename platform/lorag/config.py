@@ -176,6 +176,8 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     replicas: int = Field(1, ge=1, description="Generator replicas, each holding the base model and its adapters.")
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per generator replica.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved per generator replica (Ray `num_gpus`; a fraction shares one). Above 0 the replica runs its model on the GPU Ray assigns it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights and compute of the served model. auto: bfloat16 on a GPU that supports it, else float32.")
     max_adapters_per_replica: int = Field(4, ge=1, description="Adapters a replica keeps loaded (least recently used is evicted); Serve routes each adapter to replicas holding it.")
     max_lora_rank: int = Field(64, ge=1, le=512, description="Largest adapter rank a replica can serve (its adapter slots are sized for it).")
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests one forward pass serves together, whatever their adapters (batched LoRA).")

@@ -461,8 +461,9 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
     eos = list(eos_ids) or _as_list(mm.model.generation_config.eos_token_id)
     order = sorted(range(len(prompts)), key=lambda i: slots[i])  # one run per adapter (see set_batch)
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + list(prompts[i]) for i in order])
-    attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in order])
+    device = next(mm.model.parameters()).device
+    ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + list(prompts[i]) for i in order], device=device)
+    attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in order], device=device)
     sample = temperature > 0
     kwargs = {"do_sample": sample, "temperature": temperature if sample else None, "top_p": top_p if sample else None, "top_k": None}
     if sample and seed is not None:

@@ -185,6 +185,20 @@ def api_keys(cfg: LoragConfig) -> frozenset[str]:
     return frozenset(k.strip() for k in keys if k.strip() and not k.strip().startswith("#"))
 
 
+def serving_device(sv) -> tuple[str, str]:
+    """(device, dtype name) for a generator replica: the GPU Ray assigned it when `gpus_per_replica`
+    is set (bfloat16 where supported, with dtype auto), else the CPU (float32 with dtype auto)."""
+    import torch
+
+    if sv.gpus_per_replica:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"serve.gpus_per_replica is {sv.gpus_per_replica} but this replica sees no CUDA device "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}): "
+                               "install a CUDA build of torch on the GPU nodes, or set gpus_per_replica: 0 to serve on CPUs")
+        return "cuda", ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if sv.dtype == "auto" else sv.dtype
+    return "cpu", "float32" if sv.dtype == "auto" else sv.dtype
+
+
 def torch_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
     """The one thread a replica runs its model on: loading it, and every forward pass after.
 
@@ -425,7 +439,8 @@ class Generator:
         path = resolve_model(self.cfg.base_model, self.cfg.model_cache)
         self.tokenizer = load_tokenizer(path)
         self.torch = torch_thread("lorag-generate")  # loads the model and runs every forward pass
-        self.model = self.torch.submit(lambda: load_causal_lm(path).eval()).result()
+        device, dtype = serving_device(sv)
+        self.model = self.torch.submit(lambda: load_causal_lm(path, dtype).to(device).eval()).result()
         # Slots beyond Serve's LRU size: a batch may still need adapters Serve has just evicted.
         self.mm = MultiLoraModel(self.model, max_adapters=sv.max_adapters_per_replica + sv.max_batch_size, max_rank=sv.max_lora_rank,
                                  merge_single=sv.merge_single_adapter)
@@ -584,7 +599,8 @@ class Generator:
                 if sample and params["seed"] is not None:
                     torch.manual_seed(params["seed"])
                 with self.mm.rows([slot]), torch.inference_mode():
-                    out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **kwargs)
+                    out = self.model.generate(input_ids=torch.tensor([ids], device=self.model.device),
+                                              attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.model.device), **kwargs)
         except BaseException:
             streamer.end()
             raise
@@ -694,7 +710,7 @@ def generator_options(cfg: LoragConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "max_ongoing_requests": sv.max_ongoing_requests,
         "max_queued_requests": sv.max_queued_requests,
-        "ray_actor_options": {"num_cpus": sv.cpus_per_replica},
+        "ray_actor_options": {"num_cpus": sv.cpus_per_replica, **({"num_gpus": sv.gpus_per_replica} if sv.gpus_per_replica else {})},
     }
     if sv.autoscaling:
         a = sv.autoscaling
