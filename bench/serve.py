@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py                          # bundled SmolLM2-135M, CPU, ~12 min on 2 cores
     .venv/bin/python bench/serve.py --rounds 1 --new-tokens 8  # smoke run
+    python bench/serve.py --device cuda --random-1b --skip-http  # on a GPU: a random ~1.1B Llama in bfloat16
 
 1. A mixed batch of 4 adapters in one forward pass vs the base model: generated tokens/s, for
    adapters of the shape `lorag finetune` trains by default (lorag.config.LoraConfig: rank 8 on
@@ -71,8 +72,22 @@ def write_adapters(model, root: Path, count: int, rank: int, targets=TARGETS, pr
     return paths
 
 
+def random_llama(root: Path) -> Path:
+    """A random-weight Llama of about 1.1B parameters (SmolLM2's vocabulary and shape family:
+    2048 wide, 16 layers, 32 heads / 8 KV heads, MLP 8192), saved in bfloat16 under `root`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(root / "llama-1b")
+    return root / "llama-1b"
+
+
 def prompts(tok, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` chat prompts, left-padded: (input_ids, attention_mask)."""
+    """`n` chat prompts, left-padded: (input_ids, attention_mask); without a tokenizer, random 41-token prompts."""
+    if tok is None:
+        return torch.randint(3, 49152, (n, 41), generator=torch.Generator().manual_seed(0)), torch.ones(n, 41, dtype=torch.long)
     questions = [json.loads(line)["prompt"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
     ids = [tok.apply_chat_template([{"role": "user", "content": questions[i % len(questions)]}], add_generation_prompt=True) for i in range(n)]
     ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
@@ -84,10 +99,13 @@ def prompts(tok, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def timed_generate(model, batch, new_tokens: int, **kw) -> None:
     """Generate exactly `new_tokens` greedy tokens for every row."""
-    input_ids, mask = batch
+    device = next(model.parameters()).device
+    input_ids, mask = (t.to(device) for t in batch)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=2, **kw)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     assert out.shape[1] == input_ids.shape[1] + new_tokens, out.shape
 
 
@@ -126,7 +144,10 @@ def main() -> None:
     ap.add_argument("--skip-big", action="store_true", help="skip comparison 4")
     ap.add_argument("--skip-http", action="store_true", help="skip comparison 5")
     ap.add_argument("--batch-wait-ms", type=float, default=50, help="the replica's batch_wait_ms in comparison 5")
+    ap.add_argument("--device", default="cpu", help="cpu (float32), or cuda (bfloat16; comparison 5 needs Ray and is skipped)")
+    ap.add_argument("--random-1b", action="store_true", help="a random-weight ~1.1B Llama (see random_llama) instead of SmolLM2-135M, with random prompts")
     args = ap.parse_args()
+    args.skip_http = args.skip_http or args.device != "cpu"
     torch.set_num_threads(args.threads)
 
     from peft import PeftModel
@@ -135,24 +156,33 @@ def main() -> None:
     from lorag.models import load_causal_lm, load_tokenizer, resolve_model
     from lorag.multilora import LoraWeights, MultiLoraModel
 
-    path = resolve_model("smollm2-135m-instruct", Path.home() / ".cache" / "lorag")
-    tok = load_tokenizer(path)
-    base = load_causal_lm(path)
     tmp = tempfile.TemporaryDirectory(prefix="lorag-bench-serve-")
+    if args.random_1b:
+        path, tok, name = random_llama(Path(tmp.name)), None, "random Llama-1.1B"
+    else:
+        path = resolve_model("smollm2-135m-instruct", Path.home() / ".cache" / "lorag")
+        tok, name = load_tokenizer(path), "SmolLM2-135M"
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+
+    def load():
+        return load_causal_lm(path, dtype).to(args.device)
+
+    base = load()
+    sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
     n_adapters = 1 if args.skip_big else args.big_batch
     t0 = time.perf_counter()
     dirs = write_adapters(base, Path(tmp.name), max(4, n_adapters), rank=16)
     shape = LoraConfig()  # what `lorag finetune` trains unless told otherwise
     default_dirs = write_adapters(base, Path(tmp.name), 4, rank=shape.r, targets=shape.target_modules, prefix="default")
-    print(f"bench/serve.py: SmolLM2-135M fp32, {args.threads} threads, batch {args.batch}, {args.new_tokens} new tokens, "
+    print(f"bench/serve.py: {name} {dtype} on {args.device}, {args.threads} threads, batch {args.batch}, {args.new_tokens} new tokens, "
           f"{args.rounds} rounds ({len(dirs)} random rank-16 and 4 rank-{shape.r} adapters written in {time.perf_counter() - t0:.1f}s)", flush=True)
 
     replica = ServeConfig()  # a replica's slots: max_adapters_per_replica + max_batch_size, each of rank max_lora_rank
-    mm = MultiLoraModel(load_causal_lm(path), max_adapters=max(replica.max_adapters_per_replica + replica.max_batch_size, len(dirs) + 4),
+    mm = MultiLoraModel(load(), max_adapters=max(replica.max_adapters_per_replica + replica.max_batch_size, len(dirs) + 4),
                         max_rank=replica.max_lora_rank)
     slots = [mm.load(f"a{k}", LoraWeights.load(d)) for k, d in enumerate(dirs)]
     default_slots = [mm.load(f"d{k}", LoraWeights.load(d)) for k, d in enumerate(default_dirs)]
-    peft = PeftModel.from_pretrained(load_causal_lm(path), str(dirs[0]), adapter_name="a0")
+    peft = PeftModel.from_pretrained(load(), str(dirs[0]), adapter_name="a0")
     for k in range(1, 4):
         peft.load_adapter(str(dirs[k]), adapter_name=f"a{k}")
     peft.eval()
@@ -196,6 +226,7 @@ def main() -> None:
         w = LoraWeights.load(dirs[0])
         reads.append(time.perf_counter() - t)
         mm.load("a0", w)
+        sync()
         loads.append(time.perf_counter() - t)
         mm.unload("a0")
     mm.load("a0", dirs[0])
@@ -205,6 +236,7 @@ def main() -> None:
             layer.merged_slot = None
         t = time.perf_counter()
         mm.set_batch([mm.slots["a0"]] * args.batch)
+        sync()
         merges.append(time.perf_counter() - t)
         mm.set_batch(None)
     cold = {"median_ms": 1000 * statistics.median(loads), "read_ms": 1000 * statistics.median(reads), "merge_ms": 1000 * statistics.median(merges),
@@ -266,17 +298,22 @@ def main() -> None:
 
 def step_times(base, mm, batch, mixed: list[int], repeats: int = 5) -> dict[str, dict[str, float]]:
     """Median ms of one prefill forward and one decode-step forward: base, mixed dense, mixed segments."""
-    input_ids, mask = batch
-    step_mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], 1)
+    device = next(base.parameters()).device
+    input_ids, mask = (t.to(device) for t in batch)
+    step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def measure(model) -> tuple[float, float]:
         with torch.inference_mode():
+            sync()
             t = time.perf_counter()
             out = model(input_ids=input_ids, attention_mask=mask, use_cache=True)
+            sync()
             prefill = time.perf_counter() - t
             cache = out.past_key_values
             t = time.perf_counter()
             model(input_ids=input_ids[:, -1:], attention_mask=step_mask, past_key_values=cache, use_cache=True)
+            sync()
             return prefill, time.perf_counter() - t
 
     times: dict[str, list[tuple[float, float]]] = {"base": [], "mixed4 dense": [], "mixed4 segments": []}
