@@ -32,11 +32,11 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pymilvus.exceptions import MilvusException
 from ray import serve
 from ray.exceptions import RayActorError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
 from lorag.config import LoragConfig
