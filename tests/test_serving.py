@@ -246,6 +246,29 @@ def test_malformed_requests_all_get_4xx_and_the_server_stays_healthy(served):
     assert chat(url, model="support", max_tokens=2).status_code == 200, "still answering after all that"
 
 
+def test_odd_values_in_every_request_field_never_cost_a_5xx(served):
+    """Every request field, chat and text completions, given values of every JSON type and edge:
+    each answer is a 200 or a 4xx in OpenAI's error shape, and the server answers afterwards."""
+    url, _ = served
+    odd = [None, True, -1, 0, 1e-30, 1e308, 2**70, -(2**70), "x", "", [], {}, [1], {"a": 1}, "NaN", 0.5, 3, "\x00", "🙂" * 50]
+    fields = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stream",
+              "stream_options", "stop", "k", "kb", "retrieval", "logprobs", "tools", "response_format", "logit_bias", "user"]
+    statuses = {}
+    with httpx.Client(headers=AUTH, timeout=120) as client:
+        for field in fields:
+            for value in odd:
+                for path, body in (("chat/completions", {"model": "support", "messages": [{"role": "user", "content": "hi"}]}),
+                                   ("completions", {"model": "support", "prompt": "hi"})):
+                    body = {**body, "max_tokens": 2, "retrieval": False, "temperature": 0.5, field: value}  # sampled: seeds are used
+                    r = client.post(f"{url}/v1/{path}", json=body)
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    assert r.status_code < 500, (path, field, value, r.status_code, r.text[:300])
+                    if r.status_code >= 400:
+                        assert r.json()["error"]["message"], (path, field, value, r.text[:300])
+    assert statuses.get(200, 0) > 50 and sum(n for s, n in statuses.items() if 400 <= s < 500) > 300, statuses
+    assert chat(url, model="support", max_tokens=2).status_code == 200
+
+
 def test_over_capacity_is_503_never_5xx_and_replicas_scale(ray_session, served, tmp_path):
     """A second app with one small replica, autoscaling to 2: a burst beyond its queue gets only
     200s and 503s, the autoscaler adds a replica under load and removes it when idle."""
