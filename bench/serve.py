@@ -97,6 +97,12 @@ def prompts(tok, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, mask
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the GPU's queued work, so a timer stops when the work is done (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed_generate(model, batch, new_tokens: int, **kw) -> None:
     """Generate exactly `new_tokens` greedy tokens for every row."""
     device = next(model.parameters()).device
@@ -104,8 +110,7 @@ def timed_generate(model, batch, new_tokens: int, **kw) -> None:
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=2, **kw)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     assert out.shape[1] == input_ids.shape[1] + new_tokens, out.shape
 
 
@@ -168,7 +173,6 @@ def main() -> None:
         return load_causal_lm(path, dtype).to(args.device)
 
     base = load()
-    sync = torch.cuda.synchronize if args.device != "cpu" else (lambda: None)
     n_adapters = 1 if args.skip_big else args.big_batch
     t0 = time.perf_counter()
     dirs = write_adapters(base, Path(tmp.name), max(4, n_adapters), rank=16)
@@ -226,7 +230,7 @@ def main() -> None:
         w = LoraWeights.load(dirs[0])
         reads.append(time.perf_counter() - t)
         mm.load("a0", w)
-        sync()
+        synchronize(args.device)
         loads.append(time.perf_counter() - t)
         mm.unload("a0")
     mm.load("a0", dirs[0])
@@ -236,7 +240,7 @@ def main() -> None:
             layer.merged_slot = None
         t = time.perf_counter()
         mm.set_batch([mm.slots["a0"]] * args.batch)
-        sync()
+        synchronize(args.device)
         merges.append(time.perf_counter() - t)
         mm.set_batch(None)
     cold = {"median_ms": 1000 * statistics.median(loads), "read_ms": 1000 * statistics.median(reads), "merge_ms": 1000 * statistics.median(merges),
@@ -301,19 +305,18 @@ def step_times(base, mm, batch, mixed: list[int], repeats: int = 5) -> dict[str,
     device = next(base.parameters()).device
     input_ids, mask = (t.to(device) for t in batch)
     step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def measure(model) -> tuple[float, float]:
         with torch.inference_mode():
-            sync()
+            synchronize(device)
             t = time.perf_counter()
             out = model(input_ids=input_ids, attention_mask=mask, use_cache=True)
-            sync()
+            synchronize(device)
             prefill = time.perf_counter() - t
             cache = out.past_key_values
             t = time.perf_counter()
             model(input_ids=input_ids[:, -1:], attention_mask=step_mask, past_key_values=cache, use_cache=True)
-            sync()
+            synchronize(device)
             return prefill, time.perf_counter() - t
 
     times: dict[str, list[tuple[float, float]]] = {"base": [], "mixed4 dense": [], "mixed4 segments": []}

@@ -393,19 +393,19 @@ class MultiLoraModel:
             if not live:
                 layer.plan = None
                 continue
+            if len(adapters) == 1 and self.merge_single:  # every row uses one adapter: merged weights (DoRA's scale included)
+                layer.merge(live[0])
+                layer.plan = (n, MERGED, MERGED, None)
+                continue
             scale = None
             if any(s in layer.scales for s in live):
                 scale = layer.weight.new_ones(n, 1, layer.out_features)
                 for i, s in enumerate(rows):
                     if s in layer.scales:
                         scale[i, 0] = layer.scales[s]
-            if len(adapters) == 1:  # every row uses one adapter: merged weights, or no mask and its exact rank
-                if self.merge_single:
-                    layer.merge(live[0])
-                    layer.plan = (n, MERGED, MERGED, None)
-                else:
-                    single = (*layer.pairs[live[0]], None)
-                    layer.plan = (n, single, single, scale)
+            if len(adapters) == 1:  # one adapter, unmerged: no mask, its exact rank
+                single = (*layer.pairs[live[0]], None)
+                layer.plan = (n, single, single, scale)
                 continue
             # prefill: one matmul pair per run of rows, exact FLOPs; the ops' overhead is amortised over the prompt
             runs = [(bounds[i], bounds[i + 1], *layer.pairs[s]) for i, s in enumerate(adapters) if s in layer.pairs]
