@@ -152,6 +152,33 @@ def test_a_killed_ingest_rerun_holds_exactly_the_full_count(tmp_path, tiny_model
     assert all(d["count"] == d["n_chunks"] for d in docs.values()) and len(docs) == 48
 
 
+def test_a_store_handle_reopens_a_dead_lite_owner_with_the_data_intact(ray_session, tmp_path):
+    """A Lite file's owner actor dies with its creator's last handle (CI once lost a Train run to a
+    name lookup that landed in that teardown; an ingest job exiting under a Serve replica does the
+    same). A handle that meets its owner dead reopens it, sync and async."""
+    import asyncio
+
+    from lorag.milvus import open_store
+
+    store = open_store(str(tmp_path / "kb.db"))
+    store.ensure_collection("c", 4)
+    rows = [
+        {"id": f"d#{i}", "text": f"chunk {i}", "source": "d.md", "title": "D", "section": "", "chunk_index": i,
+         "start": 0, "end": 1, "doc_hash": "h", "n_chunks": 3, "vector": [1.0, float(i), 0.0, 0.5]}
+        for i in range(3)
+    ]
+    assert store.upsert("c", rows) == 3
+    first = store._actor
+    ray_session.kill(first)
+    assert store.count("c") == 3
+    assert store._actor._actor_id != first._actor_id
+    ray_session.kill(store._actor)
+    assert asyncio.run(store.acall("count", "c")) == 3
+    # The name is free again once its owner is gone: a fresh handle starts a new owner on the same file.
+    ray_session.kill(store._actor)
+    assert open_store(str(tmp_path / "kb.db")).count("c") == 3
+
+
 @pytest.mark.slow
 def test_lite_and_a_milvus_server_give_the_same_top_hits(ray_session, make_config, embedder_path, tmp_path):
     from lorag.data import ingest

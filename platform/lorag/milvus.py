@@ -298,31 +298,57 @@ def _prefix_filter(prefix: str | None) -> dict[str, str]:
 
 
 class StoreHandle:
-    """Synchronous calls to a `MilvusStore`, in this process or in its owner actor.
+    """Synchronous calls to a `MilvusStore`, in this process or in its file's owner actor.
 
     Every method of `MilvusStore` is available; `await handle.acall(name, ...)` is the async form
-    for event-loop callers such as Serve replicas.
+    for event-loop callers such as Serve replicas. An owner actor dies with the last handle held by
+    the process that created it, and a handle can meet it dying (a name lookup that lands in its
+    teardown, or the ingest job that created it exiting under a Serve replica): the call then
+    reopens the owner and retries. Every store method is idempotent (upserts by id, deletes by
+    filter), so a retried call leaves the same state.
     """
 
-    def __init__(self, store: MilvusStore | None = None, actor: Any = None):
-        self._store, self._actor = store, actor
+    def __init__(self, store: MilvusStore | None = None, uri: str | None = None, token: str | None = None):
+        self._store, self._uri, self._token = store, uri, token
+        self._actor = None if store is not None else _owner(uri, token)
 
     def call(self, method: str, *args: Any) -> Any:
         import ray
 
-        if self._actor is not None:
-            return ray.get(self._actor.call.remote(method, *args))
-        return getattr(self._store, method)(*args)
+        if self._store is not None:
+            return getattr(self._store, method)(*args)
+        for delay in OWNER_RETRY_DELAYS:
+            try:
+                return ray.get(self._actor.call.remote(method, *args))
+            except ray.exceptions.ActorDiedError:
+                time.sleep(delay)
+                self._actor = _owner(self._uri, self._token)
+        return ray.get(self._actor.call.remote(method, *args))
 
     async def acall(self, method: str, *args: Any) -> Any:
-        if self._actor is not None:
-            return await self._actor.call.remote(method, *args)
-        return getattr(self._store, method)(*args)
+        import asyncio
+
+        import ray
+
+        if self._store is not None:
+            return getattr(self._store, method)(*args)
+        for delay in OWNER_RETRY_DELAYS:
+            try:
+                return await self._actor.call.remote(method, *args)
+            except ray.exceptions.ActorDiedError:
+                await asyncio.sleep(delay)
+                self._actor = _owner(self._uri, self._token)
+        return await self._actor.call.remote(method, *args)
 
     def __getattr__(self, method: str):
         if method.startswith("_"):
             raise AttributeError(method)
         return lambda *args: self.call(method, *args)
+
+
+# Pauses before reopening a dead owner: a name lookup can return an actor in teardown until the
+# cluster has released its name, and its successor cannot open the file until it is closed.
+OWNER_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
 
 
 class _StoreOwner:
@@ -335,24 +361,29 @@ class _StoreOwner:
         return getattr(self.store, method)(*args)
 
 
+def _owner(uri: str, token: str | None) -> Any:
+    """The named owner actor of a Milvus Lite file: found if it exists on the cluster, else started."""
+    import ray
+
+    name = "milvus-lite-" + hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return (
+        ray.remote(_StoreOwner)
+        .options(name=name, namespace=ACTOR_NAMESPACE, get_if_exists=True, num_cpus=0, max_concurrency=1)
+        .remote(uri, token)
+    )
+
+
 def open_store(uri: str, token: str | None = None) -> StoreHandle:
     """Open a knowledge-base store, through the file's single owner actor for Milvus Lite under Ray.
 
     The actor is named after the file, so every driver, job task and Serve replica on the cluster
-    finds the same one; it lives as long as the process that created it.
+    finds the same one; it lives while the process that created it holds a handle to it.
     """
     import ray
 
     if not is_lite(uri) or not ray.is_initialized():
         return StoreHandle(store=MilvusStore(uri, token))
-    uri = os.path.abspath(uri)
-    name = "milvus-lite-" + hashlib.sha256(uri.encode()).hexdigest()[:16]
-    owner = (
-        ray.remote(_StoreOwner)
-        .options(name=name, namespace=ACTOR_NAMESPACE, get_if_exists=True, num_cpus=0, max_concurrency=1)
-        .remote(uri, token)
-    )
-    return StoreHandle(actor=owner)
+    return StoreHandle(uri=os.path.abspath(uri), token=token)
 
 
 SERVER_PORTS = (
