@@ -1,7 +1,8 @@
-"""Train one LoRA adapter of a lorag config as a Ray Job (Ray Train + DeepSpeed).
+"""Train the LoRA adapters of a lorag config as a Ray Job (Ray Train + DeepSpeed): all of them, or --adapter ones.
 
-Local:    python -m jobs.finetune --config examples/quickstart/lorag.yaml --adapter tidewell-support
+Local:    python -m jobs.finetune --config examples/quickstart/lorag.yaml
 Cluster:  ray job submit --working-dir . -- python -m jobs.finetune --config examples/quickstart/lorag.yaml --adapter tidewell-support
+          (or: lorag submit train -c examples/quickstart/lorag.yaml --address http://HOST:8265)
 Override: python -m jobs.finetune --config F --adapter NAME --set adapters.NAME.train.max_steps=5
 """
 
@@ -16,15 +17,23 @@ from lorag.train import train_adapter
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the lorag.yaml")
-    parser.add_argument("--adapter", required=True, help="the adapter to train (a name under `adapters:`)")
+    parser.add_argument("--adapter", action="append", help="only this adapter (a name under `adapters:`; repeatable; default: all)")
     parser.add_argument("--set", action="append", default=[], help="override, e.g. adapters.NAME.train.max_steps=5")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.set)
-    cfg.adapter(args.adapter)  # fail on a wrong name before Ray starts
+    names = args.adapter or [a.name for a in cfg.adapters]
+    if not names:
+        parser.error(f"{args.config} defines no adapters")
+    for name in names:  # fail on a wrong name before Ray starts
+        try:
+            cfg.adapter(name)
+        except KeyError as e:
+            parser.error(e.args[0])
     connect()
-    result = train_adapter(cfg, args.adapter)
-    print(train_summary(result.adapter, result.version, result.path, result.metrics))
+    for name in names:
+        result = train_adapter(cfg, name)
+        print(train_summary(result.adapter, result.version, result.path, result.metrics), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Local:    python -m jobs.ingest --config examples/quickstart/lorag.yaml
 Cluster:  ray job submit --working-dir . -- python -m jobs.ingest --config examples/quickstart/lorag.yaml
+          (or: lorag submit ingest -c examples/quickstart/lorag.yaml --address http://HOST:8265)
 Override: python -m jobs.ingest --config F --kb tidewell-handbook --set knowledge_bases.0.top_k=4
 """
 

@@ -68,6 +68,48 @@ def tiny_model(tmp_path_factory, smollm2_path) -> Path:
     return out
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "lorag-test", "AWS_SECRET_ACCESS_KEY": "lorag-test", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 API on 127.0.0.1 (moto's server mode), for the whole session; yields its endpoint URL.
+
+    Its address and fake credentials go into this process's environment, where pyarrow (and so
+    lorag and Ray Train) read them, and where Ray nodes started by a test inherit them.
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, request):
+    """A fresh, empty bucket on the loopback S3 server; yields `s3://<bucket>`."""
+    import re
+
+    import boto3
+
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (logical CPUs beyond the 2 real ones, so a Ray Data ingest never waits behind a finishing Train run)."""

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from lorag.cli import app
 
 runner = CliRunner()
-COMMANDS = ["quickstart", "ingest", "train", "serve", "ask", "adapters", "kb"]
+COMMANDS = ["quickstart", "ingest", "train", "serve", "ask", "adapters", "kb", "submit", "jobs", "deploy", "k8s"]
 
 
 def test_top_level_help_lists_every_command():
@@ -68,7 +68,7 @@ def test_adapters_list_show_tag_rm(tmp_path):
     assert r.exit_code == 0 and "bot" in r.output and "v1, v2" in r.output and "1.000" in r.output and "2.500" in r.output, r.output
     r = runner.invoke(app, ["adapters", "tag", "bot@v1", "prod", *opts])
     assert r.exit_code == 0 and "bot@prod -> v1" in r.output
-    assert store.resolve("bot", "prod").name == "v1"
+    assert store.resolve("bot", "prod").endswith("/v1")
     r = runner.invoke(app, ["adapters", "show", "bot@prod", *opts])
     assert r.exit_code == 0 and '"version": 1' in r.output
     r = runner.invoke(app, ["adapters", "tag", "bot@v1", "v2", *opts])

@@ -365,3 +365,20 @@ def test_chunker_turns_failures_into_one_error_row(path, data, error):
     [out] = DocumentChunker("kb", 100, 10)(row)
     assert {k: type(v) for k, v in out.items()} == ROW_TYPES
     assert out["error"].startswith(error) and out["id"] == "" and out["chunk_index"] == -1 and out["source"] == path
+
+
+def test_sources_at_s3_uris_are_found_and_read(s3):
+    """Knowledge-base sources may live in object storage: a directory, a pattern or one file."""
+    import pyarrow.fs
+
+    from lorag.documents import find_documents, read_document
+
+    fs, bucket = pyarrow.fs.FileSystem.from_uri(s3)
+    for name, data in {"docs/a.md": b"# A", "docs/sub/b.txt": b"B", "docs/skip.bin": b"x", "other/c.md": b"C"}.items():
+        with fs.open_output_stream(f"{bucket}/{name}") as f:
+            f.write(data)
+    assert find_documents([f"{s3}/docs/"]) == [f"{s3}/docs/a.md", f"{s3}/docs/sub/b.txt"], "a directory: every document under it"
+    assert find_documents([f"{s3}/docs/*.md", f"{s3}/other/c.md"]) == [f"{s3}/docs/a.md", f"{s3}/other/c.md"]
+    assert read_document(f"{s3}/docs/sub/b.txt") == b"B"
+    with pytest.raises(FileNotFoundError, match="match no file"):
+        find_documents([f"{s3}/nothing/"])

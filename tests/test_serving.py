@@ -3,6 +3,7 @@ errors as OpenAI-shaped 4xx bodies, 503 over capacity, autoscaling, and the expo
 
 import concurrent.futures
 import json
+import re
 
 import httpx
 import pytest
@@ -489,3 +490,30 @@ def test_batcher_tells_run_which_callers_are_gone():
 
     assert asyncio.run(main()) == ("b", True)
     assert seen["gone"] == [True, False]
+
+
+@pytest.mark.parametrize(
+    "serve, keys, problem",
+    [
+        ({}, "", None),  # loopback, no keys: a laptop
+        ({"host": "0.0.0.0"}, "", "exposes the endpoint beyond this machine"),
+        ({"host": "10.0.0.5"}, "", "say `serve.auth: none`"),
+        ({"host": "0.0.0.0"}, "k1,k2", None),
+        ({"host": "0.0.0.0", "auth": "none"}, "", None),
+        ({"auth": "api_keys"}, "", "serve.auth is api_keys but no API key"),
+        ({"auth": "api_keys"}, " , ", "serve.auth is api_keys but no API key"),
+        ({"host": "localhost", "auth": "api_keys"}, "k", None),
+    ],
+)
+def test_an_endpoint_beyond_loopback_needs_keys_or_an_explicit_auth_none(monkeypatch, serve, keys, problem):
+    from lorag.config import parse_config
+    from lorag.serving import api_keys
+
+    monkeypatch.setenv("LORAG_API_KEYS", keys)
+    cfg = parse_config({"serve": serve})
+    if problem is None:
+        found = api_keys(cfg)
+        assert found == (frozenset() if serve.get("auth") == "none" else frozenset(k for k in keys.split(",") if k.strip()))
+    else:
+        with pytest.raises(RuntimeError, match=re.escape(problem)):
+            api_keys(cfg)

@@ -75,10 +75,11 @@ def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(ray_s
         train_adapter(cfg, "support")  # bound to a knowledge base that does not exist yet
     ingest(cfg, "handbook")
     r1 = train_adapter(cfg, "support")
-    assert r1.version == 1 and r1.path.name == "v1"
-    assert {p.name for p in r1.path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "lorag.json", "lorag.yaml"}
-    assert not list(r1.path.glob("*.bin")) and not list(r1.path.glob("*.pt")), "only safetensors are saved"
-    meta = json.loads((r1.path / "lorag.json").read_text())
+    v1 = Path(r1.path)
+    assert r1.version == 1 and v1.name == "v1"
+    assert {p.name for p in v1.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "lorag.json", "lorag.yaml"}
+    assert not list(v1.glob("*.bin")) and not list(v1.glob("*.pt")), "only safetensors are saved"
+    meta = json.loads((v1 / "lorag.json").read_text())
     assert meta["base_model"] == str(tiny_model) and meta["knowledge_base"] == "handbook" and meta["trained_with_retrieval"] is True
     assert meta["metrics"]["steps"] == 2 and len(meta["metrics"]["history"]["train_loss"]) == 2 and meta["metrics"]["world_size"] == 2
 
@@ -92,8 +93,8 @@ def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(ray_s
 
     cfg.adapters[0].train.with_retrieval = False
     r2 = train_adapter(cfg, "support")
-    assert r2.version == 2 and r1.path.exists(), "a second run makes a new version and keeps the first"
-    assert json.loads((r2.path / "lorag.json").read_text())["trained_with_retrieval"] is False
+    assert r2.version == 2 and v1.exists(), "a second run makes a new version and keeps the first"
+    assert json.loads((Path(r2.path) / "lorag.json").read_text())["trained_with_retrieval"] is False
 
 
 @pytest.mark.slow
@@ -215,7 +216,7 @@ def test_a_killed_job_resumes_when_submitted_again(tmp_path, tiny_model, model_c
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:]
     assert "resumed from step" in out, out[-3000:]
-    m = json.loads((AdapterStore(cfg.adapter_store).resolve("support", None) / "lorag.json").read_text())["metrics"]
+    m = AdapterStore(cfg.adapter_store).metadata("support")["metrics"]
     assert m["resumed_from_step"] >= 2 and m["steps"] == 10
     assert [s for s, _ in m["history"]["train_loss"]] == list(range(1, 11)), "the loss history spans both processes, no step lost or repeated"
     assert AdapterStore(cfg.adapter_store).versions("support") == [1]

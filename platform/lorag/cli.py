@@ -271,13 +271,16 @@ def kb_drop(
 
 adapters_app = typer.Typer(help="The adapter store: list, inspect, tag and remove adapter versions.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
-StoreOpt = typer.Option(None, "--store", help="Adapter store directory (default: <workdir>/adapters of --config).")
+StoreOpt = typer.Option(None, "--store", help="Adapter store: a directory or a URI such as s3://bucket/lorag/adapters (default: <storage>/adapters of --config).")
 
 
-def _store(config: Path, store: Optional[Path]):
+def _store(config: Path, store: Optional[str]):
     from lorag.adapters import AdapterStore
 
-    return AdapterStore(store if store else _load(config, None).adapter_store)
+    try:
+        return AdapterStore(store if store else _load(config, None).adapter_store)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _split_ref(ref: str) -> tuple[str, Optional[str]]:
@@ -287,7 +290,7 @@ def _split_ref(ref: str) -> tuple[str, Optional[str]]:
 
 
 @adapters_app.command("list")
-def adapters_list(config: Path = ConfigOpt, store: Optional[Path] = StoreOpt) -> None:
+def adapters_list(config: Path = ConfigOpt, store: Optional[str] = StoreOpt) -> None:
     """Every adapter with its versions, tags and latest validation loss."""
     from rich.table import Table
 
@@ -308,7 +311,7 @@ def adapters_list(config: Path = ConfigOpt, store: Optional[Path] = StoreOpt) ->
 
 
 @adapters_app.command("show")
-def adapters_show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@TAG."), config: Path = ConfigOpt, store: Optional[Path] = StoreOpt) -> None:
+def adapters_show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@TAG."), config: Path = ConfigOpt, store: Optional[str] = StoreOpt) -> None:
     """An adapter version's path and full provenance (lorag.json)."""
     import json
 
@@ -317,11 +320,11 @@ def adapters_show(ref: str = typer.Argument(..., help="NAME, NAME@vN or NAME@TAG
     st = _store(config, store)
     name, version = _split_ref(ref)
     try:
-        path = st.resolve(name, version)
+        path, meta = st.resolve(name, version), st.metadata(name, version)
     except (AdapterNotFoundError, ValueError) as e:
         _fail(str(e))
     console.print(f"[bold]{path}[/bold]")
-    console.print_json(json.dumps(json.loads((path / "lorag.json").read_text())))
+    console.print_json(json.dumps(meta))
 
 
 @adapters_app.command("tag")
@@ -329,7 +332,7 @@ def adapters_tag(
     ref: str = typer.Argument(..., help="NAME@vN (or NAME for the latest version)."),
     tag: str = typer.Argument(..., help="Tag to set or move, e.g. prod."),
     config: Path = ConfigOpt,
-    store: Optional[Path] = StoreOpt,
+    store: Optional[str] = StoreOpt,
 ) -> None:
     """Point a tag at a version; clients can then ask for model NAME@TAG."""
     from lorag.adapters import AdapterNotFoundError
@@ -348,7 +351,7 @@ def adapters_rm(
     ref: str = typer.Argument(..., help="NAME@vN: the version to delete (a bare NAME is refused)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     config: Path = ConfigOpt,
-    store: Optional[Path] = StoreOpt,
+    store: Optional[str] = StoreOpt,
 ) -> None:
     """Delete one adapter version and the tags pointing at it."""
     from lorag.adapters import AdapterNotFoundError
@@ -365,6 +368,252 @@ def adapters_rm(
         raise typer.Exit(1)
     st.remove(name, version)
     console.print(f"deleted {path}")
+
+
+k8s_app = typer.Typer(help="Kubernetes under KubeRay: render the manifests of a config, apply them to a cluster, read their status.", no_args_is_help=True)
+app.add_typer(k8s_app, name="k8s")
+KubeconfigOpt = typer.Option(None, "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).")
+ContextOpt = typer.Option(None, "--context", help="kubeconfig context (default: the current one).")
+
+
+@k8s_app.command("render")
+def k8s_render(
+    config: Path = ConfigOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the manifests into (an earlier render there is replaced)."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Write the KubeRay manifests for CONFIG into DIR: RayCluster, RayJobs for ingest and fine-tuning, RayService, Milvus
+    standalone, the cluster's lorag.yaml as a ConfigMap, and a Secret template. Run it from the project root (the image's contents)."""
+    from lorag import k8s
+
+    cfg = _load(config, set_)
+    try:
+        written = k8s.write(k8s.render(cfg, str(config)), out, str(config))
+    except ConfigError as e:
+        _fail(str(e))
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@k8s_app.command("apply")
+def k8s_apply(
+    config: Path = ConfigOpt,
+    job: Optional[list[str]] = typer.Option(None, "--job", help="Also run this RayJob: ingest or finetune (repeatable)."),
+    set_: Optional[list[str]] = SetOpt,
+    kubeconfig: Optional[str] = KubeconfigOpt,
+    context: Optional[str] = ContextOpt,
+) -> None:
+    """Server-side apply the rendered manifests to the cluster of the current kube context. The Secret must already exist
+    (`kubectl create secret ...`, the command is printed if not); RayJobs run only when named with --job."""
+    from lorag import k8s
+
+    cfg = _load(config, set_)
+    try:
+        applied = k8s.apply(k8s.render(cfg, str(config)), jobs=job or (), kubeconfig=kubeconfig, context=context)
+    except (ConfigError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    for line in applied:
+        console.print(line)
+
+
+@k8s_app.command("status")
+def k8s_status(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt, kubeconfig: Optional[str] = KubeconfigOpt, context: Optional[str] = ContextOpt) -> None:
+    """The state and conditions of the config's RayCluster, RayJobs and RayService."""
+    from lorag import k8s
+
+    cfg = _load(config, set_)
+    try:
+        states = k8s.status(cfg, kubeconfig=kubeconfig, context=context)
+    except RuntimeError as e:
+        _fail(str(e))
+    for state in states:
+        console.print(str(state))
+
+
+# -- a running Ray cluster: submit jobs, follow them, deploy the endpoint ------------------------
+
+import enum  # noqa: E402  (with the commands that use it)
+
+
+class JobKind(str, enum.Enum):
+    train = "train"
+    ingest = "ingest"
+
+
+ClusterAddressOpt = typer.Option(None, "--address", help="The cluster's dashboard address (Ray Jobs and Serve APIs), e.g. http://HOST:8265. Default: cluster.address of the config, else $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS.")
+TokenOpt = typer.Option(None, "--token", help="The cluster's Ray auth token. Default: $RAY_AUTH_TOKEN, else the file in $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (copy the head's).")
+
+
+@app.command()
+def submit(
+    kind: JobKind = typer.Argument(..., help="train runs `python -m jobs.finetune`, ingest `python -m jobs.ingest`."),
+    config: Path = ConfigOpt,
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="train: only this adapter (repeatable; default: all)."),
+    kb: Optional[list[str]] = typer.Option(None, "--kb", help="ingest: only this knowledge base (repeatable; default: all)."),
+    set_: Optional[list[str]] = SetOpt,
+    address: Optional[str] = ClusterAddressOpt,
+    token: Optional[str] = TokenOpt,
+    follow: bool = typer.Option(True, "--follow/--no-follow", help="Stream the job's logs and exit with its status (0 when it SUCCEEDED), or return once it is submitted."),
+) -> None:
+    """Run a train or ingest job on a running Ray cluster (Ray Jobs), with this project uploaded as its working_dir."""
+    from rich.markup import escape
+
+    from lorag.cluster import ClusterError, cluster, job_client, outputs_inside, project_paths, submit_job
+
+    cfg = _load(config, set_)
+    misplaced = adapter if kind is JobKind.ingest else kb
+    if misplaced:
+        _fail("--adapter goes with `submit train`, --kb with `submit ingest`", 2)
+    names = adapter if kind is JobKind.train else kb
+    _check_names(cfg.adapter if kind is JobKind.train else cfg.knowledge_base, names)
+    try:
+        root, _ = project_paths(config)
+        target = cluster(address, token, cfg)
+        client = job_client(target)
+        for rel in outputs_inside(cfg, root):
+            console.print(
+                f"[yellow]note:[/yellow] {rel} is inside the project, so on the cluster it is written into Ray's temporary copy of the "
+                "project and lost with the session: point `storage:` (and knowledge bases' `uri:`) at storage the cluster keeps"
+            )
+        console.print(f"uploading {root} to {target.address}")
+        sub = submit_job(client, target, kind.value, cfg, config, names, set_)
+    except ClusterError as e:
+        _fail(str(e))
+    console.print(f"submitted job [bold]{sub.job_id}[/bold]: {escape(sub.entrypoint)}")
+    flags = f" --address {target.address}"
+    console.print(f"  logs: lorag jobs logs {sub.job_id} --follow{flags}\n  stop: lorag jobs stop {sub.job_id}{flags}")
+    if follow:
+        _follow_job(client, target, sub.job_id)
+
+
+jobs_app = typer.Typer(help="Ray Jobs on a running cluster: list them, read or follow their logs, stop them.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+JobArg = typer.Argument(..., help="The job's submission id (printed by `lorag submit`, listed by `lorag jobs list`).")
+ClusterConfigOpt = typer.Option(None, "--config", "-c", help="A lorag.yaml whose cluster.address to use.")
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = ClusterAddressOpt, token: Optional[str] = TokenOpt, config: Optional[Path] = ClusterConfigOpt) -> None:
+    """Every job of the cluster, newest first: id, status, start time, entrypoint."""
+    from rich.markup import escape
+    from rich.table import Column, Table
+
+    from lorag.cluster import ClusterError, cluster_errors
+
+    target, client = _jobs_client(address, token, config)
+    try:
+        with cluster_errors(target):
+            jobs = client.list_jobs()
+    except ClusterError as e:
+        _fail(str(e))
+    if not jobs:
+        console.print(f"no jobs on {target.address}")
+        return
+    table = Table(Column("job", no_wrap=True), "status", "started", "entrypoint")
+    for j in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True):
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
+        table.add_row(j.submission_id or j.job_id or "-", j.status.value, started, escape(j.entrypoint))
+    console.print(table)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job: str = JobArg,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends, then exit with its status (0 when it SUCCEEDED)."),
+    address: Optional[str] = ClusterAddressOpt,
+    token: Optional[str] = TokenOpt,
+    config: Optional[Path] = ClusterConfigOpt,
+) -> None:
+    """A job's logs so far, or --follow them to the end."""
+    from lorag.cluster import ClusterError, cluster_errors
+
+    target, client = _jobs_client(address, token, config)
+    if follow:
+        _follow_job(client, target, job)
+        return
+    try:
+        with cluster_errors(target):
+            sys.stdout.write(client.get_job_logs(job))
+    except ClusterError as e:
+        _fail(str(e))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job: str = JobArg, address: Optional[str] = ClusterAddressOpt, token: Optional[str] = TokenOpt, config: Optional[Path] = ClusterConfigOpt) -> None:
+    """Ask a running job to stop (its driver gets SIGTERM, then SIGKILL)."""
+    from lorag.cluster import ClusterError, cluster_errors
+
+    target, client = _jobs_client(address, token, config)
+    try:
+        with cluster_errors(target):
+            if client.stop_job(job):
+                console.print(f"stopping {job}")
+            else:
+                console.print(f"{job} has already ended: {client.get_job_status(job).value}")
+    except ClusterError as e:
+        _fail(str(e))
+
+
+@app.command()
+def deploy(
+    config: Path = ConfigOpt,
+    address: Optional[str] = ClusterAddressOpt,
+    token: Optional[str] = TokenOpt,
+    timeout: float = typer.Option(900, "--timeout", help="Seconds to wait for the application to be RUNNING."),
+) -> None:
+    """Deploy the endpoint to a running Ray cluster (Serve REST API) with this project uploaded, and wait until it is RUNNING.
+
+    The replicas read the config file in the upload as it is (so there is no --set), and get this machine's API keys (serve.api_keys_env, serve.api_keys_file) through the deployment's environment.
+    """
+    from lorag.cluster import ClusterError, cluster, deploy_app
+
+    cfg = _load(config, None)
+    try:
+        target = cluster(address, token, cfg)
+        r = deploy_app(target, cfg, config, timeout, progress=lambda line: console.print(line))
+    except ClusterError as e:
+        _fail(str(e))
+    if r.status == "RUNNING":
+        console.print(f"lorag is RUNNING at [bold]{r.url}/v1[/bold] (deployed to {target.address})")
+        return
+    console.print(f"[red]error:[/red] application lorag is {r.status}" + (f" after {timeout:.0f} s" if r.status not in ("DEPLOY_FAILED", "UNHEALTHY") else ""))
+    if r.message:
+        console.print(r.message, markup=False)  # Ray's own words: the replica's error or what it still waits for
+    raise typer.Exit(1)
+
+
+def _jobs_client(address: Optional[str], token: Optional[str], config: Optional[Path]):
+    from lorag.cluster import ClusterError, cluster, job_client
+
+    cfg = _load(config, None) if config else None
+    try:
+        target = cluster(address, token, cfg)
+        return target, job_client(target)
+    except ClusterError as e:
+        _fail(str(e))
+
+
+def _follow_job(client, target, job_id: str) -> None:
+    """Stream the job's logs; exit 0 when it SUCCEEDED, 1 when it FAILED or was STOPPED."""
+    from lorag.cluster import ClusterError, follow_job
+
+    def write(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    try:
+        r = follow_job(client, target, job_id, write)
+    except ClusterError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        console.print(f"\nstopped following; {job_id} keeps running (lorag jobs stop {job_id} --address {target.address})")
+        raise typer.Exit(130) from None
+    if r.status == "SUCCEEDED":
+        console.print(f"job {job_id} [green]SUCCEEDED[/green]")
+        return
+    first = r.message.strip().splitlines()[0] if r.message.strip() else ""
+    console.print(f"[red]error:[/red] job {job_id} {r.status}" + (f": {first}" if first else ""))
+    raise typer.Exit(1)
 
 
 # -- shared steps --------------------------------------------------------------------------------
@@ -452,12 +701,17 @@ def _export_serve_config(cfg: LoragConfig, config: Path, out: Path) -> None:
 def _start_serve(cfg: LoragConfig) -> str:
     from ray import serve
 
-    from lorag.serving import build_app
+    from lorag.serving import api_keys, build_app
 
+    try:
+        api_keys(cfg)  # the replicas read the same variables: refuse here, before loading anything
+        app = build_app(cfg)
+    except (RuntimeError, ConfigError) as e:
+        _fail(str(e))
     console.rule("[bold]serve[/bold]")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port, "request_timeout_s": cfg.serve.request_timeout_s})
     with console.status("starting Ray Serve deployments (loading models)..."):
-        serve.run(build_app(cfg), name="lorag", route_prefix="/", blocking=False)
+        serve.run(app, name="lorag", route_prefix="/", blocking=False)
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 

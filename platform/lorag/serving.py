@@ -178,11 +178,40 @@ def base_name(cfg: LoragConfig) -> str:
 
 
 def api_keys(cfg: LoragConfig) -> frozenset[str]:
-    """Keys from the `api_keys_env` variable (comma-separated) and `api_keys_file` (one per line)."""
+    """Keys from the `api_keys_env` variable (comma-separated) and `api_keys_file` (one per line),
+    as this process sees them (a replica gets them through its deployment's environment).
+
+    Raises:
+        RuntimeError: keys are missing where the config requires them (`auth_problem`).
+    """
+    if cfg.serve.auth == "none":
+        return frozenset()
     keys = [k for k in os.environ.get(cfg.serve.api_keys_env, "").split(",")]
     if cfg.serve.api_keys_file:
         keys += Path(cfg.serve.api_keys_file).read_text().splitlines()
-    return frozenset(k.strip() for k in keys if k.strip() and not k.strip().startswith("#"))
+    found = frozenset(k.strip() for k in keys if k.strip() and not k.strip().startswith("#"))
+    if problem := auth_problem(cfg, found):
+        raise RuntimeError(problem)
+    return found
+
+
+def auth_problem(cfg: LoragConfig, keys: frozenset[str]) -> str | None:
+    """Why the endpoint must not start with these keys, or None: `auth: api_keys` with no key, or a
+    host beyond loopback with no key and no explicit `auth: none`."""
+    sv = cfg.serve
+    if keys or sv.auth == "none":
+        return None
+    where = f"${sv.api_keys_env}" + (f" or {sv.api_keys_file}" if sv.api_keys_file else "")
+    if sv.auth == "api_keys":
+        return f"serve.auth is api_keys but no API key was found in {where} (as this replica sees it): set {sv.api_keys_env}"
+    if not _loopback(sv.host):
+        return (f"serve.host {sv.host} exposes the endpoint beyond this machine, but no API key was found in {where}: "
+                f"set {sv.api_keys_env} (lorag deploy passes it to the replicas), or say `serve.auth: none` to serve without keys")
+    return None
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def serving_device(sv) -> tuple[str, str]:
@@ -215,21 +244,20 @@ def torch_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
 class Gateway:
     """OpenAI-style front door: validation, adapter resolution, retrieval, response shaping."""
 
-    def __init__(self, config: dict[str, Any], generator):
+    def __init__(self, config: dict[str, Any], generator, embedder_ref: str):
         from ray.serve.metrics import Counter, Histogram
 
         from lorag.embed import Embedder
         from lorag.milvus import open_store
-        from lorag.models import resolve_model
 
         self.cfg = LoragConfig.model_validate(config)
+        self.api_keys = api_keys(self.cfg)  # first: a replica that must not serve without keys fails at once
         self.generator = generator
         self.store = AdapterStore(self.cfg.adapter_store)
         self.base = base_name(self.cfg)
         self.torch = torch_thread("lorag-embed")
-        self.embedder = self.torch.submit(Embedder, resolve_model(self.cfg.embedder, self.cfg.model_cache)).result() if self.cfg.knowledge_bases else None
+        self.embedder = self.torch.submit(Embedder, embedder_ref, cache_dir=self.cfg.cache_dir).result() if self.cfg.knowledge_bases else None
         self.kb_stores = {kb.name: open_store(self.cfg.milvus_uri(kb), kb.token) for kb in self.cfg.knowledge_bases}
-        self.api_keys = api_keys(self.cfg)
         self.requests = Counter("lorag_requests", description="Completion requests per model.", tag_keys=("model", "status"))
         self.tokens = Counter("lorag_tokens", description="Prompt and completion tokens per model.", tag_keys=("model", "kind"))
         self.retrieval_ms = Histogram("lorag_retrieval_ms", description="Knowledge-base search latency.", boundaries=[2, 5, 10, 20, 50, 100, 250, 1000], tag_keys=("kb",))
@@ -395,18 +423,18 @@ class Gateway:
             return None, kb_override, None
         name, version = parse_model_id(model)
         try:
-            path = self.store.resolve(name, version)
+            number = self.store.resolve_number(name, version)
         except (AdapterNotFoundError, ValueError) as e:
             known = [self.base, *self.store.names()]
             raise APIError(404, f"model {model!r} not found: {e}. Available: {known}", code="model_not_found") from None
-        meta = self.store.metadata(name, path.name)
+        meta = self.store.metadata(name, number)
         # The config's binding wins, so a knowledge base can be re-bound without retraining.
         in_cfg = next((a for a in self.cfg.adapters if a.name == name), None)
         kb = in_cfg.knowledge_base if in_cfg else meta.get("knowledge_base")
         system_prompt = in_cfg.system_prompt if in_cfg else meta.get("system_prompt")
         if kb is not None and kb not in self.kb_stores:
             kb = None
-        return f"{name}@{path.name}", kb_override or kb, system_prompt
+        return f"{name}@v{number}", kb_override or kb, system_prompt
 
     async def _retrieve(self, kb_name: str, query: str, k: int | None) -> list[dict[str, Any]]:
         kb = self.cfg.knowledge_base(kb_name)
@@ -430,13 +458,13 @@ class Generator:
     not used because it splits batches by multiplexed model id. Streamed requests run alone.
     """
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], model_ref: str):
         from lorag.models import load_causal_lm, load_tokenizer, resolve_model
         from lorag.multilora import MultiLoraModel
 
         self.cfg = LoragConfig.model_validate(config)
         sv = self.cfg.serve
-        path = resolve_model(self.cfg.base_model, self.cfg.model_cache)
+        path = resolve_model(model_ref, self.cfg.model_cache)  # on this replica's node, into its cache
         self.tokenizer = load_tokenizer(path)
         self.torch = torch_thread("lorag-generate")  # loads the model and runs every forward pass
         device, dtype = serving_device(sv)
@@ -471,11 +499,10 @@ class Generator:
             self.recent.move_to_end(adapter_id)
             return self.mm.slots[adapter_id]
         name, version = parse_model_id(adapter_id)
-        path = self.store.resolve(name, version)
         meta = self.store.metadata(name, version)
         if meta.get("base_model") not in (None, self.cfg.base_model):
             raise ValueError(f"adapter {adapter_id} was trained on {meta['base_model']!r}, but this endpoint serves {self.cfg.base_model!r}")
-        weights = LoraWeights.load(path)
+        weights = LoraWeights.load(self.store.fetch(name, version, self.cfg.model_cache))
         if len(self.mm.slots) >= self.mm.max_adapters:
             idle = next(a for a in self.recent if a not in busy)
             self.mm.unload(idle)
@@ -712,6 +739,8 @@ def generator_options(cfg: LoragConfig) -> dict[str, Any]:
         "max_queued_requests": sv.max_queued_requests,
         "ray_actor_options": {"num_cpus": sv.cpus_per_replica, **({"num_gpus": sv.gpus_per_replica} if sv.gpus_per_replica else {})},
     }
+    if sv.max_replicas_per_node:
+        opts["max_replicas_per_node"] = sv.max_replicas_per_node
     if sv.autoscaling:
         a = sv.autoscaling
         opts["autoscaling_config"] = {
@@ -728,12 +757,21 @@ def generator_options(cfg: LoragConfig) -> dict[str, Any]:
 
 
 def build_app(cfg: LoragConfig):
-    """The Serve application for `cfg`: `Gateway` in front of `Generator` replicas."""
+    """The Serve application for `cfg`: `Gateway` in front of `Generator` replicas.
+
+    Raises:
+        ConfigError: the app would read paths that other nodes of the cluster do not have.
+    """
+    from lorag.models import node_ref
+    from lorag.storage import check_cluster_paths
+
+    check_cluster_paths(cfg, [kb.name for kb in cfg.knowledge_bases], artifacts=True)
     data = cfg.model_dump(mode="json")
-    generator = Generator.options(**generator_options(cfg)).bind(data)
+    # Replicas may run on any node: they resolve the models themselves, from URIs where needed.
+    generator = Generator.options(**generator_options(cfg)).bind(data, node_ref(cfg.base_model, cfg.storage_root, cfg.model_cache))
     # The gateway only validates, retrieves and forwards; its queue bounds what the proxy holds.
     gateway = Gateway.options(max_ongoing_requests=max(64, 4 * cfg.serve.max_ongoing_requests), max_queued_requests=4 * max(cfg.serve.max_queued_requests, 1))
-    return gateway.bind(data, generator)
+    return gateway.bind(data, generator, node_ref(cfg.embedder, cfg.storage_root, cfg.model_cache))
 
 
 def serve_config(cfg: LoragConfig, config_path: str) -> dict[str, Any]:

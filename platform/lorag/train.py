@@ -1,14 +1,17 @@
 """LoRA (or full) fine-tuning on Ray Train with DeepSpeed, resumable, into the adapter store.
 
-`train_adapter` is the entry point. Before anything starts it validates the dataset, splits off
-a validation set, resolves the base model once on the driver (so workers never race to convert
-it) and, for an adapter bound to a knowledge base, wraps every question in its retrieved sources.
-Then a `TorchTrainer` runs `train_loop` on every worker: the frozen base wrapped in a peft LoRA
-model under a DeepSpeed ZeRO engine. Every `checkpoint_every` steps all ranks save their shard
-of the DeepSpeed state through `ray.train.report`; a worker that dies is restarted by Ray Train
-(`FailureConfig`) and the run resumes from the latest checkpoint (model, optimizer, scheduler,
-data position, loss history). The final checkpoint holds the PEFT adapter, which is copied into
-a new, immutable version in the adapter store with its provenance.
+`train_adapter` is the entry point. Before anything starts it checks that every path the run needs
+is reachable from every node, validates the dataset, splits off a validation set, resolves the
+base model on the driver (and, for a model directory only the driver has, publishes it to the
+storage URI) and, for an adapter bound to a knowledge base, wraps every question in its retrieved
+sources. Then a `TorchTrainer` runs `train_loop` on every worker: each resolves the base model into
+its own node's cache and wraps it in a peft LoRA model under a DeepSpeed ZeRO engine. Every
+`checkpoint_every` steps the ranks save the training state (`lorag.checkpoint`: safetensors and
+JSON, verified on load, never unpickled) through `ray.train.report` into `storage_path` (a local
+dir or a URI); a worker that dies is restarted by Ray Train (`FailureConfig`) and the run resumes
+from the latest checkpoint (weights, optimizer, scheduler, RNG, data position, loss history). The
+final checkpoint holds the PEFT adapter, which is copied into a new, immutable version in the
+adapter store with its provenance.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 from lorag.config import ConfigError
 from lorag.data import IGNORE_INDEX, DatasetError, Encoded, dataset_hash, encode_example, load_examples, split_examples
 
-STATE_TAG = "state"  # DeepSpeed checkpoint tag inside each Ray Train checkpoint
+STATE_DIR = "state"  # the training state (lorag.checkpoint: safetensors + JSON) inside each Ray Train checkpoint
 EXPORT_DIR = "export"  # the adapter (PEFT) or full model, in the final checkpoint
 
 
@@ -34,7 +37,7 @@ EXPORT_DIR = "export"  # the adapter (PEFT) or full model, in the final checkpoi
 class TrainResult:
     adapter: str
     version: int
-    path: Path
+    path: str  # the version's location in the adapter store (a local path or a URI)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,21 +62,23 @@ def train_adapter(cfg, name: str) -> TrainResult:
 
     from lorag.adapters import AdapterStore
     from lorag.config import dump_config
-    from lorag.models import resolve_model
+    from lorag.models import node_ref, resolve_model
+    from lorag.storage import check_cluster_paths
 
     ad = cfg.adapter(name)
     t = ad.train
+    retrieval = ad.knowledge_base is not None and t.with_retrieval
+    check_cluster_paths(cfg, [ad.knowledge_base] if retrieval else [], artifacts=True)
     examples = load_examples(ad.dataset)
     train_set, val_set = split_examples(examples, t.val_fraction, t.seed)
     if len(train_set) < t.num_workers:
         raise DatasetError(f"{ad.dataset}: {len(train_set)} training example(s) for {t.num_workers} workers; each worker needs at least one")
     ds_override = _read_deepspeed_json(t.deepspeed_config) if t.deepspeed_config else {}
     model_path = resolve_model(cfg.base_model, cfg.model_cache)
-    retrieval = ad.knowledge_base is not None and t.with_retrieval
     if retrieval:  # one pass over all examples; the seeded split then picks the same partition
         train_set, val_set = split_examples(with_retrieved_sources(cfg, ad, examples), t.val_fraction, t.seed)
 
-    storage = t.storage_path or str(Path(cfg.workdir) / "ray_results")
+    storage = t.storage_path or cfg.train_storage
     run_name = f"{name}-{run_key(ad, model_path, train_set, val_set, ds_override)}"
     if not t.resume:
         forget_run(storage, run_name)
@@ -83,7 +88,8 @@ def train_adapter(cfg, name: str) -> TrainResult:
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "adapter": name,
-            "model_path": str(model_path),
+            # Workers may run on other nodes: they resolve the model into their own node's cache.
+            "model_ref": node_ref(cfg.base_model, cfg.storage_root, cfg.model_cache),
             "train": train_set,
             "val": val_set,
             "deepspeed_override": ds_override,
@@ -92,6 +98,7 @@ def train_adapter(cfg, name: str) -> TrainResult:
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+            placement_strategy=t.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,  # the same adapter, data and settings always map to the same run, so a re-run resumes it
@@ -128,10 +135,10 @@ def train_adapter(cfg, name: str) -> TrainResult:
             "wall_time_s": round(time.time() - start, 1),
             "lorag_version": _lorag_version(),
         }
-        path = AdapterStore(cfg.adapter_store).save(name, Path(ckpt) / EXPORT_DIR, metadata, config_yaml=dump_config(cfg))
+        location = AdapterStore(cfg.adapter_store).save(name, Path(ckpt) / EXPORT_DIR, metadata, config_yaml=dump_config(cfg))
     # The adapter is safe in the store: the run is finished, so the next run of the same config trains anew.
     forget_run(storage, run_name)
-    return TrainResult(name, int(path.name[1:]), path, report)
+    return TrainResult(name, int(location.rstrip("/").rsplit("/", 1)[-1][1:]), location, report)
 
 
 def run_key(ad, model_path: Path, train_set: list, val_set: list, ds_override: dict) -> str:
@@ -186,14 +193,15 @@ def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: LoRA on the frozen base (or full fine-tuning) under DeepSpeed ZeRO.
 
     Everything comes through `config` (the resolved `LoragConfig` as JSON, the adapter name, the
-    resolved base-model path, the prepared train/val examples and any raw DeepSpeed override);
-    nothing is read from globals.
+    base model's reference for this node to resolve, the prepared train/val examples and any raw
+    DeepSpeed override); nothing is read from globals or from the driver's disk.
     """
     import ray.train
     import torch
 
+    from lorag.checkpoint import load_state
     from lorag.config import LoragConfig
-    from lorag.models import load_tokenizer
+    from lorag.models import load_tokenizer, resolve_model
 
     cfg = LoragConfig.model_validate(config["config"])
     ad = cfg.adapter(config["adapter"])
@@ -205,11 +213,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
-    tokenizer = load_tokenizer(Path(config["model_path"]))
-    model = _build_model(ad, Path(config["model_path"]))
+    model_path = resolve_model(config["model_ref"], cfg.model_cache)
+    tokenizer = load_tokenizer(model_path)
+    model = _build_model(ad, model_path)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     train_set = [encode_example(tokenizer, ex, ad.system_prompt, t.max_seq_len) for ex in config["train"]]
@@ -223,6 +233,11 @@ def train_loop(config: dict[str, Any]) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
     pad_id = tokenizer.pad_token_id
+    # How many Ray nodes the workers span, for the report (by node id: nodes may share an IP).
+    node = torch.tensor(int(ray.get_runtime_context().get_node_id()[:12], 16), device=device)
+    gathered = [torch.zeros_like(node) for _ in range(world)]
+    torch.distributed.all_gather(gathered, node)
+    nodes = len({int(t.item()) for t in gathered})
 
     # Resume: the latest checkpoint restores weights, optimizer, scheduler, history and data position.
     start_step, history, base_val = 0, {"train_loss": [], "val_loss": []}, None
@@ -230,8 +245,9 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=STATE_TAG, load_module_strict=False)
-            state = json.loads((Path(d) / "lorag_state.json").read_text())
+            # Verified (sha256, world size, parameter shapes) and never unpickled. This also restores
+            # this rank's RNG, so nothing below may draw random numbers before the loop starts.
+            state = load_state(engine, Path(d) / STATE_DIR, rank, world)
         start_step, history, base_val = state["step"], state["history"], state["base_val_loss"]
         resumed_from = start_step
     elif val_set and ad.method == "lora":
@@ -296,10 +312,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     "total_params": total,
                     "truncated_examples": truncated,
                     "world_size": world,
+                    "nodes": nodes,
                     "zero_stage": t.zero_stage,
                     "resumed_from_step": resumed_from,
                 }
-            _save_checkpoint(engine, ad, step, history, base_val, metrics, report, rank)
+            _save_checkpoint(engine, ad, step, history, base_val, metrics, report, rank, world)
             engine.train()
 
 
@@ -308,6 +325,7 @@ def deepspeed_config(t, bf16: bool, override: dict[str, Any]) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
+
     if t.offload_params:
         zero["offload_param"] = {"device": "cpu"}
     cfg = {
@@ -315,8 +333,10 @@ def deepspeed_config(t, bf16: bool, override: dict[str, Any]) -> dict[str, Any]:
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
-        # A torch AdamW (not DeepSpeed's fused CUDA one) keeps the same job runnable on CPU nodes.
+        # A torch AdamW (not DeepSpeed's fused CUDA one) keeps the same job runnable on CPU nodes;
+        # with an offloaded optimizer DeepSpeed refuses it unless told that is meant.
         "zero_allow_untested_optimizer": True,
+        **({"zero_force_ds_cpu_optimizer": False} if t.offload_optimizer else {}),
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": t.precision == "fp16"},
         "steps_per_print": 1 << 30,
@@ -380,24 +400,24 @@ def _evaluate(engine, examples: list[Encoded], rank: int, world: int, pad_id: in
     return round(float(total[0] / total[1]), 4) if total[1] > 0 else float("nan")
 
 
-def _save_checkpoint(engine, ad, step, history, base_val, metrics, report, rank) -> None:
-    """Every rank saves its DeepSpeed shard into its own dir; Ray Train merges them into one checkpoint."""
+def _save_checkpoint(engine, ad, step, history, base_val, metrics, report, rank, world) -> None:
+    """Every rank writes its part of the training state into its own dir; Ray Train merges them into one checkpoint."""
     import deepspeed
     import ray.train
 
+    from lorag.checkpoint import save_state
+
     with tempfile.TemporaryDirectory() as tmp:
-        # Frozen base weights are not saved: they come from the base model on resume.
-        engine.save_checkpoint(tmp, tag=STATE_TAG, exclude_frozen_parameters=ad.method == "lora")
+        # Trainable weights only: frozen base weights come from the base model on resume.
+        save_state(engine, Path(tmp) / STATE_DIR, rank, world, step=step, extra={"history": history, "base_val_loss": base_val})
         if report is not None:
             # Under ZeRO-3 parameters are sharded: gather the ones we export before saving.
             params = [p for p in engine.module.parameters() if p.requires_grad or ad.method == "full"]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
                 if rank == 0:
                     engine.module.save_pretrained(Path(tmp) / EXPORT_DIR, safe_serialization=True)
-        if rank == 0:
-            (Path(tmp) / "lorag_state.json").write_text(json.dumps({"step": step, "history": history, "base_val_loss": base_val}))
-            if report is not None:
-                (Path(tmp) / "train_report.json").write_text(json.dumps(report))
+        if rank == 0 and report is not None:
+            (Path(tmp) / "train_report.json").write_text(json.dumps(report))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

@@ -1,0 +1,484 @@
+"""Training checkpoints as safetensors + JSON: what a resumed run needs, verifiable, never unpickled.
+
+`save_state` and `load_state` own the training-state directory inside each Ray Train checkpoint.
+They replace DeepSpeed's `save_checkpoint`/`load_checkpoint`, whose loader unpickles (`torch.load`)
+files that may come from shared storage. Both are collective: every rank calls them, in step.
+
+A checkpoint directory holds:
+
+- `weights.safetensors`: the trainable parameters (LoRA, or every weight for `method: full`) as
+  fp32 master weights, one full (unsharded) tensor per parameter name. Frozen base weights are not
+  saved: they come from the base model on resume.
+- `optimizer.safetensors`: the optimizer's per-parameter state (AdamW: `exp_avg.<name>` and
+  `exp_avg_sq.<name>`), full tensors; its step count is in `state.json`.
+- `state.json`: the data position (`step`), the optimizer step and learning rates, the LR
+  scheduler's state (LambdaLR: `last_epoch`, `_step_count`, `_last_lr`, `base_lrs`; the caller
+  rebuilds the lambdas), DeepSpeed's step counters and loss scale, and the caller's `extra` JSON.
+- `rng-rank{r}.safetensors`, one per rank: that rank's torch CPU RNG (`torch_cpu`, uint8), its
+  CUDA RNG per visible device (`cuda.{i}`) when there is CUDA, and Python's `random` state as JSON
+  in the file's metadata.
+- `manifest.json`: format and version, world size, ZeRO stage, the trainable parameters' names and
+  shapes, and the sha256 of every other file. Rank 0 writes it after gathering the RNG files'
+  hashes, so it is complete even though Ray Train merges the ranks' directories into one.
+
+Under ZeRO-1/2/3 weights and optimizer state are gathered to full tensors through DeepSpeed's
+tensor-fragment API (`deepspeed.utils.safe_get_full_*` / `safe_set_full_*`); at stage 0 they are
+read from the torch optimizer's own parameters and state. The files are the same whatever the stage
+or sharding. The world size must still match on resume: each rank's data shard and RNG depend on it.
+
+`load_state` checks everything before it changes anything: the manifest, every file's sha256
+(each rank checks every file, so all ranks fail alike instead of one hanging in a collective),
+the world size, and the parameter names and shapes against the model. A mismatch or a corrupt
+file raises a `ValueError` that names the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+FORMAT = "lorag-training-state"
+VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "state.json"
+WEIGHTS = "weights.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+_LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # dynamic fp16 loss scaling
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
+
+
+def save_state(engine, directory: str | Path, rank: int, world: int, *, step: int, extra: dict[str, Any]) -> None:
+    """Save `engine`'s training state into `directory` (collective: every rank calls it).
+
+    Rank 0 writes the weights, optimizer state, `state.json` and the manifest; every rank writes its
+    own RNG file. `directory` may be a per-rank temporary directory: the file names never collide.
+
+    Args:
+        engine: the DeepSpeed engine (its module, optimizer and LR scheduler).
+        directory: where to write; created if missing.
+        rank: this worker's rank.
+        world: the number of workers.
+        step: the last completed optimizer step (the data position to resume after).
+        extra: JSON-serialisable caller state (loss history, base validation loss), returned by `load_state`.
+
+    Raises:
+        ValueError: `extra` is not JSON or uses the key `step`; or the optimizer is one lorag cannot save.
+        RuntimeError: the optimizer's parameters disagree on their step count.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    if "step" in extra:
+        raise ValueError("save_state: extra must not hold 'step' (it is saved as the data position)")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"save_state: extra must hold only JSON values ({e})") from e
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    params = _trainable(engine)
+    masters = _masters(engine, params)
+    opt_keys, opt_step, without_state = _optimizer_layout(engine, params, masters)
+
+    # Every rank joins the gathers (they are collective under ZeRO); only rank 0 keeps the tensors.
+    weights: dict[str, torch.Tensor] = {}
+    moments: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        full = _get_full(engine, p, None if masters is None else masters[name])
+        if rank == 0:
+            weights[name] = full
+    for name, p in params.items():
+        for key in [] if name in without_state else opt_keys:
+            full = _get_full(engine, p, None if masters is None else masters[name], key)
+            if rank == 0:
+                moments[f"{key}.{name}"] = full
+
+    python_state = random.getstate()
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, directory / _rng_file(rank), metadata={"python_random": json.dumps([python_state[0], list(python_state[1]), python_state[2]])})
+    hashes = _gather_hashes(_sha256(directory / _rng_file(rank)), world, engine.device)
+    if rank != 0:
+        return
+
+    save_file(weights, directory / WEIGHTS)
+    save_file(moments, directory / OPTIMIZER)
+    scheduler = engine.lr_scheduler
+    state = {
+        "step": step,
+        "extra": extra,
+        "optimizer": {
+            "step": opt_step,
+            "keys": opt_keys,
+            "without_state": sorted(without_state),
+            "lr": [g["lr"] for g in _base_optimizer(engine).param_groups],
+        },
+        "scheduler": None if scheduler is None else {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "engine": {k: int(getattr(engine, k)) for k in _ENGINE_COUNTERS},
+        "loss_scale": _loss_scale(engine),
+    }
+    (directory / STATE).write_text(json.dumps(state, indent=1))
+    files = {STATE: _sha256(directory / STATE), WEIGHTS: _sha256(directory / WEIGHTS), OPTIMIZER: _sha256(directory / OPTIMIZER)}
+    files.update({_rng_file(r): h for r, h in enumerate(hashes)})
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "world_size": world,
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "params": {name: _shape(p) for name, p in params.items()},
+        "files": files,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def load_state(engine, directory: str | Path, rank: int, world: int) -> dict[str, Any]:
+    """Restore what `save_state` saved into a freshly built `engine` (collective: every rank calls it).
+
+    Restores the trainable weights, optimizer state, LR scheduler, DeepSpeed counters and this
+    rank's RNG (torch CPU, CUDA, Python `random`). Call it after `deepspeed.initialize` and right
+    before the training loop: anything that draws random numbers in between shifts the stream.
+
+    Returns:
+        The caller's `extra` dict with `step` (the last completed step) added.
+
+    Raises:
+        ValueError: a file is missing, corrupt (sha256 mismatch) or malformed; or the checkpoint
+            was saved with another world size or other trainable parameters (names, shapes).
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    manifest = verify(directory, world)
+    params = _trainable(engine)
+    _check_params(directory / MANIFEST, manifest["params"], {name: _shape(p) for name, p in params.items()})
+    state = _read_json(directory / STATE)
+    opt = state["optimizer"]
+    stateful = [name for name in params if name not in opt["without_state"]]
+    with safe_open(directory / WEIGHTS, framework="pt") as f:
+        _check_tensors(directory / WEIGHTS, f, {name: manifest["params"][name] for name in params})
+        weights = {name: f.get_tensor(name) for name in params}
+    with safe_open(directory / OPTIMIZER, framework="pt") as f:
+        _check_tensors(directory / OPTIMIZER, f, {f"{key}.{name}": manifest["params"][name] for name in stateful for key in opt["keys"]})
+        moments = {f"{key}.{name}": f.get_tensor(f"{key}.{name}") for name in stateful for key in opt["keys"]}
+    rng = _read_rng(directory / _rng_file(rank))
+    base = _base_optimizer(engine)
+    if len(opt["lr"]) != len(base.param_groups):
+        raise ValueError(f"{directory / STATE}: {len(opt['lr'])} optimizer parameter group(s) saved, this optimizer has {len(base.param_groups)}")
+
+    masters = _masters(engine, params)
+    if opt["keys"]:
+        owners = _state_owners(engine) if masters is None else [masters[name] for name in stateful]
+        _init_optimizer_state(engine, owners, opt["keys"], opt["step"])
+    for name, p in params.items():
+        _set_full(engine, p, None if masters is None else masters[name], weights[name], rank)
+    for name in stateful:
+        for key in opt["keys"]:
+            _set_full(engine, params[name], None if masters is None else masters[name], moments[f"{key}.{name}"], rank, key)
+    for group, lr in zip(base.param_groups, opt["lr"]):
+        group["lr"] = lr  # the scheduler sets it after each step, but the first resumed step reads it before that
+    if engine.lr_scheduler is not None and state["scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict({**engine.lr_scheduler.state_dict(), **state["scheduler"]})
+    for key, value in state["engine"].items():
+        setattr(engine, key, value)
+    scaler = _loss_scaler(engine)
+    for key, value in (state["loss_scale"] or {}).items() if scaler is not None else ():
+        setattr(scaler, key, value)
+    _restore_rng(directory / _rng_file(rank), *rng)
+    return {**state["extra"], "step": state["step"]}
+
+
+def verify(directory: str | Path, world: int) -> dict[str, Any]:
+    """Check a checkpoint directory without loading it: manifest, every file's sha256, world size.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    directory = Path(directory)
+    manifest = _read_json(directory / MANIFEST)
+    where = directory / MANIFEST
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{where}: not a lorag training-state manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{where}: format version {manifest.get('version')!r}, this lorag reads version {VERSION}")
+    if manifest.get("world_size") != world:
+        raise ValueError(
+            f"{where}: saved by {manifest.get('world_size')} worker(s), this run has {world}; each worker's data shard and RNG "
+            f"depend on the world size, so resume with num_workers: {manifest.get('world_size')} or start a new run"
+        )
+    files = manifest.get("files")
+    expected = {STATE, WEIGHTS, OPTIMIZER, *(_rng_file(r) for r in range(world))}
+    if not isinstance(files, dict) or set(files) != expected:
+        listed = sorted(files) if isinstance(files, dict) else files
+        raise ValueError(f"{where}: lists files {listed}, expected {sorted(expected)}")
+    if not isinstance(manifest.get("params"), dict):
+        raise ValueError(f"{where}: no parameter table")
+    for name in sorted(files):
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (listed in {MANIFEST})")
+        digest = _sha256(path)
+        if digest != files[name]:
+            raise ValueError(f"{path}: sha256 {digest} does not match {files[name]} in {MANIFEST}; the file is corrupt or was changed")
+    return manifest
+
+
+# -- parameters and optimizer state ------------------------------------------------------------
+#
+# Where DeepSpeed keeps a trainable parameter's fp32 master weight and optimizer state:
+# - ZeRO-1/2/3: in fragments of flat fp32 partitions, one per rank, reached through the
+#   tensor-fragment API; the torch optimizer's state is keyed by those flat partitions.
+# - stage 0, fp32: the torch optimizer updates the model's parameter itself (its `state[param]`).
+# - stage 0, bf16/fp16 (FP16_UnfusedOptimizer): the torch optimizer updates an fp32 copy per
+#   parameter (`fp32_groups`, paired with `fp16_groups`) and DeepSpeed copies it back to the model.
+# In every case torch's AdamW keeps `exp_avg`/`exp_avg_sq` and a float32 scalar tensor `step`
+# (FP16_UnfusedOptimizer takes one zero-gradient step at construction, so its count is one ahead).
+
+
+def _trainable(engine) -> dict[str, Any]:
+    return {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def _shape(p) -> list[int]:
+    return list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)  # ZeRO-3 parameters are partitioned
+
+
+def _base_optimizer(engine):
+    """The torch optimizer that holds the state: DeepSpeed's wrappers keep it as `.optimizer`."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _masters(engine, params: dict[str, Any]) -> dict[str, Any] | None:
+    """None under ZeRO (the fragment API finds the masters); else name -> the fp32 tensor the torch optimizer updates."""
+    import torch
+
+    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params.values()):
+        return None
+    opt = engine.optimizer
+    if isinstance(opt, torch.optim.Optimizer):
+        owned = {id(q): q for group in opt.param_groups for q in group["params"]}
+    elif isinstance(getattr(opt, "fp32_groups", None), list):  # FP16_UnfusedOptimizer
+        owned = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+    else:
+        owned = {}
+    if missing := [name for name, p in params.items() if id(p) not in owned]:
+        raise ValueError(
+            f"checkpoint: cannot find the fp32 master of {missing[:3]} in DeepSpeed's {type(opt).__name__}; lorag checkpoints "
+            "support ZeRO stages 1-3 with any precision and stage 0 with a torch optimizer (not DeepSpeed's fused FP16_Optimizer)"
+        )
+    return {name: owned[id(p)] for name, p in params.items()}
+
+
+def _state_owners(engine) -> list[Any]:
+    """The flat fp32 partitions a ZeRO optimizer keeps its torch optimizer's state under.
+
+    ZeRO-3 empties the torch optimizer's param_groups between steps, so they cannot be read from there.
+    """
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):  # ZeRO-3, ZeRO-1/2, bf16
+        owners = getattr(engine.optimizer, attr, None)
+        if owners is not None:
+            return [t for t in owners if t is not None]
+    raise ValueError(f"checkpoint: unsupported DeepSpeed optimizer {type(engine.optimizer).__name__}")
+
+
+def _get_full(engine, p, master, key: str | None = None):
+    """The full fp32 master weight (key None) or optimizer state `key` of `p`, on CPU. Collective under ZeRO."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if master is None:
+        full = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    else:
+        full = master if key is None else _base_optimizer(engine).state[master][key]
+    return full.detach().reshape(_shape(p)).to("cpu", torch.float32, copy=True).contiguous()
+
+
+def _set_full(engine, p, master, value, rank: int, key: str | None = None) -> None:
+    """Set `p`'s fp32 master weight and its model copy (key None), or its optimizer state `key`."""
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    with torch.no_grad():
+        if master is not None:
+            target = master if key is None else _base_optimizer(engine).state[master][key]
+            target.copy_(value.reshape(target.shape))
+            if key is None and master is not p:
+                p.data.copy_(value.to(p.dtype))
+            return
+        value = value.to(p.device)
+        if key is not None:
+            safe_set_full_optimizer_state(p, value, key)
+            return
+        safe_set_full_fp32_param(p, value)
+        # The fragment API sets the fp32 master only; the model's (possibly bf16) copy follows it, as
+        # DeepSpeed does after each step. ZeRO-3 partitions it: gather, set on one rank, re-partition.
+        if hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(value.to(p.dtype))
+        else:
+            p.data.copy_(value.to(p.dtype))
+
+
+def _optimizer_layout(engine, params: dict[str, Any], masters: dict[str, Any] | None) -> tuple[list[str], int, set[str]]:
+    """(state keys that hold one value per element, the shared step count, trainable names with no state yet)."""
+    base = _base_optimizer(engine)
+    if masters is None:
+        without: set[str] = set()
+        states = [base.state[q] for q in _state_owners(engine) if len(base.state.get(q, {}))]
+    else:
+        without = {name for name, m in masters.items() if not len(base.state.get(m, {}))}
+        states = [base.state[m] for name, m in masters.items() if name not in without]
+    if not states:
+        return [], 0, set(params)
+    keys = sorted(k for k, v in states[0].items() if hasattr(v, "dim") and v.dim() > 0)
+    steps = {int(s["step"]) for s in states if "step" in s}
+    if len(steps) > 1:
+        raise RuntimeError(f"checkpoint: the optimizer's parameters are at different steps {sorted(steps)}; cannot save one step count")
+    return keys, steps.pop() if steps else 0, without
+
+
+def _init_optimizer_state(engine, owners: list[Any], keys: list[str], step: int) -> None:
+    """Give a fresh optimizer the state entries its first step would create, so the saved values can be copied in.
+
+    torch's AdamW creates its state on the first step, and ZeRO-1/2 link their fp32 fragments to
+    that state only then; a resumed engine has taken no step yet.
+    """
+    import torch
+
+    base = _base_optimizer(engine)
+    group = base.param_groups[0] if base.param_groups else {}
+    for q in owners:
+        state = base.state[q]
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(q, memory_format=torch.preserve_format)
+        if torch.is_tensor(state.get("step")):
+            state["step"].fill_(step)
+        elif "step" in state:
+            state["step"] = step
+        else:  # as torch's AdamW creates it: float32, on the parameter's device only when fused or capturable
+            device = q.device if group.get("fused") or group.get("capturable") else "cpu"
+            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not group.get("fused") else torch.float32
+            state["step"] = torch.tensor(float(step), dtype=dtype, device=device)
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2 and the bf16 optimizer: point each parameter's fragment at the state
+        link()
+
+
+def _loss_scaler(engine):
+    """The dynamic fp16 loss scaler, if any: ZeRO keeps `loss_scaler`, FP16_UnfusedOptimizer `loss_scale_config`."""
+    for attr, dynamic in (("loss_scaler", "dynamic"), ("loss_scale_config", "dynamic_loss_scale")):
+        scaler = getattr(engine.optimizer, attr, None)
+        if scaler is not None and getattr(scaler, dynamic, False):
+            return scaler
+    return None
+
+
+def _loss_scale(engine) -> dict[str, Any] | None:
+    scaler = _loss_scaler(engine)
+    if scaler is None:
+        return None
+    return {k: float(v) if k == "cur_scale" else int(v) for k in _LOSS_SCALE_FIELDS if (v := getattr(scaler, k, None)) is not None}
+
+
+# -- checks ---------------------------------------------------------------------------------------
+
+
+def _check_params(where: Path, saved: dict[str, list[int]], model: dict[str, list[int]]) -> None:
+    problems = []
+    if missing := sorted(set(model) - set(saved)):
+        problems.append(f"{len(missing)} trainable parameter(s) of the model are not in the checkpoint, e.g. {missing[:3]}")
+    if unexpected := sorted(set(saved) - set(model)):
+        problems.append(f"{len(unexpected)} saved parameter(s) are not trainable parameters of the model, e.g. {unexpected[:3]}")
+    if shapes := [f"{n}: saved {saved[n]}, model {model[n]}" for n in sorted(set(saved) & set(model)) if list(saved[n]) != list(model[n])]:
+        problems.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:3]}")
+    if problems:
+        raise ValueError(f"{where}: the checkpoint does not fit this model (another adapter config or base model?): " + "; ".join(problems))
+
+
+def _check_tensors(where: Path, f, expected: dict[str, list[int]]) -> None:
+    keys = set(f.keys())
+    if lacking := sorted(set(expected) - keys):
+        raise ValueError(f"{where}: lacks {len(lacking)} tensor(s) the manifest's parameters need, e.g. {lacking[:3]}")
+    if unexpected := sorted(keys - set(expected)):
+        raise ValueError(f"{where}: holds {len(unexpected)} tensor(s) no trainable parameter needs, e.g. {unexpected[:3]}")
+    for name, shape in expected.items():
+        sl = f.get_slice(name)
+        if list(sl.get_shape()) != list(shape) or sl.get_dtype() != "F32":
+            raise ValueError(f"{where}: {name} is {sl.get_dtype()} {sl.get_shape()}, expected F32 {shape}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; not a complete lorag training checkpoint") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# -- RNG and hashes ---------------------------------------------------------------------------------
+
+
+def _read_rng(path: Path) -> tuple[tuple, Any, list[Any]]:
+    """(Python `random` state, torch CPU RNG state, CUDA RNG states by device) from a rank's RNG file."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        version, internal, gauss = json.loads(meta["python_random"])
+        python_state = (version, tuple(internal), gauss)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: no valid python_random state in the metadata ({e})") from None
+    if "torch_cpu" not in tensors:
+        raise ValueError(f"{path}: no torch_cpu RNG state")
+    return python_state, tensors["torch_cpu"], [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+
+
+def _restore_rng(path: Path, python_state: tuple, cpu, cuda: list[Any]) -> None:
+    import torch
+
+    random.setstate(python_state)
+    torch.set_rng_state(cpu)
+    if torch.cuda.is_available() or cuda:
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible != len(cuda):
+            print(f"WARNING: {path} holds the CUDA RNG of {len(cuda)} device(s), this worker sees {visible}; restoring the first {min(visible, len(cuda))}")
+        for i in range(min(visible, len(cuda))):
+            torch.cuda.set_rng_state(cuda[i], i)
+
+
+def _gather_hashes(digest: str, world: int, device) -> list[str]:
+    """Every rank's sha256 (hex), in rank order; tensors, not pickled objects, cross the wire."""
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=device)
+    if world == 1 and not dist.is_initialized():
+        return [digest]
+    out = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine)
+    return [bytes(t.cpu().tolist()).hex() for t in out]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+

@@ -1,0 +1,235 @@
+"""Artifacts behind a location, and the node-local cache that is the only place a node writes them.
+
+A location is a local path or a pyarrow filesystem URI (`s3://bucket/prefix`, `gs://bucket/prefix`,
+`hdfs://...`); endpoints and credentials come from the environment as pyarrow reads them (for S3:
+`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), the same way Ray
+Train reads its `storage_path`. Nothing here assumes that the driver, the train workers, the Ray
+Data tasks and the Serve replicas share a disk: what a node needs from a location it copies into
+its own cache with `fetch_dir`, keyed by the files' content hash and verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """A filesystem URI (`s3://...`, `file:///...`) rather than a plain local path."""
+    return "://" in str(location)
+
+
+def is_local(location: str | os.PathLike) -> bool:
+    """A path on this machine's disk (a plain path or a `file://` URI)."""
+    return not is_uri(location) or str(location).startswith("file://")
+
+
+def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) for a location.
+
+    Raises:
+        ValueError: the URI's scheme is unknown to pyarrow, or its filesystem cannot be set up
+            (the message names the location and what pyarrow said).
+    """
+    import pyarrow.fs
+
+    location = str(location)
+    try:
+        if not is_uri(location):
+            return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+        return pyarrow.fs.FileSystem.from_uri(location)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as e:
+        raise ValueError(f"cannot open storage location {location!r}: {e}") from e
+
+
+def join(location: str, *parts: str) -> str:
+    """`location/part/...` for a local path or a URI."""
+    if is_uri(location):
+        return "/".join([location.rstrip("/"), *parts])
+    return os.path.join(location, *parts)
+
+
+def read_bytes(fs, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(fs, path: str, data: bytes) -> None:
+    """Write one file whole. Object stores replace an object atomically; on a local disk the file
+    is written beside its target and renamed into place, so a reader never sees half of it."""
+    import pyarrow.fs
+
+    parent = path.rsplit("/", 1)[0]
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{time.time_ns()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def list_files(fs, path: str) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime in ns) of every file under directory `path`, sorted; [] if it is absent."""
+    import pyarrow.fs
+
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
+    out = []
+    for info in infos:
+        if info.type == pyarrow.fs.FileType.File:
+            mtime = info.mtime_ns if info.mtime_ns is not None else 0
+            out.append((info.path[len(path.rstrip("/")) + 1 :], info.size, mtime))
+    return sorted(out)
+
+
+def exists(fs, path: str) -> bool:
+    import pyarrow.fs
+
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def upload_dir(local_dir: str | os.PathLike, fs, path: str, names: list[str] | None = None) -> None:
+    """Copy files of a local directory (all of them, or `names`, which may hold subpaths) to `path` on `fs`."""
+    local_dir = Path(local_dir)
+    if names is None:
+        names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    for name in names:
+        target = f"{path}/{name}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with open(local_dir / name, "rb") as src, fs.open_output_stream(target) as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_dir(location: str, cache_root: str | os.PathLike, expected: dict[str, str] | None = None) -> Path:
+    """A verified local copy of the directory at `location`, in this node's cache.
+
+    The copy lives at `<cache_root>/fetched/<content key>/`, where the key hashes the files'
+    names and sha256, so two locations with the same bytes share one copy and a changed file is a
+    new copy. A copy is written beside its final place and renamed in whole, under a file lock, so
+    concurrent fetches on one node (several workers, several replicas) download once.
+
+    Args:
+        location: a directory, as a local path or a filesystem URI.
+        cache_root: this node's cache directory (`LoragConfig.model_cache`).
+        expected: `{relative path: sha256}` every file must match (an adapter version records it
+            in its `lorag.json`); None trusts the listing and hashes what it downloads.
+
+    Returns:
+        The local directory.
+
+    Raises:
+        FileNotFoundError: nothing at `location`.
+        ValueError: a downloaded file does not match `expected` (corrupt or replaced in storage).
+    """
+    fs, path = filesystem(location)
+    listing = list_files(fs, path)
+    if not listing:
+        raise FileNotFoundError(f"no files at {location}")
+    root = Path(cache_root) / "fetched"
+    root.mkdir(parents=True, exist_ok=True)
+    if expected is not None:
+        key = content_key(expected)
+        if (root / key / COMPLETE).is_file():
+            return root / key
+    # A listing seen before (same names, sizes and times) maps to the copy made from it.
+    index = root / "index" / (hashlib.sha256(json.dumps([location, listing]).encode()).hexdigest()[:32] + ".json")
+    if expected is None and index.is_file():
+        key = json.loads(index.read_text())["key"]
+        if (root / key / COMPLETE).is_file():
+            return root / key
+    listed = [name for name, _, _ in listing]
+    names = sorted(set(expected) & set(listed)) if expected is not None else listed  # a missing one fails the check below
+    with FileLock(str(root / ".lock")):
+        tmp = root / f".tmp-{os.getpid()}-{time.time_ns()}"
+        try:
+            hashes = {}
+            for name in names:
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(f"{path}/{name}") as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+                hashes[name] = file_sha256(target)
+            if expected is not None:
+                bad = sorted(n for n in expected if hashes.get(n) != expected[n])
+                if bad:
+                    raise ValueError(f"{location}: {bad} missing or not matching the sha256 recorded when they were saved (corrupt or overwritten in storage)")
+            key = content_key(hashes)
+            (tmp / COMPLETE).write_text(json.dumps({"location": location, "files": hashes}, indent=1))
+            if (root / key / COMPLETE).is_file():
+                shutil.rmtree(tmp)
+            else:
+                shutil.rmtree(root / key, ignore_errors=True)  # an incomplete copy from a crash
+                os.replace(tmp, root / key)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        index.parent.mkdir(exist_ok=True)
+        index.write_text(json.dumps({"key": key}))
+    return root / key
+
+
+COMPLETE = ".lorag-fetched.json"  # written last into a fetched copy: its presence means the copy is whole
+
+
+def content_key(hashes: dict[str, str]) -> str:
+    """The cache key of a set of files: a hash over their names and sha256."""
+    return hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()[:32]
+
+
+def check_cluster_paths(cfg, knowledge_bases: list[str] = (), artifacts: bool = False) -> None:
+    """Refuse, before any work, a run that would need a path only one node has.
+
+    On a Ray cluster of more than one node, the artifact storage (adapter store, Ray Train
+    checkpoints) must be a URI every node reaches, and a knowledge base must live in a Milvus
+    server: a Milvus Lite file is on one node's disk. Anywhere, a path inside Ray's copy of a job's
+    working_dir is refused, because that copy is deleted with the Ray session.
+
+    Args:
+        cfg: the `LoragConfig`.
+        knowledge_bases: names of the knowledge bases the run reads or writes.
+        artifacts: whether the run reads or writes the adapter store or training checkpoints.
+
+    Raises:
+        ConfigError: listing each such path and the fix.
+    """
+    import ray
+
+    from lorag.config import ConfigError
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive")) if ray.is_initialized() else 1
+    paths = []  # (what, location, fix)
+    if artifacts:
+        paths.append(("storage", cfg.storage_root, "set `storage:` to a URI every node reaches, e.g. s3://bucket/lorag"))
+        for ad in cfg.adapters:
+            if ad.train.storage_path:
+                paths.append((f"adapters.{ad.name}.train.storage_path", ad.train.storage_path, "use a URI every node reaches, or leave it unset"))
+    for name in knowledge_bases:
+        kb = cfg.knowledge_base(name)
+        paths.append((f"knowledge_bases.{name}.uri", cfg.milvus_uri(kb), "use a Milvus server URI (uri: http://HOST:19530)"))
+    problems = []
+    for what, location, fix in paths:
+        if not is_local(location):
+            continue
+        if "/runtime_resources/working_dir_files/" in location.replace(os.sep, "/"):
+            problems.append(f"{what}: {location} is inside Ray's copy of the job's working_dir, deleted with the Ray session; {fix} (or an absolute path)")
+        elif nodes > 1:
+            problems.append(f"{what}: {location} is a local path, but this Ray cluster has {nodes} nodes that do not share a disk; {fix}")
+    if problems:
+        raise ConfigError("this run would write where other nodes cannot read, or where the data is lost:\n  " + "\n  ".join(problems))

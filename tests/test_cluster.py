@@ -1,0 +1,284 @@
+"""lorag against a running Ray cluster: `lorag submit`, `lorag jobs`, `lorag deploy` and plain
+`ray job submit`, on a token-authenticated `ray start --head` on 127.0.0.1 that this module starts
+(one head for all its tests) and stops; plus the address, token and upload rules without a cluster.
+"""
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import REPO, free_port, write_config
+from lorag.cluster import ClusterError, cluster, job_entrypoint, project_paths, project_runtime_env
+from lorag.config import parse_config
+
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+# -- without a cluster ---------------------------------------------------------------------------
+
+
+def test_address_and_token_precedence(tmp_path, monkeypatch):
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ClusterError, match="no cluster address: pass --address"):
+        cluster()
+    with pytest.raises(ClusterError, match="Ray Client address"):
+        cluster("ray://head:10001")
+    cfg = parse_config({"cluster": {"address": "http://from-config:8265"}})
+    monkeypatch.setenv("RAY_ADDRESS", "from-env:8265")
+    assert cluster(None, None, cfg).address == "http://from-config:8265"
+    assert cluster().address == "http://from-env:8265", "a bare host:port is the dashboard over http"
+    assert cluster("http://flag:8265/", None, cfg).address == "http://flag:8265", "--address wins"
+
+    assert cluster("h:1").token is None and cluster("h:1").headers == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert (cluster("h:1").token, cluster("h:1").token_source) == ("from-home", str(tmp_path / ".ray" / "auth_token"))
+    (tmp_path / "tok").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert cluster("h:1").token == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert cluster("h:1").token == "from-env"
+    c = cluster("h:1", "from-flag")
+    assert (c.token, c.token_source, c.headers) == ("from-flag", "--token", {"Authorization": "Bearer from-flag"})
+
+
+def test_config_must_be_uploaded_with_the_project(tmp_path):
+    (tmp_path / "lorag.yaml").write_text("{}\n")
+    with pytest.raises(ClusterError, match="is outside the project"):
+        project_paths(tmp_path / "lorag.yaml")
+    assert project_paths(REPO / "examples" / "quickstart" / "lorag.yaml") == (REPO, "examples/quickstart/lorag.yaml")
+    with pytest.raises(ClusterError, match="under .lorag/, which is not uploaded"):
+        project_paths(REPO / ".lorag" / "x" / "lorag.yaml")
+
+
+def test_job_command_and_runtime_env():
+    assert job_entrypoint("train", "a b/lorag.yaml", ["x"], ["adapters.x.train.max_steps=2"]) == (
+        "python -m jobs.finetune --config 'a b/lorag.yaml' --adapter x --set adapters.x.train.max_steps=2"
+    )
+    assert job_entrypoint("ingest", "c.yaml", ["kb1", "kb2"]) == "python -m jobs.ingest --config c.yaml --kb kb1 --kb kb2"
+    cfg = parse_config({"cluster": {"pip": ["rich"], "env_vars": {"PYTHONPATH": "extra", "A": "1"}}})
+    renv = project_runtime_env(cfg, REPO)
+    assert renv["working_dir"] == str(REPO) and renv["pip"] == ["rich"]
+    assert renv["env_vars"] == {"PYTHONPATH": f"platform{os.pathsep}extra", "A": "1"}
+    assert {".venv", ".lorag", ".git", "__pycache__", "*.db"} <= set(renv["excludes"])
+
+
+def test_submit_without_a_cluster_says_so(tmp_path):
+    r = _lorag("jobs", "list", "--address", f"http://127.0.0.1:{free_port()}", env=_client_env(tmp_path))
+    assert r.returncode == 1 and "cannot reach the Ray dashboard at http://127.0.0.1:" in r.stdout, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+# -- a token-authenticated head on 127.0.0.1 -----------------------------------------------------
+
+
+class Head:
+    def __init__(self, proc, address: str, token: str, temp_dir: str):
+        self.proc, self.address, self.token, self.temp_dir = proc, address, token, temp_dir
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head` with token auth as Ray 2.60 turns it on: a token in the head's ~/.ray/auth_token
+    (a temp HOME, so the developer's ~/.ray plays no part). Stopped by SIGTERM to its `--block` process,
+    which takes down the processes it started; never `ray stop`, which stops every Ray on the machine."""
+    home = tmp_path_factory.mktemp("head-home")
+    token = secrets.token_hex(32)
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(token)
+    # Ray's unix sockets live under the temp dir and must stay under ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER"))}
+    env.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                                            "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")}
+    cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--num-cpus", "4",
+           "--include-dashboard", "true", "--temp-dir", temp_dir, "--object-store-memory", str(400 * 2**20), "--disable-usage-stats"]
+    for name, port in ports.items():
+        cmd += [f"--{name}", str(port)]
+    log = open(tmp_path_factory.mktemp("head-log") / "ray-start.log", "w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    h = Head(proc, f"http://127.0.0.1:{ports['dashboard-port']}", token, temp_dir)
+    try:
+        # Ready when the dashboard answers (401: token auth is on) and the job agent listens.
+        deadline = time.monotonic() + 180
+        while not (_status(h.address + "/api/version") == 401 and _listening(ports["dashboard-agent-listen-port"])):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"ray start --head did not come up (exit {proc.poll()}):\n{log.read()[-3000:]}")
+            time.sleep(1)
+        yield h
+    finally:
+        _stop_head(proc, temp_dir)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def project(head, tmp_path_factory, tiny_model, model_cache, embedder_path):
+    """A test config inside the repository (submit uploads only the project), with its outputs (Milvus
+    Lite file, adapter store) at absolute paths outside it, where the jobs on this machine write them."""
+    root = REPO / "tests" / f"_cluster_{os.getpid()}"
+    out = tmp_path_factory.mktemp("cluster-out")
+    try:
+        write_config(root, tiny_model, model_cache)
+        data = yaml.safe_load((root / "lorag.yaml").read_text())
+        data.update(workdir=str(out / "work"), storage=str(out / "store"))
+        (root / "lorag.yaml").write_text(yaml.safe_dump(data))
+        yield root / "lorag.yaml"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_submit_ingest_then_train_and_list_them(head, project, tmp_path):
+    from lorag.adapters import AdapterStore
+    from lorag.config import load_config
+
+    rel = project.relative_to(REPO).as_posix()
+    env = _client_env(tmp_path, RAY_AUTH_TOKEN=head.token)  # the token from the environment
+    r = _lorag("submit", "ingest", "-c", rel, "--address", head.address, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "submitted job lorag-ingest-" in r.stdout and "handbook: 8 documents" in r.stdout and "SUCCEEDED" in r.stdout, r.stdout
+
+    # One worker: this checks submission, not distributed training (2 CI cores).
+    r = _lorag("submit", "train", "-c", rel, "--address", head.address, "--set", "adapters.support.train.num_workers=1", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "python -m jobs.finetune --config" in r.stdout and "support v1:" in r.stdout and "SUCCEEDED" in r.stdout, r.stdout
+    cfg = load_config(project)
+    assert AdapterStore(cfg.adapter_store).versions("support") == [1], "the job wrote the adapter version into the store"
+
+    r = _lorag("jobs", "list", "--address", head.address, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("SUCCEEDED") >= 2 and "lorag-ingest-" in r.stdout and "lorag-train-" in r.stdout, r.stdout
+    job = next(w for w in r.stdout.split() if w.startswith("lorag-ingest-"))
+    r = _lorag("jobs", "logs", job, "--address", head.address, env=env)
+    assert r.returncode == 0 and "handbook: 8 documents" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_token_missing_or_wrong_is_one_clear_line(head, tmp_path):
+    r = _lorag("jobs", "list", "--address", head.address, "--token", "wrong", env=_client_env(tmp_path, RAY_AUTH_TOKEN=head.token))
+    assert r.returncode == 1, r.stdout
+    assert "rejected the Ray auth token from --token (HTTP 403)" in r.stdout and "RAY_AUTH_TOKEN" in r.stdout, r.stdout
+    r = _lorag("submit", "ingest", "-c", "examples/quickstart/lorag.yaml", "--address", head.address, "--no-follow",
+               env=_client_env(tmp_path, RAY_AUTH_TOKEN="wrong"))
+    assert r.returncode == 1 and "rejected the Ray auth token from RAY_AUTH_TOKEN" in r.stdout, r.stdout + r.stderr
+    r = _lorag("jobs", "list", "--address", head.address, env=_client_env(tmp_path))
+    assert r.returncode == 1 and "requires a Ray auth token (HTTP 401) and none was sent" in r.stdout, r.stdout
+    assert "copy the head's ~/.ray/auth_token" in r.stdout
+    for out in (r.stdout, r.stderr):
+        assert "Traceback" not in out, out
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(head.token)  # the head's token file, copied
+    r = _lorag("jobs", "list", "--address", head.address, env=_client_env(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_plain_ray_job_submit_and_lorag_from_the_upload(head, project, tmp_path):
+    """`ray job submit --working-dir .` from the repository root works as the README says, and the
+    job's driver and workers import lorag from the uploaded copy, not from this checkout."""
+    from ray.job_submission import JobSubmissionClient
+
+    rel = project.relative_to(REPO).as_posix()
+    env = _client_env(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token)
+    r = subprocess.run([RAY, "job", "submit", "--address", head.address, "--working-dir", ".", "--", "python", "-m", "jobs.ingest", "--config", rel],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "handbook: 8 documents" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+    where = ("import ray, lorag; from lorag.cluster import connect; connect(); "
+             "print('driver', lorag.__file__); print('worker', ray.get(ray.remote(lambda: __import__('lorag').__file__).remote()))")
+    r = subprocess.run([RAY, "job", "submit", "--address", head.address, "--working-dir", ".", "--", "python", "-c", "import jobs; " + where],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _assert_from_upload(r.stdout)
+
+    # lorag submit's runtime_env does the same without the jobs/ bootstrap.
+    client = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
+    job = client.submit_job(entrypoint=f"python -c \"{where}\"", runtime_env=project_runtime_env(parse_config({}), REPO))
+    deadline = time.monotonic() + 300
+    while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job).value == "SUCCEEDED", logs[-3000:]
+    _assert_from_upload(logs)
+
+
+@pytest.mark.slow
+def test_deploy_passes_api_keys_to_the_replicas(head, project, tmp_path):
+    """`lorag deploy` brings the app up on the cluster; the key set on this machine guards it there."""
+    from lorag.config import load_config
+
+    rel = project.relative_to(REPO).as_posix()
+    env = _client_env(tmp_path, RAY_AUTH_TOKEN=head.token, LORAG_API_KEYS="k-deploy-test")
+    r = _lorag("deploy", "-c", rel, "--address", head.address, "--timeout", "600", env=env, timeout=700)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cfg = load_config(project)
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    assert f"lorag is RUNNING at {url}/v1" in r.stdout, r.stdout
+    assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 401
+    models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k-deploy-test"}, timeout=60)
+    assert models.status_code == 200 and models.json()["data"], models.text
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _lorag(*args: str, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorag.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _client_env(home: Path, **extra: str) -> dict:
+    """This process's environment without any Ray address or token, HOME at `home`, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER", "LORAG_API_KEYS"))}
+    env.update(HOME=str(home), COLUMNS="200", **extra)
+    return env
+
+
+def _assert_from_upload(out: str) -> None:
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if line.startswith(("driver ", "worker ")))
+    for who in ("driver", "worker"):
+        assert "runtime_resources/working_dir_files/" in lines[who] and lines[who].endswith("platform/lorag/__init__.py"), (who, out[-2000:])
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    # Anything of this head that outlived it (its processes name its temp dir), by pid.
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if temp_dir.encode() in (pid_dir / "cmdline").read_bytes():
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
