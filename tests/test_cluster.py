@@ -4,6 +4,7 @@
 """
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -152,7 +153,8 @@ def test_submit_ingest_then_train_and_list_them(head, project, tmp_path):
     env = _client_env(tmp_path, RAY_AUTH_TOKEN=head.token)  # the token from the environment
     r = _lorag("submit", "ingest", "-c", rel, "--address", head.address, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "submitted job lorag-ingest-" in r.stdout and "handbook: 8 documents" in r.stdout and "SUCCEEDED" in r.stdout, r.stdout
+    assert "handbook: 8 documents" in r.stdout and "SUCCEEDED" in r.stdout, r.stdout
+    ingest_job = re.search(r"submitted job (lorag-ingest-[0-9a-f-]+)", r.stdout).group(1)
 
     # One worker: this checks submission, not distributed training (2 CI cores).
     r = _lorag("submit", "train", "-c", rel, "--address", head.address, "--set", "adapters.support.train.num_workers=1", env=env)
@@ -163,9 +165,8 @@ def test_submit_ingest_then_train_and_list_them(head, project, tmp_path):
 
     r = _lorag("jobs", "list", "--address", head.address, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("SUCCEEDED") >= 2 and "lorag-ingest-" in r.stdout and "lorag-train-" in r.stdout, r.stdout
-    job = next(w for w in r.stdout.split() if w.startswith("lorag-ingest-"))
-    r = _lorag("jobs", "logs", job, "--address", head.address, env=env)
+    assert r.stdout.count("SUCCEEDED") >= 2 and ingest_job in r.stdout and "lorag-train-" in r.stdout, r.stdout
+    r = _lorag("jobs", "logs", ingest_job, "--address", head.address, env=env)
     assert r.returncode == 0 and "handbook: 8 documents" in r.stdout, r.stdout + r.stderr
 
 
@@ -186,6 +187,22 @@ def test_token_missing_or_wrong_is_one_clear_line(head, tmp_path):
     (tmp_path / ".ray" / "auth_token").write_text(head.token)  # the head's token file, copied
     r = _lorag("jobs", "list", "--address", head.address, env=_client_env(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_no_follow_then_stop(head, project, tmp_path):
+    """--no-follow returns with the job id; `jobs stop` stops it; `jobs logs --follow` then exits 1 with STOPPED."""
+    rel = project.relative_to(REPO).as_posix()
+    env = _client_env(tmp_path, RAY_AUTH_TOKEN=head.token)
+    r = _lorag("submit", "ingest", "-c", rel, "--address", head.address, "--no-follow", env=env)
+    assert r.returncode == 0 and "lorag jobs stop lorag-ingest-" in r.stdout, r.stdout + r.stderr
+    job = re.search(r"submitted job (lorag-ingest-[0-9a-f-]+)", r.stdout).group(1)
+    r = _lorag("jobs", "stop", job, "--address", head.address, env=env)
+    assert r.returncode == 0 and f"stopping {job}" in r.stdout, r.stdout + r.stderr
+    r = _lorag("jobs", "logs", job, "--follow", "--address", head.address, env=env)
+    assert r.returncode == 1 and f"job {job} STOPPED" in r.stdout, r.stdout + r.stderr
+    r = _lorag("jobs", "stop", "no-such-job", "--address", head.address, env=env)
+    assert r.returncode == 1 and "does not exist" in r.stdout and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 import time
@@ -431,9 +432,6 @@ def k8s_status(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt, kub
 
 
 # -- a running Ray cluster: submit jobs, follow them, deploy the endpoint ------------------------
-
-import enum  # noqa: E402  (with the commands that use it)
-
 
 class JobKind(str, enum.Enum):
     train = "train"
