@@ -19,8 +19,8 @@
 5. The HTTP endpoint vs in-process generation at the same batch: `--batch` concurrent chat
    requests for one adapter through the official `openai` client to `lorag serve`'s app (Ray
    Serve on a local Ray, proxy -> Gateway -> Generator replica, one replica with --threads CPUs),
-   vs the replica's own batch code (`Generator._run_batch`, tokenizing included) called in this
-   process on the same prompts: completion tokens/s.                         goal >= 0.9x
+   vs the replica's own engine (`lorag.engine.Engine.generate`, the same batching, tokenizing
+   included) called in this process on the same prompts: completion tokens/s.                         goal >= 0.9x
 
 All variants generate the same prompts (quickstart questions in the chat template, left-padded)
 with exactly `--new-tokens` greedy tokens each (lorag's rows sorted by adapter, as
@@ -181,8 +181,8 @@ def main() -> None:
     print(f"bench/serve.py: {name} {dtype} on {args.device}, {args.threads} threads, batch {args.batch}, {args.new_tokens} new tokens, "
           f"{args.rounds} rounds ({len(dirs)} random rank-16 and 4 rank-{shape.r} adapters written in {time.perf_counter() - t0:.1f}s)", flush=True)
 
-    replica = ServeConfig()  # a replica's slots: max_adapters_per_replica + max_batch_size, each of rank max_lora_rank
-    mm = MultiLoraModel(load(), max_adapters=max(replica.max_adapters_per_replica + replica.max_batch_size, len(dirs) + 4),
+    replica = ServeConfig()  # a replica's slots: max_adapters_per_replica, each of rank max_lora_rank (more here for comparison 4)
+    mm = MultiLoraModel(load(), max_adapters=max(replica.max_adapters_per_replica, len(dirs) + 4),
                         max_rank=replica.max_lora_rank)
     slots = [mm.load(f"a{k}", LoraWeights.load(d)) for k, d in enumerate(dirs)]
     default_slots = [mm.load(f"d{k}", LoraWeights.load(d)) for k, d in enumerate(default_dirs)]
@@ -331,7 +331,9 @@ def step_times(base, mm, batch, mixed: list[int], repeats: int = 5) -> dict[str,
 
 
 def http_vs_inprocess(args, adapter_dir: Path) -> dict[str, float]:
-    """Comparison 5: `args.batch` concurrent chat requests over HTTP vs `Generator._run_batch` in this process."""
+    """Comparison 5: `args.batch` concurrent chat requests over HTTP vs the same `Engine` in this process."""
+    import asyncio
+
     import concurrent.futures
     import openai
     import ray
@@ -341,7 +343,8 @@ def http_vs_inprocess(args, adapter_dir: Path) -> dict[str, float]:
     from lorag.adapters import AdapterStore
     from lorag.config import load_config
     from lorag.milvus import _free_ports  # the free-loopback-port helper local_server uses
-    from lorag.serving import Generator, build_app
+    from lorag.engine import Engine, SamplingParams
+    from lorag.serving import build_app
 
     questions = [json.loads(line)["prompt"] for line in QUESTIONS.read_text().splitlines() if line.strip()]
     messages = [[{"role": "user", "content": questions[i % len(questions)]}] for i in range(args.batch)]
@@ -367,12 +370,13 @@ def http_vs_inprocess(args, adapter_dir: Path) -> dict[str, float]:
             return client.chat.completions.create(model="bench", messages=m, max_tokens=args.new_tokens, temperature=0).usage.completion_tokens
         return sum(pool.map(one, messages))
 
-    gen = Generator.func_or_class(cfg.model_dump(mode="json"))
-    params = {"max_tokens": args.new_tokens, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None}
+    engine = Engine(cfg, "smollm2-135m-instruct")
+    params = SamplingParams(max_tokens=args.new_tokens)
 
-    def in_process() -> int:  # on the replica's torch thread, as the replica runs it
-        out = gen.torch.submit(gen._run_batch, [("bench", gen._encode(m), params) for m in messages]).result()
-        return sum(o["completion_tokens"] for o in out)
+    def in_process() -> int:  # concurrent calls into the engine a replica runs, batched as it batches them
+        async def run():
+            return await asyncio.gather(*(engine.generate(m, params, "bench") for m in messages))
+        return sum(c.completion_tokens for c in asyncio.run(run()))
 
     for fn in (over_http, in_process):  # warm-up: adapter load, first batch
         fn()

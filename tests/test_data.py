@@ -215,7 +215,7 @@ def test_lite_and_a_milvus_server_give_the_same_top_hits(ray_session, make_confi
     ],
 )
 def test_augment_wraps_only_the_last_user_turn(messages, hits, changed_index):
-    from lorag.retrieval import augment
+    from lorag.prompts import augment
 
     out = augment(messages, hits)
     assert len(out) == len(messages)

@@ -3,6 +3,7 @@
 import ast
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import yaml
@@ -11,13 +12,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stdlib_platform_still_works_from_the_repo_root():
-    out = subprocess.run(
-        [sys.executable, "-c", "import platform; print(platform.system(), platform.__file__)"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout
-    system, path = out.split()
-    assert system == "Linux" or system, out
-    assert not path.startswith(str(REPO)), f"`import platform` resolved to the repo's folder: {path}"
+    code = "import platform; print(platform.system()); print(platform.__file__)"
+    system, path = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
+    # The reference: the same interpreter in isolated mode (-I: no cwd, no PYTHONPATH on sys.path), away from the repo.
+    real = subprocess.run([sys.executable, "-I", "-c", code], cwd="/", capture_output=True, text=True, check=True).stdout.splitlines()
+    assert system in ("Linux", "Darwin", "Windows") and system == real[0], f"platform.system() from the repo root gave {system!r}, isolated {real[0]!r}"
+    stdlib = Path(sysconfig.get_path("stdlib")).resolve()
+    assert Path(path).resolve() == stdlib / "platform.py" == Path(real[1]).resolve(), (
+        f"`import platform` from the repo root resolved to {path}, not the stdlib's {stdlib / 'platform.py'}: platform/ shadows it"
+    )
 
 
 def test_platform_folder_holds_no_python_file():

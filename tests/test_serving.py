@@ -37,7 +37,7 @@ def served(ray_session, tmp_path_factory, tiny_model, model_cache):
         "base_model": str(tiny_model), "workdir": "work", "cache_dir": str(model_cache),
         "knowledge_bases": [{"name": "handbook", "sources": ["corpus/"], "top_k": 2}],
         "adapters": [{"name": "support", "dataset": "unused.jsonl", "knowledge_base": "handbook"}],
-        "serve": {"port": port, "cpus_per_replica": 0, "max_tokens": 8, "api_keys_file": "keys.txt", "max_body_bytes": 20000},
+        "serve": {"port": port, "cpus_per_replica": 0, "max_tokens": 8, "api_keys_file": "keys.txt", "max_body_bytes": 20000, "allow_kb_override": True},
     }))
     (root / "keys.txt").write_text(f"# one key per line\n{KEY}\n")
     cfg = load_config(root / "lorag.yaml")
@@ -240,7 +240,6 @@ def test_malformed_requests_all_get_4xx_and_the_server_stays_healthy(served):
     assert r.status_code == 413
     r = httpx.post(f"{url}/v1/chat/completions", content="\xff\xfe garbage".encode("latin-1"), headers={"content-type": "application/json", **AUTH}, timeout=60)
     assert r.status_code == 400
-    assert len(MALFORMED) + len(completions) + 2 >= 25
     # what clients send by default is accepted: unsupported features switched off, fields lorag ignores
     defaults = {"logprobs": False, "tools": [], "response_format": {"type": "text"}, "tool_choice": "none", "user": "u1", "presence_penalty": 0}
     assert chat(url, model="support", max_tokens=2, **defaults).status_code == 200
@@ -349,7 +348,8 @@ def test_gpu_replicas_reserve_gpus_and_refuse_to_start_without_cuda(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     from lorag.config import load_config
-    from lorag.serving import generator_options, serve_config, serving_device
+    from lorag.engine import serving_device
+    from lorag.serving import generator_options, serve_config
 
     (tmp_path / "lorag.yaml").write_text(yaml.safe_dump({"base_model": "smollm2-135m-instruct", "serve": {"gpus_per_replica": 0.5, "cpus_per_replica": 2}}))
     cfg = load_config(tmp_path / "lorag.yaml")
@@ -414,84 +414,6 @@ def test_a_client_that_leaves_frees_the_replica(served):
         assert time.perf_counter() - start < whole / 2, f"the next request waited behind the abandoned one (stream={stream}; a full one takes {whole:.1f}s)"
 
 
-def run_batcher(wait_s: float, gaps: list[float], max_size: int = 64, fail: bool = False):
-    """Submit one call after each gap (seconds); return the batches `run` saw and each call's result."""
-    import asyncio
-
-    from lorag.serving import Batcher
-
-    seen = []
-
-    def run(items, gone):
-        seen.append(list(items))
-        if fail:
-            raise RuntimeError("boom")
-        return [i * 10 for i in items]
-
-    async def main():
-        batcher = Batcher(run, max_size, wait_s)
-        calls = []
-        for i, gap in enumerate(gaps):
-            await asyncio.sleep(gap)
-            calls.append(asyncio.create_task(batcher.submit(i)))
-        return await asyncio.gather(*calls, return_exceptions=True)
-
-    return seen, asyncio.run(main())
-
-
-def test_batcher_keeps_a_trickling_burst_together_and_splits_on_a_pause():
-    # five calls 150 ms apart (600 ms in all, past the 500 ms wait) share one batch;
-    # after a 2 s pause the next ones start a new batch
-    seen, results = run_batcher(0.5, [0, 0.15, 0.15, 0.15, 0.15, 2.0, 0.01])
-    assert seen == [[0, 1, 2, 3, 4], [5, 6]]
-    assert results == [0, 10, 20, 30, 40, 50, 60]
-
-
-def test_batcher_closes_a_full_batch_and_caps_the_wait_of_a_steady_stream():
-    seen, _ = run_batcher(10.0, [0] * 5, max_size=2)
-    assert [len(b) for b in seen] == [2, 2, 1]
-    # calls every 30 ms never leave a 100 ms gap, but a batch closes 8 x 100 ms after its first call
-    seen, results = run_batcher(0.1, [0.03] * 60)
-    assert len(seen) >= 2 and sorted(i for b in seen for i in b) == list(range(60))
-    assert results == [i * 10 for i in range(60)]
-
-
-def test_batcher_gives_every_caller_the_error_and_keeps_running():
-    seen, results = run_batcher(0.3, [0, 0.01, 1.5], fail=True)
-    assert seen == [[0, 1], [2]]
-    assert all(isinstance(r, RuntimeError) for r in results)
-
-
-def test_batcher_tells_run_which_callers_are_gone():
-    """A caller cancelled while its batch runs (Serve cancels a request whose client disconnected
-    or timed out) shows as gone(i) inside run, so generation can stop for it."""
-    import asyncio
-    import threading
-
-    from lorag.serving import Batcher
-
-    started, seen = threading.Event(), {}
-
-    def run(items, gone):
-        started.set()
-        for _ in range(500):  # up to 5 s for the cancellation to arrive
-            if gone(0):
-                break
-            threading.Event().wait(0.01)
-        seen["gone"] = [gone(i) for i in range(len(items))]
-        return list(items)
-
-    async def main():
-        batcher = Batcher(run, 8, 0.05)
-        leaving, staying = asyncio.create_task(batcher.submit("a")), asyncio.create_task(batcher.submit("b"))
-        await asyncio.to_thread(started.wait, 5)
-        leaving.cancel()
-        return await staying, leaving.cancelled()
-
-    assert asyncio.run(main()) == ("b", True)
-    assert seen["gone"] == [True, False]
-
-
 @pytest.mark.parametrize(
     "serve, keys, problem",
     [
@@ -507,7 +429,7 @@ def test_batcher_tells_run_which_callers_are_gone():
 )
 def test_an_endpoint_beyond_loopback_needs_keys_or_an_explicit_auth_none(monkeypatch, serve, keys, problem):
     from lorag.config import parse_config
-    from lorag.serving import api_keys
+    from lorag.auth import api_keys
 
     monkeypatch.setenv("LORAG_API_KEYS", keys)
     cfg = parse_config({"serve": serve})

@@ -3,18 +3,26 @@
 Layout: `<store>/<name>/v<N>/` holds plain PEFT files (`adapter_config.json`,
 `adapter_model.safetensors`, loadable by `peft.PeftModel.from_pretrained`) plus `lorag.json`
 (base model, knowledge base, metrics, timings, lorag version, and the sha256 of every file) and
-`lorag.yaml` (the resolved config that trained it). A new save is a new version; nothing is
-overwritten. Names are validated and every resolved path is checked to stay inside the store.
+`lorag.yaml` (the resolved config that trained it, secrets redacted). Beside the versions,
+`<store>/<name>/tags.json` maps tags to version numbers and `counter.json` holds the highest
+number ever given out. A new save is a new version; nothing is overwritten, and a number is never
+given out twice, even after its version is removed. Names are validated and every resolved path
+is checked to stay inside the store.
 
 The store is a location (`lorag.storage`): a local directory, or a URI such as
 `s3://bucket/lorag/adapters` that every node of a cluster reaches. `lorag.json` is written last, so
 a version exists once it is whole; on a local disk a version is also written beside the store and
 renamed into place. A node that loads an adapter uses `fetch`, which copies the version into the
 node's cache and checks every file against the hashes recorded at save time.
+
+Entries lorag did not write (a volume's `lost+found`, a stray file, a directory whose name is not
+an adapter name or not `v<N>`, a version without its `lorag.json`) are skipped with one
+`AdapterStoreWarning` each, so listing the store never fails on them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -22,20 +30,33 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from lorag import storage
 from lorag.config import validate_name
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FULL_FILES = ("config.json", "model.safetensors")  # method: full (a whole model, for baselines)
-_VERSION = re.compile(r"^v?([1-9][0-9]{0,8})$")
-_TAG = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
+_VERSION = re.compile(r"v?([1-9][0-9]{0,8})")  # always fullmatch: `$` would accept "v3\n"
+_VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
+_TAG = re.compile(r"[a-z][a-z0-9._-]{0,62}")
+_OWN_FILES = re.compile(r"(tags|counter)\.json(\.tmp-.*)?")  # with their in-flight local writes
+REDACTED = "<redacted>"
+_SECRET_FIELDS = {"token", "password"}
+_SECRET_ENV = re.compile(r"(?i).*(token|secret|passw(or)?d|credential|api_?keys?|access_?key|private_?key).*")
+_URL_USER = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s]+)@")
 
 
 class AdapterNotFoundError(LookupError):
     """No adapter (or no such version) in the store."""
+
+
+class AdapterStoreWarning(UserWarning):
+    """An entry in the adapter store that lorag did not write; it is skipped."""
 
 
 class AdapterStore:
@@ -50,21 +71,26 @@ class AdapterStore:
     def save(self, name: str, source_dir: str | os.PathLike, metadata: dict[str, Any], config_yaml: str | None = None) -> str:
         """Copy a local PEFT adapter directory into the next version of `name`; returns its location.
 
-        Locally the copy is written beside the store and renamed into place, so a crash never
-        leaves a half-written version and two concurrent saves get different version numbers. On
-        an object store the files are uploaded first and `lorag.json` last: a version without it
-        is invisible, and a crashed upload is overwritten by the next save.
+        The version number is recorded in `counter.json` before any file of the version is
+        written, so a crash at any point skips a number and never reuses one. Locally the copy is
+        written beside the store and renamed into place under a file lock, so a crash never
+        leaves a half-written version and concurrent saves get different numbers. On an object
+        store the files are uploaded first and `lorag.json` last (a version without it is
+        invisible); there is no lock there, so saves of one adapter must not run at the same time.
+        Secrets in `metadata` and `config_yaml` are redacted (`redact_secrets`).
 
         Raises:
-            ValueError: bad name, or `source_dir` lacks the PEFT files.
+            ValueError: bad name, `source_dir` lacks the PEFT files, or `config_yaml` is not YAML.
         """
-        self._name_path(name)
+        base = self._name_path(name)
         source_dir = Path(source_dir)
         files = PEFT_FILES if metadata.get("method", "lora") == "lora" else FULL_FILES
         missing = [f for f in files if not (source_dir / f).is_file()]
         if missing:
             raise ValueError(f"{source_dir} is not a {'PEFT adapter' if files == PEFT_FILES else 'model'} directory: missing {missing}")
-        base = self._name_path(name)
+        if config_yaml is not None:
+            config_yaml = _redact_yaml(config_yaml)
+        metadata = redact_secrets(metadata)
         if self.local:  # staged beside the versions, so the final rename is atomic
             os.makedirs(base, exist_ok=True)
             staged = Path(base) / f".tmp-{os.getpid()}-{time.time_ns()}"
@@ -78,41 +104,54 @@ class AdapterStore:
             if config_yaml is not None:
                 (staged / "lorag.yaml").write_text(config_yaml)
             metadata = {**metadata, "files": {f.name: storage.file_sha256(f) for f in sorted(staged.iterdir())}}
-            while True:
-                version = max(self.versions(name), default=0) + 1
-                meta = json.dumps({"name": name, "version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **metadata}, indent=2, default=str)
+
+            def meta(version: int) -> str:
+                return json.dumps({"name": name, "version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **metadata}, indent=2, default=str)
+
+            if not self.local:
+                version = self._allocate(name)
                 target = f"{base}/v{version}"
-                if not self.local:
-                    storage.upload_dir(staged, self.fs, target)
-                    storage.write_bytes(self.fs, f"{target}/lorag.json", meta.encode())  # last: the version now exists
-                    return self.location(name, version)
-                (staged / "lorag.json").write_text(meta)
-                try:
-                    os.rename(staged, target)  # fails if the version appeared meanwhile
-                    return target
-                except OSError:
-                    if os.path.exists(target):
-                        continue
-                    raise
+                storage.upload_dir(staged, self.fs, target)
+                storage.write_bytes(self.fs, f"{target}/lorag.json", meta(version).encode())  # last: the version now exists
+                return self.location(name, version)
+            with self._lock(name):
+                while True:
+                    version = self._allocate(name)
+                    target = f"{base}/v{version}"
+                    (staged / "lorag.json").write_text(meta(version))
+                    try:
+                        os.rename(staged, target)  # fails if the version appeared meanwhile (a writer without the lock)
+                        return target
+                    except OSError:
+                        if os.path.exists(target):
+                            continue
+                        raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
     def versions(self, name: str) -> list[int]:
-        """Whole versions of `name` (those with their `lorag.json`), oldest first."""
-        base = self._name_path(name)
-        found = set()
-        for rel, _, _ in storage.list_files(self.fs, base):
-            parts = rel.split("/")
-            if len(parts) == 2 and parts[1] == "lorag.json" and (m := _VERSION.match(parts[0])) and parts[0].startswith("v"):
-                found.add(int(m.group(1)))
-        return sorted(found)
+        """Whole versions of `name` (those with their `lorag.json`), oldest first.
+
+        Other entries in the adapter's directory are skipped with an `AdapterStoreWarning`.
+        """
+        return sorted(n for n, whole in self._version_dirs(name).items() if whole)
 
     def names(self) -> list[str]:
+        """Adapters with at least one whole version, sorted. Other entries are skipped with an `AdapterStoreWarning`."""
         import pyarrow.fs
 
-        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path, allow_not_found=True))
-        names = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory and not i.base_name.startswith(".")]
-        return sorted(n for n in names if _is_name(n) and self.versions(n))
+        found = []
+        for info in self.fs.get_file_info(pyarrow.fs.FileSelector(self._path, allow_not_found=True)):
+            entry = info.base_name
+            if entry.startswith("."):
+                continue
+            if info.type != pyarrow.fs.FileType.Directory:
+                _skip(storage.join(self.root, entry), "a file, not an adapter directory")
+            elif not _is_name(entry):
+                _skip(storage.join(self.root, entry), "not a valid adapter name")
+            elif self.versions(entry):
+                found.append(entry)
+        return sorted(found)
 
     def location(self, name: str, number: int) -> str:
         """Where version `number` of `name` lives (a local path or a URI)."""
@@ -124,24 +163,35 @@ class AdapterStore:
 
         Raises:
             ValueError: invalid name or version syntax.
-            AdapterNotFoundError: no such adapter, version or tag.
+            AdapterNotFoundError: no such adapter, version or tag, or a tag whose version is gone.
         """
         return self.location(name, self.resolve_number(name, version))
 
     def resolve_number(self, name: str, version: str | int | None = None) -> int:
-        """The version number `version` (a number, a tag, None / "latest") stands for."""
+        """The version number `version` (a number, a tag, None / "latest") stands for.
+
+        Raises:
+            ValueError: invalid name or version syntax.
+            AdapterNotFoundError: no such adapter, version or tag, or a tag whose version is gone.
+        """
         versions = self.versions(name)
         if not versions:
             raise AdapterNotFoundError(f"adapter {name!r} is not in the store {self.root} (known: {self.names()})")
-        tags = self.tags(name)
         if version is None or version == "latest":
             return versions[-1]
-        if str(version) in tags:
-            return tags[str(version)]
-        m = _VERSION.match(str(version))
+        key = str(version)
+        tags = self.tags(name)
+        if key in tags:
+            if tags[key] not in versions:
+                raise AdapterNotFoundError(
+                    f"tag {key!r} of adapter {name!r} points at v{tags[key]}, which is no longer in the store "
+                    f"(versions: {['v%d' % v for v in versions]}); move it with `lorag adapters tag {name}@vN {key}`"
+                )
+            return tags[key]
+        m = _VERSION.fullmatch(key)
         if not m:
-            if _TAG.match(str(version)):
-                raise AdapterNotFoundError(f"adapter {name!r} has no tag {version!r} (tags: {sorted(tags) or 'none'})")
+            if _TAG.fullmatch(key):
+                raise AdapterNotFoundError(f"adapter {name!r} has no tag {key!r} (tags: {sorted(tags) or 'none'})")
             raise ValueError(f"invalid adapter version {version!r}: use a number like 3 or v3, a tag, or 'latest'")
         number = int(m.group(1))
         if number not in versions:
@@ -156,53 +206,175 @@ class AdapterStore:
         sha256 recorded when it was saved.
 
         Raises:
-            AdapterNotFoundError, ValueError: as `resolve`; ValueError also for a corrupt copy.
+            AdapterNotFoundError, ValueError: as `resolve`; AdapterNotFoundError also when the
+                version is removed while being fetched; ValueError also for a corrupt copy.
         """
         number = self.resolve_number(name, version)
         location = self.location(name, number)
         if self.local:
+            if not os.path.isfile(os.path.join(location, "lorag.json")):
+                raise self._gone(name, number)
             return Path(location)
         expected = self.metadata(name, number).get("files")
-        return storage.fetch_dir(location, cache_dir, expected)
+        try:
+            return storage.fetch_dir(location, cache_dir, expected)
+        except (OSError, ValueError) as e:
+            if self._read(f"{self._name_path(name)}/v{number}/lorag.json") is None:
+                raise self._gone(name, number) from e
+            raise
 
     def tags(self, name: str) -> dict[str, int]:
         """Tag -> version number for `name` (`latest` is implicit and never stored)."""
-        path = f"{self._name_path(name)}/tags.json"
-        return json.loads(storage.read_bytes(self.fs, path)) if storage.exists(self.fs, path) else {}
+        raw = self._read(f"{self._name_path(name)}/tags.json")
+        if raw is None:
+            return {}
+        try:
+            tags = json.loads(raw)
+        except ValueError:
+            tags = None
+        if not isinstance(tags, dict):
+            _skip(storage.join(self.root, name, "tags.json"), "not a JSON object of tag -> version")
+            return {}
+        return {t: v for t, v in tags.items() if isinstance(v, int)}
 
     def tag(self, name: str, version: str | int, tag: str) -> int:
         """Point `tag` at a version of `name` (moving it if it exists); returns the version number.
 
         Raises:
             ValueError: the tag is not a valid name, or is `latest` or looks like a version.
+            AdapterNotFoundError: as `resolve`.
         """
-        if tag == "latest" or _VERSION.match(tag) or not _TAG.match(tag):
+        if tag == "latest" or _VERSION.fullmatch(tag) or not _TAG.fullmatch(tag):
             raise ValueError(f"invalid tag {tag!r}: use lowercase letters, digits, '.', '-', '_', not 'latest' or a version like v3")
         number = self.resolve_number(name, version)
-        self._write_tags(name, {**self.tags(name), tag: number})
+        with self._lock(name):
+            self._write_tags(name, {**self.tags(name), tag: number})
         return number
 
     def remove(self, name: str, version: str | int) -> str:
-        """Delete one version (and the tags pointing at it). Other versions keep their numbers."""
+        """Delete one version (and the tags pointing at it). Other versions keep their numbers, and
+        the removed number is never given out again.
+
+        Raises:
+            ValueError, AdapterNotFoundError: as `resolve`; AdapterNotFoundError also when the
+                version is removed by someone else meanwhile.
+        """
         number = self.resolve_number(name, version)
         location = self.location(name, number)
-        self._write_tags(name, {t: v for t, v in self.tags(name).items() if v != number})
         path = f"{self._name_path(name)}/v{number}"
-        if self.local:
-            trash = f"{self._name_path(name)}/.rm-v{number}-{time.time_ns()}"
-            os.rename(path, trash)  # atomic: a concurrent reader sees the version or nothing
-            shutil.rmtree(trash)
-        else:
-            self.fs.delete_file(f"{path}/lorag.json")  # first: the version is gone for readers at once
-            self.fs.delete_dir(path)
+        with self._lock(name):
+            if self._counter(name) < number:  # a store from before the counter: record the number first
+                self._write_counter(name, number)
+            self._write_tags(name, {t: v for t, v in self.tags(name).items() if v != number})
+            try:
+                if self.local:
+                    trash = f"{self._name_path(name)}/.rm-v{number}-{time.time_ns()}"
+                    os.rename(path, trash)  # atomic: a concurrent reader sees the version or nothing
+                    shutil.rmtree(trash)
+                else:
+                    self.fs.delete_file(f"{path}/lorag.json")  # first: the version is gone for readers at once
+                    self.fs.delete_dir(path)
+            except FileNotFoundError as e:
+                raise self._gone(name, number) from e
         return location
+
+    def metadata(self, name: str, version: str | int | None = None) -> dict[str, Any]:
+        """The `lorag.json` of a version (as `resolve`).
+
+        Raises:
+            ValueError, AdapterNotFoundError: as `resolve`; AdapterNotFoundError also when the
+                version is removed while being read.
+        """
+        number = self.resolve_number(name, version)
+        raw = self._read(f"{self._name_path(name)}/v{number}/lorag.json")
+        if raw is None:
+            raise self._gone(name, number)
+        return json.loads(raw)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _version_dirs(self, name: str) -> dict[int, bool]:
+        """Number -> whether it is whole (has its lorag.json), for every `v<N>` directory of
+        `name`; every other entry it did not write is skipped with a warning."""
+        import pyarrow.fs
+
+        base = self._name_path(name)
+        try:  # one level only: never descend into a foreign (perhaps unreadable) directory
+            infos = self.fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+        except (PermissionError, NotADirectoryError) as e:
+            _skip(storage.join(self.root, name), f"cannot be listed ({e})")
+            return {}
+        found = {}
+        for info in infos:
+            entry = info.base_name
+            if entry.startswith(".") or (info.type == pyarrow.fs.FileType.File and _OWN_FILES.fullmatch(entry)):
+                continue  # saves being staged, removals in progress, the lock, tags and counter
+            m = _VERSION_DIR.fullmatch(entry)
+            if info.type != pyarrow.fs.FileType.Directory or not m:
+                _skip(storage.join(self.root, name, entry), "not a version directory (v<N>)")
+                continue
+            try:
+                whole = self.fs.get_file_info(f"{base}/{entry}/lorag.json").type == pyarrow.fs.FileType.File
+            except PermissionError:
+                whole = False
+            if not whole:
+                _skip(storage.join(self.root, name, entry), "no lorag.json: a save still running or one that crashed, or not written by lorag")
+            found[int(m.group(1))] = whole
+        return found
+
+    def _allocate(self, name: str) -> int:
+        """A version number never given out before: above the counter and above every `v<N>`
+        directory (whole or not), recorded in the counter before anything of it is written."""
+        number = max(self._counter(name), *self._version_dirs(name), 0) + 1
+        self._write_counter(name, number)
+        return number
+
+    def _counter(self, name: str) -> int:
+        """The highest version number given out so far (0 for a store without a counter)."""
+        raw = self._read(f"{self._name_path(name)}/counter.json")
+        if raw is None:
+            return 0
+        try:
+            number = json.loads(raw)["last_version"]
+            if isinstance(number, int) and number >= 0:
+                return number
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise ValueError(
+            f"{storage.join(self.root, name, 'counter.json')} is corrupt: it must hold {{\"last_version\": N}} with N the highest "
+            "version ever saved (at least the newest v<N> there); fix it, or delete it to let numbers of removed versions be reused"
+        )
+
+    def _write_counter(self, name: str, number: int) -> None:
+        storage.write_bytes(self.fs, f"{self._name_path(name)}/counter.json", json.dumps({"last_version": number}).encode())
 
     def _write_tags(self, name: str, tags: dict[str, int]) -> None:
         storage.write_bytes(self.fs, f"{self._name_path(name)}/tags.json", json.dumps(tags, indent=2, sort_keys=True).encode())
 
-    def metadata(self, name: str, version: str | int | None = None) -> dict[str, Any]:
-        number = self.resolve_number(name, version)
-        return json.loads(storage.read_bytes(self.fs, f"{self._name_path(name)}/v{number}/lorag.json"))
+    def _lock(self, name: str):
+        """Serializes one adapter's counter, tags and renames across processes on a local disk.
+        An object store has no such lock (see `save`)."""
+        if not self.local:
+            return contextlib.nullcontext()
+        from filelock import FileLock
+
+        base = self._name_path(name)
+        os.makedirs(base, exist_ok=True)
+        return FileLock(os.path.join(base, ".lock"))
+
+    def _read(self, path: str) -> bytes | None:
+        """A file's bytes, or None when it is not there (or was removed while being read)."""
+        try:
+            return storage.read_bytes(self.fs, path)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            if not storage.exists(self.fs, path):
+                return None
+            raise
+
+    def _gone(self, name: str, number: int) -> AdapterNotFoundError:
+        return AdapterNotFoundError(f"adapter {name!r} v{number} was removed from the store {self.root} (versions now: {['v%d' % v for v in self.versions(name)]})")
 
     def _name_path(self, name: str) -> str:
         """The store-internal path of `name`'s directory (after validating the name)."""
@@ -211,6 +383,51 @@ class AdapterStore:
         if (posixpath.dirname(path) if not self.local else os.path.dirname(path)) != self._path.rstrip("/"):
             raise ValueError(f"adapter name {name!r} escapes the store {self.root}")
         return path
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a config or metadata tree with every secret replaced by `"<redacted>"`.
+
+    Secrets are the values of `token` and `password` fields (a knowledge base's Milvus token),
+    the values of `env_vars` entries whose names say TOKEN, SECRET, PASSWORD, CREDENTIAL, API_KEY
+    or ACCESS_KEY, and the user part of a URL (`http://user:<redacted>@host`). The copy keeps
+    every field, so a redacted `lorag.yaml` still loads as a config.
+    """
+    if isinstance(value, dict):
+        out = {}
+        for key, v in value.items():
+            if key in _SECRET_FIELDS and isinstance(v, str) and v:
+                out[key] = REDACTED
+            elif key == "env_vars" and isinstance(v, dict):
+                out[key] = {k: REDACTED if isinstance(x, str) and x and _SECRET_ENV.fullmatch(str(k)) else redact_secrets(x) for k, x in v.items()}
+            else:
+                out[key] = redact_secrets(v)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [redact_secrets(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USER.sub(_redact_url_user, value)
+    return value
+
+
+def _redact_url_user(m: re.Match) -> str:
+    user, colon, _ = m.group(2).partition(":")
+    return f"{m.group(1)}{user}:{REDACTED}@" if colon else f"{m.group(1)}{REDACTED}@"  # no colon: the user is a token
+
+
+def _redact_yaml(text: str) -> str:
+    """`text` with secrets redacted; unchanged (byte for byte) when it holds none."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"the config to store with the adapter is not YAML: {e}") from e
+    clean = redact_secrets(data)
+    return text if clean == data else yaml.safe_dump(clean, sort_keys=False)
+
+
+def _skip(location: str, why: str) -> None:
+    # Issued from this one line, so Python shows each distinct entry once per process, not on every listing.
+    warnings.warn(f"adapter store: skipping {location}: {why}", AdapterStoreWarning, stacklevel=1)
 
 
 def _is_name(name: str) -> bool:

@@ -146,7 +146,7 @@ def quickstart(
     url = _start_serve(cfg)
     try:
         console.rule("[bold]asking over HTTP[/bold]")
-        from lorag.serving import base_name
+        from lorag.gateway import base_name
 
         base = base_name(cfg)
         for q in qs:
@@ -295,11 +295,16 @@ def adapters_list(config: Path = ConfigOpt, store: Optional[str] = StoreOpt) -> 
     """Every adapter with its versions, tags and latest validation loss."""
     from rich.table import Table
 
+    from lorag.adapters import AdapterNotFoundError
+
     st = _store(config, store)
     table = Table("adapter", "versions", "tags", "method", "kb", "val loss", "base val", "created")
     loss = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for name in st.names():
-        meta = st.metadata(name)
+        try:
+            meta = st.metadata(name)
+        except AdapterNotFoundError:  # its last version was removed since the listing
+            continue
         m = meta.get("metrics", {})
         tags = ", ".join(f"{t}=v{v}" for t, v in sorted(st.tags(name).items())) or "-"
         versions = ", ".join(f"v{v}" for v in st.versions(name))
@@ -367,7 +372,10 @@ def adapters_rm(
         _fail(str(e))
     if not yes and not typer.confirm(f"delete {path}?"):
         raise typer.Exit(1)
-    st.remove(name, version)
+    try:
+        st.remove(name, version)
+    except AdapterNotFoundError as e:  # removed by someone else since it was resolved
+        _fail(str(e))
     console.print(f"deleted {path}")
 
 
@@ -699,7 +707,8 @@ def _export_serve_config(cfg: LoragConfig, config: Path, out: Path) -> None:
 def _start_serve(cfg: LoragConfig) -> str:
     from ray import serve
 
-    from lorag.serving import api_keys, build_app
+    from lorag.auth import api_keys
+    from lorag.serving import build_app
 
     try:
         api_keys(cfg)  # the replicas read the same variables: refuse here, before loading anything

@@ -408,7 +408,8 @@ def deploy_app(
     Raises:
         ClusterError: unreachable, auth, a config outside the project, or the deploy refused.
     """
-    from lorag.serving import api_keys, serve_config
+    from lorag.auth import api_keys
+    from lorag.serving import serve_config
 
     root, rel = project_paths(config_path)
     client = serve_client(target)

@@ -34,7 +34,7 @@ def validate_name(kind: str, name: str) -> str:
     Raises:
         ValueError: naming the bad value and the allowed pattern.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ValueError(
             f"invalid {kind} name {name!r}: use lowercase letters, digits, '.', '-' and '_' "
             f"(pattern {NAME_PATTERN}), starting with a letter or digit, and no '..'"
@@ -172,6 +172,15 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+class ApiKeyConfig(_Strict):
+    """One API key with what it may use. The config holds the key's sha256, never the key."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the key: `printf %s \"$KEY\" | sha256sum`. Clients send the key itself.")
+    name: str | None = Field(None, description="Who holds the key (for your records).")
+    models: list[str] | None = Field(None, description="Adapter names (and the base model's name) this key may use. Default: every model.")
+    knowledge_bases: list[str] | None = Field(None, description="Knowledge bases this key may retrieve from. Default: every one.")
+
+
 class ServeConfig(_Strict):
     """The HTTP endpoint (Ray Serve)."""
 
@@ -196,6 +205,7 @@ class ServeConfig(_Strict):
         "adapted layers, recomputed when the batch's adapter changes): base-model speed, at the memory of that copy.",
     )
     max_tokens: int = Field(128, ge=1, description="Default completion length when a request gives no max_tokens.")
+    max_tokens_limit: int = Field(2048, ge=1, description="The most max_tokens one request may ask for (400 above): a bound on how long one request holds its batch's slot.")
     autoscaling: AutoscalingConfig | None = Field(None, description="Scale generator replicas with load (replaces `replicas`).")
     max_ongoing_requests: int = Field(8, ge=1, description="Requests one generator replica works on at once (they share its batches).")
     max_queued_requests: int = Field(32, ge=0, description="Requests waiting for a generator replica; beyond this the endpoint answers 503 at once instead of queueing.")
@@ -208,6 +218,22 @@ class ServeConfig(_Strict):
         description="api_keys: every /v1 request needs a key (the endpoint refuses to start without one). none: no keys, even on a "
         "public host (say so explicitly). Default: keys when any are configured; a host other than loopback with none refuses to start.",
     )
+    api_keys: list[ApiKeyConfig] = Field(
+        default_factory=list,
+        description="Keys scoped to some adapters and knowledge bases (by sha256; 403 outside their scope). Keys from api_keys_env and "
+        "api_keys_file may use everything.",
+    )
+    allow_kb_override: bool = Field(
+        False,
+        description="Let a request name another knowledge base in its `kb` field (within its key's scope). Off: a request retrieves only "
+        "from its adapter's own knowledge base, so no caller can read a knowledge base through another adapter.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> "ServeConfig":
+        if self.max_tokens > self.max_tokens_limit:
+            raise ValueError(f"max_tokens ({self.max_tokens}) is above max_tokens_limit ({self.max_tokens_limit}): lower it or raise the limit")
+        return self
 
 
 class ClusterConfig(_Strict):
@@ -322,6 +348,10 @@ class LoragConfig(_Strict):
                     f"adapters.{i}.knowledge_base: {ad.knowledge_base!r} is not a knowledge base in this file "
                     f"(known: {sorted(kb_names) or 'none'})"
                 )
+        for i, key in enumerate(self.serve.api_keys):
+            for kb in key.knowledge_bases or []:
+                if kb not in kb_names:
+                    problems.append(f"serve.api_keys.{i}.knowledge_bases: {kb!r} is not a knowledge base in this file (known: {sorted(kb_names) or 'none'})")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -272,13 +272,6 @@ def _messages(rec: Any, where: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
 
 
-def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
-    """Prepend the adapter's system prompt unless the conversation brings its own."""
-    if system_prompt and messages and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
-
-
 def encode_example(tokenizer, example: dict[str, Any], system_prompt: str | None, max_len: int) -> Encoded:
     """Token ids and labels for one example; only the final assistant answer carries loss.
 
@@ -288,6 +281,8 @@ def encode_example(tokenizer, example: dict[str, Any], system_prompt: str | None
     The prompt is rendered exactly as serving renders it (chat template with the generation
     prompt), so the adapter learns to continue from what it will see at inference.
     """
+    from lorag.prompts import with_system
+
     msgs = with_system(example["messages"], system_prompt)
     prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(msgs, tokenize=False)

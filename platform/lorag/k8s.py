@@ -73,7 +73,7 @@ def render(cfg: LoragConfig, config_path: str, root: str | os.PathLike = ".") ->
         ConfigError: a path the cluster needs (a source, a dataset, a local model) lies outside
             `root`, so the image would not contain it.
     """
-    from lorag.serving import serve_config  # imports Ray Serve: keep `import lorag.k8s` light
+    from lorag.serving import serve_config
 
     in_cluster = cluster_config(cfg, root)
     k = cfg.k8s

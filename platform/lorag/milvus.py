@@ -330,8 +330,8 @@ class StoreHandle:
 
         import ray
 
-        if self._store is not None:
-            return getattr(self._store, method)(*args)
+        if self._store is not None:  # a blocking client (a Milvus server): never on the caller's event loop
+            return await asyncio.to_thread(getattr(self._store, method), *args)
         for delay in OWNER_RETRY_DELAYS:
             try:
                 return await self._actor.call.remote(method, *args)

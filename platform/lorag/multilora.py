@@ -433,7 +433,8 @@ def _mask(rows: list[int], layout: tuple[tuple[int, int], ...], like: torch.Tens
 
 def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: Sequence[int], *, max_new_tokens: int,
                    pad_id: int, eos_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int | None = None, gone: Callable[[int], bool] | None = None) -> list[list[int]]:
+                   seed: int | None = None, gone: Callable[[int], bool] | None = None,
+                   on_token: Callable[[int, int], bool] | None = None) -> list[list[int]]:
     """Generate for a batch whose rows use different adapters, in one `model.generate` call.
 
     Prompts are left-padded with `pad_id`. Sampling parameters are shared by the whole batch
@@ -447,6 +448,9 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
         gone: `gone(i)` is true once nobody waits for row i any more (a client that disconnected or
             timed out); checked after every token, such a row stops, and the call ends as soon as
             every row has stopped, instead of decoding for nobody up to `max_new_tokens`.
+        on_token: `on_token(i, token)` is called with each new token of row i (on this thread);
+            True ends row i there (its own length limit or stop sequence). Rows that ended stop
+            being reported, and the call ends once every row has ended.
 
     Returns:
         The new tokens of each row, up to and including the first stop token (a row that was gone:
@@ -468,8 +472,9 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
     kwargs = {"do_sample": sample, "temperature": temperature if sample else None, "top_p": top_p if sample else None, "top_k": None}
     if sample and seed is not None:
         torch.manual_seed(seed)
-    if gone is not None:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([CallerGone(gone, order)])
+    criteria = ([CallerGone(gone, order)] if gone is not None else []) + ([TokenWatch(on_token, order)] if on_token is not None else [])
+    if criteria:
+        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
     with mm.rows([slots[i] for i in order]), torch.inference_mode():
         out = mm.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                 pad_token_id=pad_id, eos_token_id=eos or None, **kwargs)
@@ -488,6 +493,20 @@ class CallerGone(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.tensor([self.gone(i) for i in self.order], dtype=torch.bool, device=input_ids.device)
+
+
+class TokenWatch(StoppingCriteria):
+    """Hands each row's newest token to `on_token(i, token)` (caller row i = batch row j's `order[j]`)
+    and stops the rows for which it returned True; an ended row is not reported again."""
+
+    def __init__(self, on_token: Callable[[int, int], bool], order: list[int]):
+        self.on_token, self.order, self.ended = on_token, order, [False] * len(order)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        for j, token in enumerate(input_ids[:, -1].tolist()):  # one device sync per step
+            if not self.ended[j]:
+                self.ended[j] = bool(self.on_token(self.order[j], token))
+        return torch.tensor(self.ended, dtype=torch.bool, device=input_ids.device)
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -1,8 +1,8 @@
-"""Query-time retrieval: search a knowledge base and put numbered sources into the prompt.
+"""Query-time retrieval: search a knowledge base and shape what it found into citations.
 
 `retrieve` embeds the question and asks the knowledge base's Milvus collection for the top-k
-chunks (dense, BM25 or hybrid); `augment` rewrites the last user message to carry them as numbered
-sources the model is asked to cite as [n]; `citations` shapes them for the API response.
+chunks (dense, BM25 or hybrid); `citations` shapes them for the API response (the prompt that
+carries them is built by `lorag.prompts`).
 
 Hybrid search fuses the dense and BM25 rankings with reciprocal rank fusion (`rrf`), computed
 here rather than in Milvus so every backend fuses the same way. `Bm25Index` is the full-text
@@ -21,11 +21,6 @@ import numpy as np
 
 RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very top ranks
 _TOKEN = re.compile(r"\w+", re.UNICODE)
-
-INSTRUCTION = (
-    "Answer the question using the numbered sources below. Cite the sources you use with their "
-    "number in brackets, like [1]. If the sources do not contain the answer, say so."
-)
 
 
 def retrieve(store, embedder, kb, query: str, k: int | None = None, mode: str | None = None, source_prefix: str | None = None) -> list[dict[str, Any]]:
@@ -123,38 +118,18 @@ class Bm25Index:
         return self._prefixes[prefix]
 
 
-def question(messages: list[dict[str, str]]) -> str:
-    """The text retrieval searches for: the last user message ("" if there is none)."""
-    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+def citations(hits: list[dict[str, Any]], roots: list[str] = ()) -> list[dict[str, Any]]:
+    """The `sources` list of a response: one entry per numbered source, in prompt order.
 
-
-def augment(messages: list[dict[str, str]], hits: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Return `messages` with the last user message wrapped in the numbered sources.
-
-    With no hits the messages are returned unchanged.
+    Args:
+        hits: the retrieved chunks, as given to the prompt.
+        roots: the knowledge base's source roots (`sources` of its config); a chunk's `source` is
+            shown relative to the root it lies under, so responses never reveal the server's paths.
     """
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    if not hits or not users:
-        return messages
-    last = users[-1]
-    content = augment_text(messages[last]["content"], hits, "Question: ")
-    return [*messages[:last], {"role": "user", "content": content}, *messages[last + 1 :]]
-
-
-def augment_text(prompt: str, hits: list[dict[str, Any]], lead: str = "") -> str:
-    """`prompt` preceded by the instruction and the numbered sources (unchanged with no hits)."""
-    if not hits:
-        return prompt
-    context = "\n\n".join(f"[{n}] {h['title']}\n{h['text']}" for n, h in enumerate(hits, 1))
-    return f"{INSTRUCTION}\n\nSources:\n{context}\n\n{lead}{prompt}"
-
-
-def citations(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The `sources` list of a response: one entry per numbered source, in prompt order."""
     return [
         {
             "index": n,
-            "source": h["source"],
+            "source": relative_source(h["source"], roots),
             "title": h["title"],
             "section": h.get("section", ""),
             "chunk_index": int(h["chunk_index"]),
@@ -165,6 +140,18 @@ def citations(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for n, h in enumerate(hits, 1)
     ]
+
+
+def relative_source(source: str, roots: list[str]) -> str:
+    """`source` relative to the first of `roots` it lies under (a file root: its name); otherwise
+    its file name only, never a full path of the machine that ingested it."""
+    for root in roots:
+        base = root.rstrip("/")
+        if source == base:
+            return base.rsplit("/", 1)[-1]
+        if base and source.startswith(base + "/"):
+            return source[len(base) + 1 :]
+    return source.rsplit("/", 1)[-1]
 
 
 def display_path(path: str) -> str:

@@ -171,7 +171,7 @@ def with_retrieved_sources(cfg, ad, examples: list[dict[str, Any]]) -> list[dict
     from lorag.embed import Embedder
     from lorag.milvus import open_store
     from lorag.models import resolve_model
-    from lorag.retrieval import augment, question
+    from lorag.prompts import augment, question
 
     if not examples:
         return []

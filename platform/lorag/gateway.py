@@ -1,0 +1,291 @@
+"""The OpenAI-compatible front door: auth, validation, model routing, retrieval, response shaping.
+
+`Gateway(cfg, backend, ...)` is a plain object and `build_api(gateway)` its FastAPI app: under
+Ray Serve the backend is the Generator deployment (`lorag.deployments`); in tests and evaluation
+it is an `Engine` in the same process. A request goes: key -> body (bytes counted as they arrive)
+-> schema (`lorag.schemas`) -> model and scope -> length check -> retrieval (off the event loop)
+-> prompt (`lorag.prompts`) -> backend -> OpenAI-shaped response with numbered `sources`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
+from lorag.auth import Scope, authorize, key_scopes
+from lorag.config import LoragConfig
+from lorag.engine import Completion, PromptEncoder, SamplingParams, torch_thread
+from lorag.prompts import augment_text, chat_prompt, question
+from lorag.retrieval import citations
+from lorag.schemas import APIError, ChatRequest, CompletionRequest, SamplingRequest, error_body, validation_message
+
+log = logging.getLogger("lorag.gateway")
+
+
+def base_name(cfg: LoragConfig) -> str:
+    """The `model` name clients use for the base model without an adapter."""
+    return Path(cfg.base_model).name if "/" in cfg.base_model and Path(cfg.base_model).exists() else cfg.base_model
+
+
+class Gateway:
+    """Everything between an HTTP request and the generation backend.
+
+    Args:
+        cfg: the config.
+        backend: has `async generate(prompt, params, adapter) -> Completion` and `stream(...)`
+            yielding text pieces then the `Completion` (an `Engine`, or the Serve handle wrapper).
+        prompts: the base model's tokenizer and context (the length check before retrieval).
+        embedder_ref: the embedder, resolved on this node (when there are knowledge bases).
+
+    Raises:
+        RuntimeError: the config requires API keys and none were found (first, before any loading).
+    """
+
+    def __init__(self, cfg: LoragConfig, backend, prompts: PromptEncoder, embedder_ref: str | None = None):
+        from lorag.milvus import open_store
+
+        self.cfg, self.backend, self.prompts = cfg, backend, prompts
+        self.scopes = key_scopes(cfg)
+        self.store = AdapterStore(cfg.adapter_store)
+        self.base = base_name(cfg)
+        self.metrics = None  # set by the Serve deployment: request, token and retrieval counters
+        self.embedder = None
+        if cfg.knowledge_bases:
+            from lorag.embed import Embedder
+
+            self.embed_thread = torch_thread("lorag-embed")
+            self.embedder = self.embed_thread.submit(Embedder, embedder_ref or cfg.embedder, cache_dir=cfg.cache_dir).result()
+        self.kb_stores = {kb.name: open_store(cfg.milvus_uri(kb), kb.token) for kb in cfg.knowledge_bases}
+
+    # -- routes --------------------------------------------------------------------------------------
+
+    def models(self, scope: Scope) -> list[dict[str, Any]]:
+        """The base model, each adapter, and each adapter version the key may use."""
+        now = int(time.time())
+        allowed = (lambda m: scope.models is None or m in scope.models)
+        data = [{"id": self.base, "object": "model", "created": now, "owned_by": "lorag"}] if allowed(self.base) else []
+        for name in self.store.names():
+            if not allowed(name):
+                continue
+            data.append({"id": name, "object": "model", "created": now, "owned_by": "lorag", "root": self.base})
+            data += [{"id": f"{name}@v{v}", "object": "model", "created": now, "owned_by": "lorag", "root": self.base} for v in self.store.versions(name)]
+        return data
+
+    async def chat(self, req: ChatRequest, scope: Scope):
+        adapter, kb_name, system_prompt = await self._route(req, scope)
+        messages = [m.model_dump() for m in req.messages]
+        max_tokens = self._max_tokens(req)
+        await self._check_length(chat_prompt(messages, [], system_prompt), max_tokens)
+        hits = await self._retrieve(kb_name, question(messages), req.k) if kb_name else []
+        return await self._complete(req, adapter, chat_prompt(messages, hits, system_prompt), max_tokens, hits, kb_name, chat=True)
+
+    async def completions(self, req: CompletionRequest, scope: Scope):
+        adapter, kb_name, _ = await self._route(req, scope)
+        max_tokens = self._max_tokens(req)
+        await self._check_length(req.prompt, max_tokens)
+        hits = await self._retrieve(kb_name, req.prompt, req.k) if kb_name else []
+        return await self._complete(req, adapter, augment_text(req.prompt, hits), max_tokens, hits, kb_name, chat=False)
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    async def _route(self, req: SamplingRequest, scope: Scope) -> tuple[str | None, str | None, str | None]:
+        """(adapter id `name@vN` or None for the base, knowledge base to retrieve from or None,
+        system prompt), after checking the key may use them."""
+        name, version = parse_model_id(req.model)
+        scope.check_model(self.base if req.model == self.base else name)
+        if req.kb is not None:
+            if not self.cfg.serve.allow_kb_override:
+                raise APIError(403, "the kb field is disabled on this endpoint (serve.allow_kb_override)", type="permission_error", code="kb_override_disabled")
+            if req.kb not in self.kb_stores:
+                raise APIError(404, f"knowledge base {req.kb!r} not found", code="kb_not_found")
+        adapter, kb, system_prompt = (None, None, None) if req.model == self.base else await asyncio.to_thread(self._adapter, req.model, name, version)
+        kb = req.kb or kb
+        if kb is not None and req.retrieval:
+            scope.check_kb(kb)
+        return adapter, (kb if req.retrieval else None), system_prompt
+
+    def _adapter(self, model: str, name: str, version: str | None) -> tuple[str, str | None, str | None]:
+        try:
+            number = self.store.resolve_number(name, version)
+            meta = self.store.metadata(name, number)
+        except (AdapterNotFoundError, ValueError) as e:
+            reason = str(e).replace(self.store.root, "the adapter store")
+            raise APIError(404, f"model {model!r} not found: {reason}. Available: {[self.base, *self.store.names()]}", code="model_not_found") from None
+        # The config's binding wins, so a knowledge base can be re-bound without retraining.
+        in_cfg = next((a for a in self.cfg.adapters if a.name == name), None)
+        kb = in_cfg.knowledge_base if in_cfg else meta.get("knowledge_base")
+        system_prompt = in_cfg.system_prompt if in_cfg else meta.get("system_prompt")
+        return f"{name}@v{number}", (kb if kb in self.kb_stores else None), system_prompt
+
+    def _max_tokens(self, req: SamplingRequest) -> int:
+        n = req.completion_tokens() or self.cfg.serve.max_tokens
+        if n > self.cfg.serve.max_tokens_limit:
+            raise APIError(400, f"max_tokens {n} is above this endpoint's limit of {self.cfg.serve.max_tokens_limit}", code="max_tokens_too_large")
+        return n
+
+    async def _check_length(self, prompt, max_tokens: int) -> None:
+        """Refuse a prompt that cannot fit before spending any retrieval on it."""
+        self.prompts.check(len(await asyncio.to_thread(self.prompts.encode, prompt)), max_tokens)
+
+    async def _retrieve(self, kb_name: str, query: str, k: int | None) -> list[dict[str, Any]]:
+        from pymilvus.exceptions import MilvusException
+        from ray.exceptions import RayActorError
+
+        kb = self.cfg.knowledge_base(kb_name)
+        start = time.perf_counter()
+        vector = None if kb.search == "bm25" else (await asyncio.get_running_loop().run_in_executor(self.embed_thread, self.embedder.embed, [query]))[0].tolist()
+        try:
+            hits = await self.kb_stores[kb_name].acall("search", kb.collection, vector, query, k or kb.top_k, kb.search)
+        except (LookupError, MilvusException, RayActorError) as e:
+            log.warning("knowledge base %s: search failed: %s", kb_name, e)
+            raise APIError(503, f"knowledge base {kb_name!r} is not available (not built yet, or its Milvus is down)", type="server_error", code="kb_unavailable") from None
+        if self.metrics:
+            self.metrics.retrieval(kb_name, (time.perf_counter() - start) * 1000)
+        return hits
+
+    async def _complete(self, req: SamplingRequest, adapter: str | None, prompt, max_tokens: int, hits: list, kb_name: str | None, chat: bool):
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature or 0.0, top_p=req.top_p, stop=req.stops(), seed=req.seed)
+        tag = adapter or self.base
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        sources = citations(hits, self.cfg.knowledge_base(kb_name).sources) if hits else None
+        try:
+            if req.stream:
+                stream = self.backend.stream(prompt, params, adapter)
+                first = await anext(stream)  # errors before the first token are HTTP statuses, not in-band
+                include_usage = bool((req.stream_options or {}).get("include_usage"))
+                return StreamingResponse(self._sse(meta, first, stream, sources, chat, include_usage, tag), media_type="text/event-stream")
+            out = await self.backend.generate(prompt, params, adapter)
+        except APIError as e:
+            self._count(tag, "overloaded" if e.status == 503 else "error")
+            raise
+        self._count(tag, "ok", out)
+        usage = _usage(out)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason}
+        else:
+            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+        body = {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage}
+        if sources:
+            body["sources"] = sources
+        return JSONResponse(body)
+
+    async def _sse(self, meta, first, stream: AsyncIterator, sources, chat: bool, include_usage: bool, tag: str) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format; `sources` ride on the first chunk."""
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+            if chat:
+                d: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
+                return {**meta, "object": obj, "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+            return {**meta, "object": obj, "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}
+
+        head = chunk(None, None, role=True)
+        if sources:
+            head["sources"] = sources
+        yield f"data: {json.dumps(head)}\n\n"
+        item = first
+        try:
+            while item is not None:
+                if isinstance(item, Completion):
+                    self._count(tag, "ok", item)
+                    yield f"data: {json.dumps(chunk(None, item.finish_reason))}\n\n"
+                    if include_usage:
+                        yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': _usage(item)})}\n\n"
+                    break
+                if item:
+                    yield f"data: {json.dumps(chunk(item, None))}\n\n"
+                item = await anext(stream, None)
+        except Exception as e:  # the stream already started: report in-band, as OpenAI does
+            log.exception("generation failed mid-stream")
+            yield f"data: {json.dumps(error_body(f'generation failed: {type(e).__name__}', 'server_error', None))}\n\n"
+        finally:
+            await stream.aclose()  # a client that left ends its row at the next token
+        yield "data: [DONE]\n\n"
+
+    def _count(self, tag: str, status: str, out: Completion | None = None) -> None:
+        if self.metrics:
+            self.metrics.request(tag, status, out)
+
+
+def _usage(out: Completion) -> dict[str, int]:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens, "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+# -- the HTTP app -------------------------------------------------------------------------------------
+
+
+def build_api(gateway: Gateway) -> FastAPI:
+    """The FastAPI app serving `gateway`: /health, /v1/models, /v1/chat/completions, /v1/completions."""
+    api = FastAPI(title="lorag", description="OpenAI-compatible LoRA + RAG endpoint")
+
+    @api.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes (404) and wrong methods (405) in OpenAI's error shape too."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", code), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(validation_message(e), "invalid_request_error", "invalid_request"), status_code=400)
+
+    @api.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        scope = authorize(gateway.scopes, request.headers.get("authorization"))
+        return {"object": "list", "data": await asyncio.to_thread(gateway.models, scope)}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request) -> dict[str, Any]:
+        """One model by id (the official client's `models.retrieve`): the base, an adapter or `adapter@vN`."""
+        scope = authorize(gateway.scopes, request.headers.get("authorization"))
+        found = next((m for m in await asyncio.to_thread(gateway.models, scope) if m["id"] == model), None)
+        if found is None:
+            raise APIError(404, f"model {model!r} not found", code="model_not_found")
+        return found
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request):
+        scope = authorize(gateway.scopes, request.headers.get("authorization"))
+        return await gateway.chat(await parse(request, ChatRequest, gateway.cfg.serve.max_body_bytes), scope)
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        scope = authorize(gateway.scopes, request.headers.get("authorization"))
+        return await gateway.completions(await parse(request, CompletionRequest, gateway.cfg.serve.max_body_bytes), scope)
+
+    return api
+
+
+async def parse(request: Request, schema: type[BaseModel], limit: int):
+    """The body, counted as it arrives (413 past `limit`, chunked uploads too), validated (400 with field paths)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    try:
+        return schema.model_validate_json(bytes(body))
+    except ValidationError as e:
+        raise APIError(400, validation_message(e), code="invalid_request") from None
