@@ -303,7 +303,7 @@ def test_over_capacity_is_503_never_5xx_and_replicas_scale(ray_session, served, 
                     seen.append(post())
 
             workers = [pool.submit(load) for _ in range(6)]
-            deadline, scaled = time.time() + 90, False
+            deadline, scaled = time.time() + 150, False  # the autoscaler averages over seconds; a busy CI machine is slower
             while time.time() < deadline and not scaled:
                 time.sleep(0.5)
                 scaled = replicas() == 2
@@ -348,7 +348,7 @@ def test_gpu_replicas_reserve_gpus_and_refuse_to_start_without_cuda(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     from lorag.config import load_config
-    from lorag.engine import serving_device
+    from lorag.models import serving_device
     from lorag.serving import generator_options, serve_config
 
     (tmp_path / "lorag.yaml").write_text(yaml.safe_dump({"base_model": "smollm2-135m-instruct", "serve": {"gpus_per_replica": 0.5, "cpus_per_replica": 2}}))

@@ -18,7 +18,8 @@ from ray.serve.exceptions import BackPressureError
 
 from lorag.auth import key_scopes
 from lorag.config import LoragConfig
-from lorag.engine import Completion, Engine, PromptEncoder, SamplingParams
+from lorag.engine import Completion, Engine, SamplingParams
+from lorag.models import PromptEncoder
 from lorag.gateway import Gateway, build_api
 from lorag.schemas import APIError
 

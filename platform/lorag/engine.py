@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal
@@ -28,6 +26,7 @@ from typing import Any, AsyncIterator, Callable, Literal
 from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
 from lorag.batcher import AdapterCache, Batcher, CacheFull
 from lorag.config import LoragConfig
+from lorag.models import PromptEncoder, serving_device
 from lorag.schemas import APIError
 
 Prompt = list[dict[str, str]] | str  # chat messages (the model's chat template applies) or raw text
@@ -67,48 +66,6 @@ def torch_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
     thread), so all torch work stays on this single worker.
     """
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-
-
-def serving_device(sv) -> tuple[str, str]:
-    """(device, dtype name) for a generator: the GPU Ray assigned it when `gpus_per_replica` is set
-    (bfloat16 where supported, with dtype auto), else the CPU (float32 with dtype auto)."""
-    import torch
-
-    if sv.gpus_per_replica:
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"serve.gpus_per_replica is {sv.gpus_per_replica} but this replica sees no CUDA device "
-                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}): "
-                               "install a CUDA build of torch on the GPU nodes, or set gpus_per_replica: 0 to serve on CPUs")
-        return "cuda", ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if sv.dtype == "auto" else sv.dtype
-    return "cpu", "float32" if sv.dtype == "auto" else sv.dtype
-
-
-class PromptEncoder:
-    """A model's tokenizer and context length: prompts to token ids, and the length check.
-
-    The Gateway holds one too, so a request past the context is refused before any retrieval.
-    """
-
-    def __init__(self, model_path: str | Path):
-        from transformers import AutoConfig
-
-        from lorag.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(Path(model_path))
-        self.context = int(getattr(AutoConfig.from_pretrained(str(model_path)), "max_position_embeddings", None) or 1 << 30)
-        self._lock = threading.Lock()  # the Rust tokenizer refuses concurrent calls that change its settings
-
-    def encode(self, prompt: Prompt) -> list[int]:
-        with self._lock:
-            if isinstance(prompt, str):
-                return list(self.tokenizer(prompt)["input_ids"])
-            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-
-    def check(self, n_prompt: int, max_tokens: int) -> None:
-        """Raises APIError (400) when the prompt and its completion cannot fit the context."""
-        if n_prompt + max_tokens > self.context:
-            raise APIError(400, f"prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {self.context} tokens",
-                           code="context_length_exceeded")
 
 
 class Engine:
@@ -227,9 +184,13 @@ class Engine:
             number = int(meta["version"])
             return f"{name}@v{number}", self.store.fetch(name, number, self.cfg.model_cache)
         except (AdapterNotFoundError, FileNotFoundError) as e:
-            raise APIError(404, f"adapter {adapter} is not available: {e}", code="adapter_unavailable") from None
+            raise APIError(404, f"adapter {adapter} is not available: {self._public(e)}", code="adapter_unavailable") from None
         except ValueError as e:
-            raise APIError(400, f"adapter {adapter}: {e}", code="adapter_unavailable") from None
+            raise APIError(400, f"adapter {adapter}: {self._public(e)}", code="adapter_unavailable") from None
+
+    def _public(self, e: Exception) -> str:
+        """An error's message without this machine's paths (clients see it)."""
+        return str(e).replace(self.store.root, "the adapter store").replace(str(self.cfg.model_cache), "the model cache")
 
     # -- generation (the torch thread) ----------------------------------------------------------------
 
@@ -293,7 +254,8 @@ class Engine:
                 except (ValueError, OSError) as e:
                     self.cache.drop(row.adapter)
                     status = 404 if isinstance(e, FileNotFoundError) else 400
-                    finish(i, APIError(status, f"adapter {row.adapter} cannot be loaded: {type(e).__name__}: {e}", code="adapter_unavailable"))
+                    message = self._public(e).replace(str(row.path), row.adapter)
+                    finish(i, APIError(status, f"adapter {row.adapter} cannot be loaded: {type(e).__name__}: {message}", code="adapter_unavailable"))
                     continue
             running.append(i)
             slots.append(self.mm.slots[row.adapter])

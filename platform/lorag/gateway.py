@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
 from lorag.auth import Scope, authorize, key_scopes
 from lorag.config import LoragConfig
-from lorag.engine import Completion, PromptEncoder, SamplingParams, torch_thread
+from lorag.engine import Completion, SamplingParams, torch_thread
+from lorag.models import PromptEncoder
 from lorag.prompts import augment_text, chat_prompt, question
 from lorag.retrieval import citations
 from lorag.schemas import APIError, ChatRequest, CompletionRequest, SamplingRequest, error_body, validation_message

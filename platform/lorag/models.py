@@ -19,12 +19,14 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 from filelock import FileLock
 
 from lorag import storage
+from lorag.schemas import APIError
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
@@ -184,3 +186,45 @@ def load_causal_lm(path: Path, dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     model.eval()
     return model
+
+
+def serving_device(sv) -> tuple[str, str]:
+    """(device, dtype name) for a generator: the GPU Ray assigned it when `gpus_per_replica` is set
+    (bfloat16 where supported, with dtype auto), else the CPU (float32 with dtype auto)."""
+    import torch
+
+    if sv.gpus_per_replica:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"serve.gpus_per_replica is {sv.gpus_per_replica} but this replica sees no CUDA device "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}): "
+                               "install a CUDA build of torch on the GPU nodes, or set gpus_per_replica: 0 to serve on CPUs")
+        return "cuda", ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if sv.dtype == "auto" else sv.dtype
+    return "cpu", "float32" if sv.dtype == "auto" else sv.dtype
+
+
+class PromptEncoder:
+    """A model's tokenizer and context length: prompts to token ids, and the length check.
+
+    The serving engine encodes with it, and the Gateway holds one too, so a request past the
+    context is refused before any retrieval.
+    """
+
+    def __init__(self, model_path: str | Path):
+        from transformers import AutoConfig
+
+        self.tokenizer = load_tokenizer(Path(model_path))
+        self.context = int(getattr(AutoConfig.from_pretrained(str(model_path)), "max_position_embeddings", None) or 1 << 30)
+        self._lock = threading.Lock()  # the Rust tokenizer refuses concurrent calls that change its settings
+
+    def encode(self, prompt: list[dict[str, str]] | str) -> list[int]:
+        """Token ids of chat messages (with the chat template's generation prompt) or of raw text."""
+        with self._lock:
+            if isinstance(prompt, str):
+                return list(self.tokenizer(prompt)["input_ids"])
+            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+    def check(self, n_prompt: int, max_tokens: int) -> None:
+        """Raises APIError (400) when the prompt and its completion cannot fit the context."""
+        if n_prompt + max_tokens > self.context:
+            raise APIError(400, f"prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {self.context} tokens",
+                           code="context_length_exceeded")
