@@ -112,13 +112,17 @@ def test_large_overlap_still_makes_progress(size, overlap):
     [
         ("no headings here", 16, [("no headings here", "")]),
         ("#hashtag is not a heading", 100, [("#hashtag is not a heading", "")]),
+        # a section longer than the size is split, every piece under the section's path
         ("# Install\n\nfirst\n\n## Network\n\nsecond", 12,
          [("# Install", "Install"), ("first", "Install"), ("## Network", "Install > Network"), ("second", "Install > Network")]),
-        # a sibling replaces the previous heading at its level; the section is the one at the chunk's start
-        ("# A\n\n## B\n\nb\n\n## C\n\nc\n\n# D\n\nd", 10, [("# A\n\n## B", "A"), ("b\n\n## C", "A > B"), ("c\n\n# D\n\nd", "A > C")]),
-        # text before any heading has no section; closing hashes are not part of the title
-        ("intro\n\n### Deep\n\nx\n\n# Top ##\n\ny", 12, [("intro", ""), ("### Deep", "Deep"), ("x\n\n# Top ##", "Deep"), ("y", "Top")]),
-        ("# H\n#### Skip levels\n\ntext under h4\n\n## Back", 26, [("# H\n#### Skip levels", "H"), ("text under h4\n\n## Back", "H > Skip levels")]),
+        # a chunk never crosses a heading; a sibling replaces the previous heading at its level; a
+        # heading with no text of its own joins the next section, whose path it is part of
+        ("# A\n\n## B\n\nb\n\n## C\n\nc\n\n# D\n\nd", 100, [("# A\n\n## B\n\nb", "A > B"), ("## C\n\nc", "A > C"), ("# D\n\nd", "D")]),
+        # text before any heading has no section; closing hashes are not part of the title, but a hash ending a word is
+        ("intro\n\n### Deep\n\nx\n\n# Top ##\n\ny\n\n## C#\n\nz", 100,
+         [("intro", ""), ("### Deep\n\nx", "Deep"), ("# Top ##\n\ny", "Top"), ("## C#\n\nz", "Top > C#")]),
+        # a last heading with nothing under it is still indexed
+        ("# H\n#### Skip levels\n\ntext under h4\n\n## Back", 100, [("# H\n#### Skip levels\n\ntext under h4", "H > Skip levels"), ("## Back", "H > Back")]),
         # a shell comment inside a code fence is not a heading
         ("# Shell\n\n```\n# comment\n```\n\nafter", 100, [("# Shell\n\n```\n# comment\n```\n\nafter", "Shell")]),
     ],
@@ -129,6 +133,42 @@ def test_sections_are_the_heading_path_at_each_chunk_start(text, size, expected)
 
 def test_code_fence_comment_is_not_a_title():
     assert parse_document("/d/run.md", b"```\n# not a title\n```\n# Real Title\n")[0].title == "Real Title"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # ``` and ~~~ fences hold "#" lines that are code, not headings
+        ("# Setup\n\n```bash\n# install\napt-get install tidewell\n```\n\n## Run\n\ngo",
+         [("# Setup\n\n```bash\n# install\napt-get install tidewell\n```", "Setup"), ("## Run\n\ngo", "Setup > Run")]),
+        ("~~~\n# not a heading\n~~~\n# Real\n\nx", [("~~~\n# not a heading\n~~~", ""), ("# Real\n\nx", "Real")]),
+        # a 4-backtick fence holds a ``` line (Markdown showing Markdown); only ```` or longer closes it
+        ("````md\n```\n# inside\n```\n````\n\n# After\n\ntext", [("````md\n```\n# inside\n```\n````", ""), ("# After\n\ntext", "After")]),
+        # a ~~~ fence is not closed by ```; an indented fence (in a list item) is a fence
+        ("~~~\n```\n# inside\n~~~\n\n# C\n\nx", [("~~~\n```\n# inside\n~~~", ""), ("# C\n\nx", "C")]),
+        ("- step one:\n\n    ```\n    # inside\n    ```\n\n# Next\n\nx", [("- step one:\n\n    ```\n    # inside\n    ```", ""), ("# Next\n\nx", "Next")]),
+        # a fence left open runs to the end, as a renderer shows it
+        ("# A\n\ntext\n\n```\n# never closed\n\n## nor this", [("# A\n\ntext\n\n```\n# never closed\n\n## nor this", "A")]),
+        # backticks on one line with more after them are inline code, not a fence
+        ("```inline``` code\n\n# D\n\nx", [("```inline``` code", ""), ("# D\n\nx", "D")]),
+        # an escaped hash, a hashtag and an indented "#" line are text
+        ("\\# not a heading\n\n#hashtag\n\n    # indented code", [("\\# not a heading\n\n#hashtag\n\n    # indented code", "")]),
+    ],
+)
+def test_markdown_fenced_code_is_never_a_heading(text, expected):
+    assert [(c.text, c.section) for c in chunk_text(text, 1000, 100)] == expected
+
+
+def test_a_long_section_splits_with_overlap_under_one_path():
+    body = " ".join(f"word{i}" for i in range(120))
+    text = f"# Guide\n\nintro\n\n## Long\n\n{body}\n\n## Short\n\nend"
+    chunks = chunk_text(text, 200, 40)
+    long = [c for c in chunks if c.section == "Guide > Long"]
+    assert [(c.text, c.section) for c in chunks if c not in long] == [("# Guide\n\nintro", "Guide"), ("## Short\n\nend", "Guide > Short")]
+    assert len(long) > 3 and long[0].text.startswith("## Long\n\nword0 ") and long[-1].text.endswith(" word119")
+    assert all(len(c.text) <= 200 and "Short" not in c.text for c in long), "pieces fit and never reach into the next section"
+    assert all(b.start < a.end for a, b in zip(long, long[1:])), "pieces of one section overlap"
+    assert all(text[c.start : c.end] == c.text for c in chunks)
 
 
 # ---- chunk_text in tokens -------------------------------------------------------------------------
@@ -233,6 +273,279 @@ def test_html_becomes_markdown_like_text():
 )
 def test_html_title_falls_back_to_h1_then_stem(html, title):
     assert parse_document("/x/page.htm", html)[0].title == title
+
+
+# Real-shaped pages, trimmed: the markup each generator emits around one article.
+SPHINX_PAGE = """<!DOCTYPE html>
+<html lang="en" data-content_root="./">
+  <head>
+    <meta charset="utf-8" /><meta name="viewport" content="width=device-width, initial-scale=1.0" />
+    <title>Errors and Exceptions &#8212; Tidewell 2.1 documentation</title>
+    <link rel="stylesheet" type="text/css" href="_static/alabaster.css?v=12dfc556" />
+    <script src="_static/documentation_options.js?v=5929fcd5"></script>
+  </head><body>
+    <div class="related" role="navigation" aria-label="Related">
+      <h3>Navigation</h3>
+      <ul>
+        <li class="right" style="margin-right: 10px"><a href="genindex.html" title="General Index" accesskey="I">index</a></li>
+        <li class="nav-item nav-item-0"><a href="index.html">Tidewell 2.1 documentation</a> &#187;</li>
+      </ul>
+    </div>
+  <div class="document">
+    <div class="documentwrapper">
+      <div class="bodywrapper">
+          <div class="body" role="main">
+  <section id="errors-and-exceptions">
+<h1>Errors and Exceptions<a class="headerlink" href="#errors-and-exceptions" title="Link to this heading">¶</a></h1>
+<p>Until now error messages haven&#8217;t been more than mentioned.</p>
+<section id="syntax-errors">
+<h2>Syntax Errors<a class="headerlink" href="#syntax-errors" title="Link to this heading">¶</a></h2>
+<p>Syntax errors, also known as parsing errors, are the most common.</p>
+<div class="highlight-python3 notranslate"><div class="highlight"><pre><span></span><span class="c1"># The next line is a syntax error</span>
+<span class="k">while</span> <span class="kc">True</span> <span class="nb">print</span><span class="p">(</span><span class="s1">&#39;Hello&#39;</span><span class="p">)</span>
+<span class="k">for</span> <span class="n">line</span> <span class="ow">in</span> <span class="n">lines</span><span class="p">:</span>
+    <span class="c1">## indented, and still not a heading</span>
+</pre></div>
+</div>
+<p>The parser repeats the offending line.</p>
+</section>
+<section id="handling-exceptions">
+<h2>Handling Exceptions<a class="headerlink" href="#handling-exceptions" title="Link to this heading">¶</a></h2>
+<p>It is possible to write programs that handle selected exceptions.</p>
+</section>
+</section>
+          </div>
+      </div>
+    </div>
+      <div class="sphinxsidebar" role="navigation" aria-label="Main">
+        <div class="sphinxsidebarwrapper">
+<h1 class="logo"><a href="index.html">Tidewell</a></h1>
+<h3>Navigation</h3>
+<ul class="current"><li class="toctree-l1 current"><a class="current reference internal" href="#">Sidebar tree entry</a></li></ul>
+<search id="searchbox" style="display: none" role="search">
+  <h3 id="searchlabel">Quick search</h3>
+    <div class="searchformwrapper">
+    <form class="search" action="search.html" method="get"><input type="text" name="q" aria-labelledby="searchlabel" />
+      <input type="submit" value="Go" /></form>
+    </div>
+</search>
+        </div>
+      </div>
+      <div class="clearer"></div>
+    </div>
+    <div class="footer">
+      &#169;2026, Tidewell. | Powered by <a href="https://www.sphinx-doc.org/">Sphinx 7.2.6</a>
+    </div>
+  </body>
+</html>"""
+
+SPHINX_TEXT = """# Errors and Exceptions
+
+Until now error messages haven\u2019t been more than mentioned.
+
+## Syntax Errors
+
+Syntax errors, also known as parsing errors, are the most common.
+
+```
+# The next line is a syntax error
+while True print('Hello')
+for line in lines:
+    ## indented, and still not a heading
+```
+
+The parser repeats the offending line.
+
+## Handling Exceptions
+
+It is possible to write programs that handle selected exceptions."""
+
+RTD_PAGE = """<!DOCTYPE html><html class="writer-html5" lang="en"><head><meta charset="utf-8" />
+<title>Firmware &mdash; Tidewell 2.1 documentation</title><script src="_static/js/theme.js"></script></head>
+<body class="wy-body-for-nav"><div class="wy-grid-for-nav">
+<nav data-toggle="wy-nav-shift" class="wy-nav-side"><div class="wy-side-scroll"><div class="wy-side-nav-search">
+<a href="index.html" class="icon icon-home"> Tidewell</a><div role="search"><form id="rtd-search-form" class="wy-form" action="search.html" method="get">
+<input type="text" name="q" placeholder="Search docs" /></form></div></div>
+<div class="wy-menu wy-menu-vertical" data-spy="affix" role="navigation" aria-label="Navigation menu">
+<ul class="current"><li class="toctree-l1 current"><a class="current reference internal" href="#">Menu entry</a></li></ul></div></div></nav>
+<section data-toggle="wy-nav-shift" class="wy-nav-content-wrap"><nav class="wy-nav-top" aria-label="Mobile navigation menu">
+<a href="index.html">Tidewell</a></nav><div class="wy-nav-content"><div class="rst-content">
+<div role="navigation" aria-label="Page navigation"><ul class="wy-breadcrumbs"><li><a href="index.html" class="icon icon-home" aria-label="Home"></a></li>
+<li class="breadcrumb-item active">Breadcrumb trail</li></ul><hr/></div>
+<div role="main" class="document" itemscope="itemscope" itemtype="http://schema.org/Article">
+<div itemprop="articleBody">
+<section id="firmware"><h1>Firmware<a class="headerlink" href="#firmware" title="Link to this heading">&#61633;</a></h1>
+<section id="updating"><h2>Updating<a class="headerlink" href="#updating" title="Link to this heading">&#61633;</a></h2>
+<p>Updates install at 03:00 when the unit is idle.</p>
+<div class="highlight-console notranslate"><div class="highlight"><pre><span></span><span class="gp">$ </span>tidewell<span class="w"> </span>update<span class="w"> </span>--now
+<span class="gp"># </span>reboot
+</pre></div></div>
+</section></section>
+</div></div>
+<footer><div class="rst-footer-buttons" role="navigation" aria-label="Footer"><a href="setup.html" class="btn btn-neutral float-left" title="Setup">Previous</a></div>
+<hr/><div role="contentinfo"><p>&#169; Copyright 2026, Tidewell.</p></div>Built with Sphinx using a theme provided by Read the Docs.</footer>
+</div></div></section></div>
+<script>jQuery(function () { SphinxRtdTheme.Navigation.enable(true); });</script>
+</body></html>"""
+
+MKDOCS_PAGE = """<!doctype html><html lang="en" class="no-js"><head><meta charset="utf-8">
+<title>Backups - Tidewell Docs</title><link rel="stylesheet" href="../assets/stylesheets/main.8608ea7d.min.css">
+<script>__md_scope=new URL("..",location),__md_hash=e=>[...e].reduce((e,_)=>(e<<5)-e+_.charCodeAt(0),0)</script></head>
+<body dir="ltr"><input class="md-toggle" data-md-toggle="drawer" type="checkbox" id="__drawer" autocomplete="off">
+<label class="md-overlay" for="__drawer"></label>
+<div data-md-component="skip"><a href="#backups" class="md-skip">Skip to content</a></div>
+<header class="md-header md-header--shadow" data-md-component="header">
+<nav class="md-header__inner md-grid" aria-label="Header"><div class="md-header__title" data-md-component="header-title">
+<span class="md-ellipsis">Tidewell Docs</span></div>
+<form class="md-search__form" name="search"><input type="text" class="md-search__input" name="query" aria-label="Search" placeholder="Search"></form>
+</nav></header>
+<div class="md-container" data-md-component="container">
+<nav class="md-tabs" aria-label="Tabs" data-md-component="tabs"><div class="md-grid"><ul class="md-tabs__list">
+<li class="md-tabs__item"><a href="../" class="md-tabs__link">Home tab</a></li></ul></div></nav>
+<main class="md-main" data-md-component="main"><div class="md-main__inner md-grid">
+<div class="md-sidebar md-sidebar--primary" data-md-component="sidebar" data-md-type="navigation"><div class="md-sidebar__scrollwrap">
+<div class="md-sidebar__inner"><nav class="md-nav md-nav--primary" aria-label="Navigation" data-md-level="0"><ul class="md-nav__list">
+<li class="md-nav__item"><a href="../setup/" class="md-nav__link"><span class="md-ellipsis">Setup page link</span></a></li></ul></nav></div></div></div>
+<div class="md-sidebar md-sidebar--secondary" data-md-component="sidebar" data-md-type="toc"><div class="md-sidebar__scrollwrap">
+<div class="md-sidebar__inner"><nav class="md-nav md-nav--secondary" aria-label="Table of contents"><label class="md-nav__title" for="__toc">
+<span class="md-nav__icon md-icon"></span>Table of contents</label><ul class="md-nav__list"><li class="md-nav__item">
+<a href="#schedules" class="md-nav__link"><span class="md-ellipsis">Schedules toc entry</span></a></li></ul></nav></div></div></div>
+<div class="md-content" data-md-component="content"><article class="md-content__inner md-typeset">
+<a href="https://github.com/tidewell/docs/edit/main/docs/backups.md" title="Edit this page" class="md-content__button md-icon">
+<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24"><path d="M10 20H6V4h7v5h5v3.1l2-2V8l-6-6H6"/></svg></a>
+<h1 id="backups">Backups</h1>
+<p>The T4 backs up every share on a schedule.</p>
+<h2 id="schedules">Schedules<a class="headerlink" href="#schedules" title="Permanent link">&para;</a></h2>
+<p>Schedules run at <code>02:00</code> local time by default.</p>
+<div class="language-yaml highlight"><pre><span></span><code><span id="__span-0-1"><a id="__codelineno-0-1" name="__codelineno-0-1" href="#__codelineno-0-1"></a><span class="c1"># nightly at two</span>
+</span><span id="__span-0-2"><a id="__codelineno-0-2" name="__codelineno-0-2" href="#__codelineno-0-2"></a><span class="nt">schedule</span><span class="p">:</span><span class="w"> </span><span class="s">&quot;0 2 * * *&quot;</span>
+</span></code></pre></div>
+<h3 id="retention">Retention<a class="headerlink" href="#retention" title="Permanent link">&para;</a></h3>
+<p>Thirty daily snapshots are kept.</p>
+<aside class="md-source-file"><span class="md-source-file__fact"><span title="Last update">Last update: November 2, 2026</span></span></aside>
+</article></div>
+<button type="button" class="md-top md-icon" data-md-component="top" hidden>Back to top</button>
+</div></main>
+<footer class="md-footer"><div class="md-footer-meta md-typeset"><div class="md-copyright">Made with Material for MkDocs</div></div></footer>
+</div><script id="__config" type="application/json">{"base": "..", "search": "../assets/javascripts/workers/search.js"}</script>
+</body></html>"""
+
+DOCUSAURUS_PAGE = """<!doctype html><html lang="en" dir="ltr"><head><meta charset="UTF-8"><title>Quick start | Tidewell</title></head>
+<body><div id="__docusaurus"><nav aria-label="Main" class="navbar navbar--fixed-top"><div class="navbar__inner">
+<a class="navbar__brand" href="/"><b class="navbar__title text--truncate">Tidewell navbar</b></a></div></nav>
+<div class="main-wrapper"><div class="docsWrapper"><div class="docRoot"><aside class="theme-doc-sidebar-container">
+<div class="sidebar"><nav aria-label="Docs sidebar" class="menu thin-scrollbar"><ul class="theme-doc-sidebar-menu menu__list">
+<li class="menu__list-item"><a class="menu__link" href="/docs/intro">Docs sidebar entry</a></li></ul></nav></div></aside>
+<main class="docMainContainer"><div class="container padding-top--md padding-bottom--lg"><div class="row"><div class="col docItemCol">
+<div class="docItemContainer"><article><nav class="theme-doc-breadcrumbs" aria-label="Breadcrumbs"><ul class="breadcrumbs">
+<li class="breadcrumbs__item"><span class="breadcrumbs__link">Breadcrumb item</span></li></ul></nav>
+<div class="theme-doc-markdown markdown"><header><h1>Quick start</h1></header>
+<p>Get a T4 online in five minutes.</p>
+<h2 class="anchor anchorWithStickyNavbar" id="install">Install<a href="#install" class="hash-link" aria-label="Direct link to Install" title="Direct link to Install">\u200b</a></h2>
+<div class="language-bash codeBlockContainer theme-code-block"><div class="codeBlockContent"><pre tabindex="0" class="prism-code language-bash codeBlock thin-scrollbar"><code class="codeBlockLines"><span class="token-line"><span class="token comment"># one line installs the agent</span><br></span><span class="token-line"><span class="token plain">curl -fsSL https://get.tidewell.example | sh</span><br></span></code></pre>
+<div class="buttonGroup"><button type="button" aria-label="Copy code to clipboard" title="Copy" class="clean-btn">Copy button</button></div></div></div>
+</div><footer class="theme-doc-footer docusaurus-mt-lg"><a href="https://github.com/tidewell/site/edit/main/docs/quick.md">Edit this page</a></footer></article>
+<nav class="pagination-nav docusaurus-mt-lg" aria-label="Docs pages"><a class="pagination-nav__link" href="/docs/next">Next page link</a></nav></div></div>
+<div class="col col--3"><div class="tableOfContents thin-scrollbar theme-doc-toc-desktop"><ul class="table-of-contents"><li><a href="#install">TOC entry</a></li></ul></div></div>
+</div></div></main></div></div></div><footer class="footer footer--dark"><div class="footer__copyright">Copyright 2026 Tidewell</div></footer></div></body></html>"""
+
+# A plain page whose code blocks are full of "#" lines, one with ``` lines inside, and a paragraph
+# that starts with "#": only the h1 and h2 are headings.
+SHELL_PAGE = """<!DOCTYPE html><html><head><title>Install from source</title></head><body>
+<header class="site-header"><a href="/">Tidewell</a> <span>Site header text</span></header>
+<main>
+<h1>Install from source</h1>
+<p>Build the agent on any Linux host.</p>
+<pre><code class="language-bash">
+# Install the toolchain
+## Debian and Ubuntu
+sudo apt-get install -y build-essential
+
+### then build
+make -j4
+</code></pre>
+<h2>Configure</h2>
+<p># is the comment character in tidewell.conf.</p>
+<pre>[agent]
+# port the agent listens on
+\tport = 8080
+
+
+```
+not a fence either
+```
+</pre>
+</main>
+<footer>Footer text</footer>
+</body></html>"""
+
+# No main-content container: the body, less its navigation, header, footer and asides.
+BARE_PAGE = """<html><head><title>Release notes</title></head><body>
+<header><h1>Tidewell site</h1><p>Header tagline</p></header>
+<nav><a href="/">Home link</a></nav>
+<aside><h2>Sidebar heading</h2><p>Sidebar text</p></aside>
+<h1>Release notes</h1>
+<h2>2.1.0</h2><p>Adds cloud sync.</p>
+<h2>2.0.0</h2><p>First release.</p>
+<footer><p>Footer text</p></footer>
+</body></html>"""
+
+
+@pytest.mark.parametrize(
+    "html, title, sections, present, absent",
+    [
+        pytest.param(SPHINX_PAGE, "Errors and Exceptions \u2014 Tidewell 2.1 documentation",
+                     ["Errors and Exceptions", "Errors and Exceptions > Syntax Errors", "Errors and Exceptions > Handling Exceptions"],
+                     ["```\n# The next line is a syntax error\nwhile True print('Hello')\n", "\n    ## indented, and still not a heading\n```"],
+                     ["Navigation", "index", "Sidebar tree entry", "Quick search", "Go", "Powered by", "2026", "documentation_options"],
+                     id="sphinx-alabaster"),
+        pytest.param(RTD_PAGE, "Firmware \u2014 Tidewell 2.1 documentation", ["Firmware > Updating"],
+                     ["```\n$ tidewell update --now\n# reboot\n```"],
+                     ["Search docs", "Menu entry", "Breadcrumb trail", "Previous", "Copyright", "Built with", "jQuery", "\uf0c1"],
+                     id="sphinx-read-the-docs"),
+        pytest.param(MKDOCS_PAGE, "Backups - Tidewell Docs", ["Backups", "Backups > Schedules", "Backups > Schedules > Retention"],
+                     ["Schedules run at 02:00 local time", "```\n# nightly at two\nschedule: \"0 2 * * *\"\n```"],
+                     ["Skip to content", "Tidewell Docs", "Search", "Home tab", "Setup page link", "Table of contents",
+                      "toc entry", "Last update", "Back to top", "Made with", "__md_scope", "search.js"],
+                     id="mkdocs-material"),
+        pytest.param(DOCUSAURUS_PAGE, "Quick start | Tidewell", ["Quick start", "Quick start > Install"],
+                     ["```\n# one line installs the agent\ncurl -fsSL https://get.tidewell.example | sh\n```"],
+                     ["navbar", "Docs sidebar entry", "Breadcrumb", "Copy button", "Edit this page", "Next page link",
+                      "TOC entry", "Copyright", "\u200b"],
+                     id="docusaurus"),
+        pytest.param(SHELL_PAGE, "Install from source", ["Install from source", "Install from source > Configure"],
+                     ["```\n# Install the toolchain\n## Debian and Ubuntu\nsudo apt-get install -y build-essential\n\n### then build\nmake -j4\n```",
+                      "\\# is the comment character in tidewell.conf.",
+                      "````\n[agent]\n# port the agent listens on\n\tport = 8080\n\n\n```\nnot a fence either\n```\n````"],
+                     ["Site header text", "Footer text"],
+                     id="code-full-of-hashes"),
+        pytest.param(BARE_PAGE, "Release notes", ["Release notes > 2.1.0", "Release notes > 2.0.0"],
+                     ["# Release notes\n\n## 2.1.0\n\nAdds cloud sync.", "## 2.0.0\n\nFirst release."],
+                     ["Tidewell site", "Header tagline", "Home link", "Sidebar", "Footer text"],
+                     id="no-container"),
+    ],
+)
+def test_html_pages_are_indexed_as_a_reader_sees_them(html, title, sections, present, absent):
+    [unit] = parse_document("/site/page.html", html.encode())
+    assert unit.title == title
+    leaked = [a for a in absent if a in unit.text]
+    assert not leaked, f"page chrome (navigation, sidebars, header, footer, scripts) was indexed: {leaked}"
+    assert "¶" not in unit.text, "permalink marks are not text"
+    chunks = chunk_text(unit.text, 1000, 100)
+    assert [c.section for c in chunks] == sections, "one chunk per section that fits, under its heading path"
+    missing = [p for p in present if not any(p in c.text for c in chunks)]
+    assert not missing, f"main content (code with its lines and indentation) missing from the chunks: {missing}"
+
+
+def test_html_page_text_is_markdown_of_its_main_content():
+    assert parse_document("/site/errors.html", SPHINX_PAGE.encode())[0].text == SPHINX_TEXT
+
+
+def test_html_chunker_rows_carry_heading_paths():
+    rows = DocumentChunker("kb", 200, 40)({"path": "/site/backups.html", "bytes": MKDOCS_PAGE.encode()})
+    assert [(r["section"], r["error"]) for r in rows] == [
+        ("Backups", ""), ("Backups > Schedules", ""), ("Backups > Schedules > Retention", "")]
+    assert rows[1]["text"].startswith("## Schedules\n\nSchedules run at 02:00") and rows[2]["text"] == "### Retention\n\nThirty daily snapshots are kept."
 
 
 def test_pdf_pages_become_sections():

@@ -2,12 +2,18 @@
 
 A document is a file: Markdown or plain text, HTML, PDF, or JSONL with one record per line.
 `parse_document` turns its bytes into citable `Unit`s (one per file, or one per JSONL record),
-`chunk_text` splits a unit's text into overlapping `Chunk`s measured in characters or in tokens of
-the embedder, and `DocumentChunker` is the Ray Data `flat_map` stage that does both for one file
-row and never raises: a file that cannot be parsed becomes a single row whose `error` says why.
+`chunk_text` splits a unit's text into `Chunk`s that follow its sections, measured in characters
+or in tokens of the embedder, and `DocumentChunker` is the Ray Data `flat_map` stage that does both
+for one file row and never raises: a file that cannot be parsed becomes a single row whose `error`
+says why.
+
+Documents are indexed as a reader sees them. An HTML page becomes Markdown-like text of its main
+content only (navigation, headers, footers, sidebars and scripts dropped), with headings from its
+heading elements, code blocks as fenced code and permalink marks removed. In Markdown, a line in
+fenced code is never a heading.
 
 Chunk offsets index the unit's parsed text (for Markdown and text files, the decoded file), and
-each chunk carries the section it starts in: the Markdown heading path, or "page N" for a PDF.
+each chunk carries its section: the Markdown heading path, or "page N" for a PDF.
 """
 
 from __future__ import annotations
@@ -20,15 +26,14 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 DOC_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm", ".pdf", ".jsonl")
 
-_BOUNDARY = re.compile(r"\n\s*\n|\n(?=#{1,6} )")
-_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)\s*$", re.MULTILINE)
-_FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+_HEADING = re.compile(r"(#{1,6})[ \t]+(.+?)\s*")
+_FENCE_OPEN = re.compile(r"[ \t]*(`{3,}|~{3,})(.*)")
 _MAX_ERROR = 300
 
 
@@ -149,65 +154,47 @@ def parse_document(path: str, data: bytes, text_field: str = "text", title_field
     if suffix == ".jsonl":
         return _parse_jsonl(text, stem, text_field, title_field)
     if suffix in (".html", ".htm"):
-        parser = _HtmlText()
-        parser.feed(text)
-        parser.close()
-        text, title = parser.result(), parser.title or parser.first_h1
+        from lorag.webpage import parse_html
+
+        text, title = parse_html(text)
     else:
         headings = _headings(text)
-        title = _heading_title(headings[0]) if headings else ""
+        title = headings[0].title if headings else ""
     if not text.strip():
         raise DocumentError("empty document")
     return [Unit(text, title or stem, "")]
 
 
 def chunk_text(text: str, size: int, overlap: int, tokenizer=None) -> list[Chunk]:
-    """Split `text` into chunks of at most `size` units with about `overlap` units shared.
+    """Split `text` into chunks that follow its Markdown sections, each at most `size` units.
+
+    A section runs from a heading to the next heading of any level (text before the first heading
+    is a section of its own). A section that fits in `size` is one chunk; a longer one is split
+    into pieces with about `overlap` units shared, and every piece carries the section's heading
+    path. A heading with no text of its own before the next heading (a title straight above its
+    first subsection) joins the section that follows, so no chunk is only a heading.
 
     Units are characters, or tokens of `tokenizer` (a Hugging Face fast tokenizer, counted without
-    special tokens). Splits prefer a Markdown heading or paragraph break, then whitespace, then any
+    special tokens). Splits inside a section prefer a paragraph break, then whitespace, then any
     character (a token boundary in token mode), and never cut before half the window. The overlap
     starts on a word boundary, so no chunk opens mid-word unless a word is longer than the window.
 
     Args:
         text: the unit's text.
         size: maximum chunk length in characters, or in tokens when `tokenizer` is given.
-        overlap: characters (or tokens) repeated from the end of one chunk at the start of the next.
+        overlap: characters (or tokens) repeated from the end of one piece of a section at the
+            start of the next (sections never overlap each other).
         tokenizer: optional fast tokenizer to measure in tokens.
 
     Returns:
         Chunks in text order, stripped (`text[c.start:c.end] == c.text`), whitespace-only ones
-        dropped, each with the Markdown heading path in effect at its start as `section`.
+        dropped, each with its section's heading path ("A > B") as `section`.
     """
     assert 0 <= overlap < size, f"overlap {overlap} must be in [0, size={size})"
     ruler = _Ruler(text, tokenizer)
-    sections = _heading_paths(text)
-    n = len(text)
     chunks: list[Chunk] = []
-    start = prev_end = 0
-    while start < n:
-        limit = ruler.limit(start, size)
-        end = n if limit >= n else _split_point(text, start, limit, prev_end)
-        # Token windows come from the whole-text tokenization; a piece can tokenize differently on
-        # its own (a cut inside a word), so re-check and shrink the window until it fits.
-        while end > start + 1 and ruler.count(text[start:end]) > size:
-            limit = ruler.shrink(start, limit)
-            end = _split_point(text, start, limit, prev_end)
-        piece = text[start:end]
-        if piece.strip():
-            s = start + len(piece) - len(piece.lstrip())
-            e = end - (len(piece) - len(piece.rstrip()))
-            chunks.append(Chunk(s, e, text[s:e], _section_at(sections, s)))
-        if end >= n:
-            break
-        if overlap:
-            nxt = max(ruler.back(end, overlap), start + 1)
-            # Start the overlap on a word boundary (the next one, so it never exceeds `overlap`).
-            cands = [c + 1 for c in (text.find(" ", nxt, end), text.find("\n", nxt, end)) if c != -1]
-            start = min(cands, default=nxt)
-        else:
-            start = end
-        prev_end = end
+    for lo, hi, path in _sections(text):
+        chunks += _split_section(text, lo, hi, path, size, overlap, ruler)
     return chunks
 
 
@@ -325,12 +312,42 @@ class _Ruler:
         return len(self.tokenizer(piece.strip(), add_special_tokens=False, verbose=False)["input_ids"])
 
 
+def _split_section(text: str, lo: int, hi: int, path: str, size: int, overlap: int, ruler: _Ruler) -> list[Chunk]:
+    """Chunks of the section `text[lo:hi]`: one if it fits, else overlapping windows."""
+    chunks = []
+    start = prev_end = lo
+    while start < hi:
+        limit = min(ruler.limit(start, size), hi)
+        end = hi if limit >= hi else _split_point(text, start, limit, prev_end)
+        # Token windows come from the whole-text tokenization; a piece can tokenize differently on
+        # its own (a cut inside a word), so re-check and shrink the window until it fits.
+        while end > start + 1 and ruler.count(text[start:end]) > size:
+            limit = ruler.shrink(start, limit)
+            end = _split_point(text, start, limit, prev_end)
+        piece = text[start:end]
+        if piece.strip():
+            s = start + len(piece) - len(piece.lstrip())
+            e = end - (len(piece) - len(piece.rstrip()))
+            chunks.append(Chunk(s, e, text[s:e], path))
+        if end >= hi:
+            break
+        if overlap:
+            nxt = max(ruler.back(end, overlap), start + 1)
+            # Start the overlap on a word boundary (the next one, so it never exceeds `overlap`).
+            cands = [c + 1 for c in (text.find(" ", nxt, end), text.find("\n", nxt, end)) if c != -1]
+            start = min(cands, default=nxt)
+        else:
+            start = end
+        prev_end = end
+    return chunks
+
+
 def _split_point(text: str, start: int, limit: int, prev_end: int) -> int:
     # Never cut before half the window, nor at or before the previous chunk's end (with a large
     # overlap that would make chunks that add nothing new).
     floor = min(max(start + (limit - start) // 2, prev_end + 1), limit)
     best = -1
-    for m in _BOUNDARY.finditer(text, floor, limit):
+    for m in _PARAGRAPH_BREAK.finditer(text, floor, limit):
         best = m.end()
     if best > floor:
         return best
@@ -340,31 +357,64 @@ def _split_point(text: str, start: int, limit: int, prev_end: int) -> int:
     return limit
 
 
-def _headings(text: str) -> list[re.Match]:
-    """Markdown heading matches, leaving out "# comments" inside ``` or ~~~ code fences."""
-    fences = [m.start() for m in _FENCE.finditer(text)]
-    # An odd number of fence lines before a heading means it sits inside a code block.
-    return [m for m in _HEADING.finditer(text) if bisect.bisect_right(fences, m.start()) % 2 == 0]
+@dataclass(frozen=True)
+class _Heading:
+    start: int
+    line_end: int
+    level: int
+    title: str
 
 
-def _heading_paths(text: str) -> list[tuple[int, str]]:
-    """(offset, "A > B") for every Markdown heading; a heading replaces those at its level and deeper."""
+def _headings(text: str) -> list[_Heading]:
+    """The Markdown ATX headings of `text` ("## Title"), leaving out every line inside fenced code.
+
+    Fences follow CommonMark: a line of three or more backticks or tildes (indented or not) opens
+    a code block that only a line of at least as many of the same character closes (so a fence of
+    four backticks may hold ``` lines), and a fence left open runs to the end of the text, as a
+    Markdown renderer shows it. Backticks with more backticks after them on the line are inline
+    code, not a fence.
+    """
+    found = []
+    fence = ""  # the open fence's characters ("```", "~~~~", ...), or "" outside code
+    for line in re.finditer(r"^.*$", text, re.MULTILINE):
+        if fence:
+            close = line[0].strip()
+            if set(close) == {fence[0]} and len(close) >= len(fence):
+                fence = ""
+            continue
+        opening = _FENCE_OPEN.fullmatch(line[0])
+        if opening and not (opening[1][0] == "`" and "`" in opening[2]):
+            fence = opening[1]
+        elif heading := _HEADING.fullmatch(line[0]):
+            # "## Title ##" closes with optional hashes after a space; "## C#" keeps its hash.
+            title = re.sub(r"(?:^|[ \t]+)#+$", "", heading[2]).strip()[:500]
+            if title:
+                found.append(_Heading(line.start(), line.end(), len(heading[1]), title))
+    return found
+
+
+def _sections(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, heading path) of each section of `text`, covering all of it in order.
+
+    A heading replaces those at its level and deeper in the path. A section with no text between
+    its heading line and the next heading joins the next section, which keeps the start of the
+    first and the path of the last.
+    """
+    heads = [(0, 0, "")]  # the preamble: text before the first heading, under no heading
     stack: list[tuple[int, str]] = []
-    paths = []
-    for m in _headings(text):
-        level = len(m.group(1))
-        stack = [h for h in stack if h[0] < level] + [(level, _heading_title(m))]
-        paths.append((m.start(), " > ".join(t for _, t in stack)))
-    return paths
-
-
-def _section_at(paths: list[tuple[int, str]], pos: int) -> str:
-    i = bisect.bisect_right(paths, (pos, "\uffff"))  # headings that start at or before `pos`
-    return paths[i - 1][1] if i else ""
-
-
-def _heading_title(m: re.Match) -> str:
-    return m.group(2).rstrip("#").strip()[:500]  # "## Title ##" closes with optional hashes
+    for h in _headings(text):
+        stack = [s for s in stack if s[0] < h.level] + [(h.level, h.title)]
+        heads.append((h.start, h.line_end, " > ".join(t for _, t in stack)))
+    sections = []
+    start = None
+    for i, (head_start, line_end, path) in enumerate(heads):
+        end = heads[i + 1][0] if i + 1 < len(heads) else len(text)
+        start = head_start if start is None else start
+        if i + 1 < len(heads) and not text[line_end:end].strip():
+            continue
+        sections.append((start, end, path))
+        start = None
+    return sections
 
 
 # ---- parsers ----------------------------------------------------------------------------------
@@ -415,66 +465,3 @@ def _parse_jsonl(text: str, stem: str, text_field: str, title_field: str) -> lis
     if not units:
         raise DocumentError("empty document")
     return units
-
-
-class _HtmlText(HTMLParser):
-    """Visible text of an HTML page, with h1..h6 as Markdown headings and blocks as paragraphs.
-
-    Whitespace collapses as a browser would, except inside <pre>, which keeps its line breaks
-    (though not its indentation: every line is stripped).
-    """
-
-    _SKIP = {"script", "style", "nav", "head", "noscript", "template"}
-    _PARAGRAPH = {"p", "div", "section", "article", "main", "header", "footer", "aside", "blockquote", "pre",
-                  "table", "ul", "ol", "dl", "figure", "figcaption", "form", "hr", "address"}
-    _LINE = {"br", "li", "tr", "dt", "dd"}
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
-        self.parts: list[str] = []
-        self.skip = self.pre = 0
-        self.heading: list[str] | None = None
-        self.in_title = False
-        self.title = self.first_h1 = ""
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self._SKIP:
-            self.skip += 1
-        elif tag == "title":
-            self.in_title = True
-        elif re.fullmatch(r"h[1-6]", tag):
-            self.heading = []
-        elif tag in ("td", "th"):
-            self.parts.append(" ")
-        self.pre += tag == "pre"
-        if tag in self._PARAGRAPH or tag in self._LINE:
-            self.parts.append("\n\n" if tag in self._PARAGRAPH else "\n")
-
-    def handle_endtag(self, tag):
-        if tag in self._SKIP:
-            self.skip = max(self.skip - 1, 0)
-        elif tag == "title":
-            self.in_title = False
-        elif re.fullmatch(r"h[1-6]", tag) and self.heading is not None:
-            words = " ".join("".join(self.heading).split())
-            self.heading = None
-            if words:
-                self.parts.append(f"\n\n{'#' * int(tag[1])} {words}\n\n")
-                self.first_h1 = self.first_h1 or (words if tag == "h1" else "")
-        self.pre = max(self.pre - (tag == "pre"), 0)
-        if tag in self._PARAGRAPH:  # a line break only opens (so <br/> is one break, not two)
-            self.parts.append("\n\n")
-
-    def handle_data(self, data):
-        if self.in_title:
-            self.title = " ".join((self.title + " " + data).split())
-        elif self.skip:
-            return
-        elif self.heading is not None:
-            self.heading.append(data)
-        else:
-            self.parts.append(data if self.pre else re.sub(r"\s+", " ", data))
-
-    def result(self) -> str:
-        lines = [line.strip() for line in "".join(self.parts).split("\n")]
-        return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()

@@ -1,0 +1,244 @@
+"""HTML pages as a reader sees them: the main content as Markdown-like text.
+
+`parse_html` picks the page's main-content container (Read the Docs, MkDocs Material, Docusaurus,
+Sphinx, `<main>`, `<article>`), drops navigation, headers, footers, sidebars, scripts and permalink
+marks, writes h1..h6 as `#` headings and code blocks as fenced code, so that `lorag.documents`
+chunks the page by its sections and never takes a `# comment` in code for a heading.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from html.parser import HTMLParser
+
+
+# Where a page keeps its main content, most specific first; the first selector that matches wins,
+# and within it the first matching element. (tag or "", attribute or "", value or ""), and a
+# "class" value matches one class of the element's class list.
+_MAIN_CONTENT = (
+    ("", "itemprop", "articleBody"),  # Read the Docs theme (Sphinx and MkDocs), schema.org markup
+    ("article", "class", "md-content__inner"),  # MkDocs Material
+    ("div", "class", "theme-doc-markdown"),  # Docusaurus
+    ("", "role", "main"),  # Sphinx basic/alabaster/classic `div.body`, Furo and PyData `article`, MkDocs
+    ("main", "", ""),
+    ("article", "", ""),
+    ("div", "class", "body"),  # Sphinx themes without ARIA roles
+    ("div", "class", "rst-content"),
+    ("div", "class", "md-content"),
+    ("div", "class", "document"),  # Sphinx: body and sidebar together (the sidebar is dropped below)
+)
+# Never a reader's text, wherever they are. `nav` also drops docutils' local table of contents
+# (it repeats the headings); `a.headerlink` and the like are permalink marks, `md-source-file`
+# is MkDocs Material's "last update" line, `linenos` the line numbers Pygments puts beside code.
+# A Sphinx toctree stays: inside the main content it is the page's own list of what it covers.
+_DROP_TAGS = {"head", "script", "style", "noscript", "template", "svg", "canvas", "iframe", "object", "button",
+              "form", "select", "textarea", "search", "nav", "footer"}
+_DROP_ROLES = {"navigation", "search", "banner", "contentinfo"}
+_DROP_CLASSES = {"headerlink", "hash-link", "anchorjs-link", "sphinxsidebar", "md-sidebar", "md-header", "md-footer",
+                 "md-tabs", "md-source-file", "linenos", "linenodiv"}
+# Page chrome when no main-content container is found. Inside a container they are kept: there a
+# `header` holds the article's own title (Docusaurus) and an `aside` holds footnotes, topics and
+# sidebars (docutils >= 0.18).
+_PAGE_CHROME = {"header", "aside"}
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track", "wbr"}
+# A text line that Markdown would read as a heading or a code fence: escaped in HTML text, where
+# only heading elements are headings and only <pre> is code.
+_MARKUP_LINE = re.compile(r"#{1,6}(?:[ \t]|$)|```|~~~")
+_PERMALINK = re.compile(r"(?:\s*[¶🔗])+$|\s+#+$")
+
+
+@dataclass
+class _Element:
+    tag: str
+    attrs: dict[str, str]
+    children: list  # of _Element and str, in document order
+
+    def matches(self, tag: str, attr: str, value: str) -> bool:
+        if tag and self.tag != tag:
+            return False
+        if attr == "class":
+            return value in self.attrs.get("class", "").split()
+        return not attr or self.attrs.get(attr) == value
+
+
+def parse_html(html: str) -> tuple[str, str]:
+    """(Markdown-like text of the page's main content, title: `<title>`, else the first h1, else "")."""
+    tree = _HtmlTree()
+    tree.feed(html)
+    tree.close()
+    title_el = next((e for e in _elements(tree.root, _everything) if e.tag == "title"), None)
+    title = " ".join("".join(_texts(title_el)).split()) if title_el else ""
+    # A container is looked for outside the chrome only (an <article> in a sidebar is not the page).
+    content = list(_elements(tree.root, lambda e: not _is_chrome(e)))
+    container = next((e for sel in _MAIN_CONTENT for e in content if e.matches(*sel)), None)
+    writer = _TextWriter()
+    if container is not None:
+        writer.write(container, lambda e: not _is_chrome(e))
+    text = writer.result()
+    if not text.strip():  # no container, or an empty one (a page its scripts fill in)
+        writer = _TextWriter()
+        writer.write(tree.root, lambda e: not _is_chrome(e) and e.tag not in _PAGE_CHROME)
+        text = writer.result()
+    return text, title or writer.first_h1
+
+
+def _is_chrome(el: _Element) -> bool:
+    return (el.tag in _DROP_TAGS or el.attrs.get("role") in _DROP_ROLES
+            or not _DROP_CLASSES.isdisjoint(el.attrs.get("class", "").split()))
+
+
+class _HtmlTree(HTMLParser):
+    """The element tree of an HTML page, built as a browser would for well-formed pages.
+
+    An end tag closes the nearest open element of its name and those opened inside it; an end tag
+    with no open element of its name is ignored. Unclosed <p> and <li> simply nest, which keeps the
+    text in document order (every walk over the tree is iterative, so depth is no limit).
+    """
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
+        self.root = _Element("#document", {}, [])
+        self.open = [self.root]
+
+    def handle_starttag(self, tag, attrs):
+        el = _Element(tag, {k: v or "" for k, v in attrs}, [])
+        self.open[-1].children.append(el)
+        if tag not in _VOID:
+            self.open.append(el)
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.open) - 1, 0, -1):
+            if self.open[i].tag == tag:
+                del self.open[i:]
+                return
+
+    def handle_data(self, data):
+        self.open[-1].children.append(data.replace("\0", ""))  # NUL marks blocks in `_TextWriter`
+
+
+def _walk(root: _Element, keep):
+    """("open", element), ("text", str) and ("close", element) events of `root`'s subtree in
+    document order, leaving out the subtrees of elements for which `keep(element)` is false."""
+    yield "open", root
+    stack = [(root, iter(root.children))]
+    while stack:
+        el, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            yield "close", el
+        elif isinstance(child, str):
+            yield "text", child
+        elif keep(child):
+            yield "open", child
+            stack.append((child, iter(child.children)))
+
+
+def _everything(el: _Element) -> bool:
+    return True
+
+
+def _elements(root: _Element, keep):
+    return (item for kind, item in _walk(root, keep) if kind == "open")
+
+
+def _texts(root: _Element):
+    return (item for kind, item in _walk(root, _everything) if kind == "text")
+
+
+class _TextWriter:
+    """Markdown-like text of an element tree: h1..h6 as "#" headings, <pre> as fenced code, other
+    blocks as paragraphs.
+
+    Whitespace collapses as a browser would, except in code, which keeps its lines and indentation.
+    Headings and code blocks are written as NUL-delimited placeholders and put back after the
+    whitespace clean-up, so that clean-up never touches them and no text line can pose as one.
+    """
+
+    _PARAGRAPH = {"p", "div", "section", "article", "main", "header", "footer", "aside", "blockquote", "table", "ul",
+                  "ol", "dl", "figure", "figcaption", "form", "hr", "address", "details", "summary"}
+    _LINE = {"br", "li", "tr", "dt", "dd"}
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.blocks: list[str] = []
+        self.heading: list[str] | None = None
+        self.code: list[str] | None = None
+        self.pre_depth = 0
+        self.first_h1 = ""
+
+    def write(self, root: _Element, keep) -> None:
+        for kind, item in _walk(root, keep):
+            if kind == "text":
+                self.text(item)
+            elif kind == "open":
+                self.open(item.tag)
+            else:
+                self.close(item.tag)
+
+    def open(self, tag: str) -> None:
+        if tag == "pre":
+            self.pre_depth += 1
+            self.code = [] if self.code is None else self.code
+        if self.code is not None:  # markup inside code is highlighting: only line breaks matter
+            if tag == "br":
+                self.code.append("\n")
+            return
+        if self.heading is not None:
+            return
+        if re.fullmatch(r"h[1-6]", tag):
+            self.heading = []
+        elif tag in ("td", "th"):
+            self.parts.append(" ")
+        elif tag in self._PARAGRAPH or tag in self._LINE:
+            self.parts.append("\n\n" if tag in self._PARAGRAPH else "\n")
+
+    def close(self, tag: str) -> None:
+        if tag == "pre" and self.pre_depth:
+            self.pre_depth -= 1
+            if not self.pre_depth:
+                self._block(_fenced(self.code))
+                self.code = None
+        elif self.code is not None:
+            return
+        elif re.fullmatch(r"h[1-6]", tag) and self.heading is not None:
+            words = _PERMALINK.sub("", " ".join("".join(self.heading).replace("\u200b", "").split()))
+            self.heading = None
+            if words:
+                self._block(f"{'#' * int(tag[1])} {words}")
+                self.first_h1 = self.first_h1 or (words if tag == "h1" else "")
+        elif tag in self._PARAGRAPH and self.heading is None:  # a line break only opens (<br/> is one break)
+            self.parts.append("\n\n")
+
+    def text(self, data: str) -> None:
+        if self.code is not None:
+            self.code.append(data)
+        elif self.heading is not None:
+            self.heading.append(data)
+        else:
+            self.parts.append(re.sub(r"\s+", " ", data))
+
+    def _block(self, block: str) -> None:
+        if block:
+            self.parts.append(f"\n\n\0{len(self.blocks)}\0\n\n")
+            self.blocks.append(block)
+
+    def result(self) -> str:
+        lines = []
+        for line in "".join(self.parts).split("\n"):
+            line = line.strip()
+            lines.append("\\" + line if _MARKUP_LINE.match(line) else line)
+        text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        return re.sub(r"\0(\d+)\0", lambda m: self.blocks[int(m[1])], text)
+
+
+def _fenced(parts: list[str] | None) -> str:
+    """A <pre> block's text as fenced code: lines and indentation kept, blank edges and trailing
+    spaces dropped, fenced with more backticks than any run inside it ("" for an empty block)."""
+    code = "".join(parts or []).replace("\r\n", "\n").replace("\r", "\n")
+    code = "\n".join(line.rstrip() for line in code.split("\n")).strip("\n")
+    if not code.strip():
+        return ""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", code)), default=0))
+    return f"{fence}\n{code}\n{fence}"
