@@ -143,8 +143,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch
 
     from lorag.checkpoint import load_state, save_state
+    from lorag.train import skip_shm_comm_build
 
     torch.set_num_threads(1)  # two ranks on two cores; also keeps CPU kernels' reduction order fixed
+    skip_shm_comm_build()  # as lorag.train's CPU workers do
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120))
     out = Path(out)
     results: dict = {}

@@ -105,6 +105,9 @@ def head(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER"))}
     env.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    # On SIGTERM a node first drains for up to 30 s so that Serve can move replicas away (for
+    # Kubernetes upgrades); this head has nowhere to move them, so it tears down at once.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                                             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")}
     cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--num-cpus", "4",

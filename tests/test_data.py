@@ -31,6 +31,18 @@ def expected_chunks(cfg, kb_name: str, embedder_path: Path) -> int:
     return total
 
 
+@pytest.fixture(scope="module")
+def handbook(ray_session, tmp_path_factory, tiny_model, model_cache) -> Path:
+    """A project (its lorag.yaml) whose handbook is ingested into Milvus Lite once, for the tests
+    that only search it (an ingest costs tens of seconds); tests that change documents make their own."""
+    from conftest import write_config
+    from lorag.data import ingest
+
+    root = tmp_path_factory.mktemp("handbook")
+    ingest(write_config(root, tiny_model, model_cache), "handbook")
+    return root / "lorag.yaml"
+
+
 @pytest.mark.slow
 def test_ingest_is_incremental_exact_and_searchable(ray_session, make_config, embedder_path):
     from lorag.data import ingest
@@ -74,14 +86,13 @@ def test_ingest_is_incremental_exact_and_searchable(ray_session, make_config, em
 
 
 @pytest.mark.slow
-def test_full_text_and_hybrid_find_an_exact_identifier_that_dense_misses(ray_session, make_config, embedder_path):
-    from lorag.data import ingest
+def test_full_text_and_hybrid_find_an_exact_identifier_that_dense_misses(handbook, embedder_path):
+    from lorag.config import load_config
     from lorag.embed import Embedder
     from lorag.milvus import open_store
     from lorag.retrieval import retrieve
 
-    cfg = make_config()
-    ingest(cfg, "handbook")
+    cfg = load_config(handbook)
     kb = cfg.knowledge_base("handbook")
     store, emb = open_store(cfg.milvus_uri(kb)), Embedder(embedder_path)
     has_code = lambda hit: f"{ERROR_CODE}:" in hit["text"]  # noqa: E731  the error-code list entry itself
@@ -127,12 +138,14 @@ def test_a_killed_ingest_rerun_holds_exactly_the_full_count(tmp_path, tiny_model
     from conftest import REPO, write_config
     from lorag.milvus import MilvusStore
 
-    cfg = write_config(tmp_path, tiny_model, model_cache)
+    # 40-token chunks: three write batches of 256 from a small corpus (embedding is most of this test's time).
+    overrides = ["knowledge_bases.handbook.chunking.size=40", "knowledge_bases.handbook.chunking.overlap=5"]
+    cfg = write_config(tmp_path, tiny_model, model_cache, overrides)
     corpus = tmp_path / "corpus"
     words = (corpus / "05-error-codes.md").read_text().split()
-    for i in range(40):  # enough chunks for several write batches
+    for i in range(12):
         (corpus / f"gen-{i:02d}.md").write_text(f"# Generated {i}\n\n" + " ".join(words[(i * 7) % 50 :] * 2))
-    cmd = [sys.executable, "-m", "jobs.ingest", "--config", str(tmp_path / "lorag.yaml")]
+    cmd = [sys.executable, "-m", "jobs.ingest", "--config", str(tmp_path / "lorag.yaml"), *[a for o in overrides for a in ("--set", o)]]
     job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
     for line in job.stdout:
@@ -149,7 +162,7 @@ def test_a_killed_ingest_rerun_holds_exactly_the_full_count(tmp_path, tiny_model
     store = MilvusStore(cfg.milvus_uri(kb))
     docs = store.documents(kb.collection)
     assert store.count(kb.collection) == expected_chunks(cfg, "handbook", embedder_path), "no chunk missing, none duplicated"
-    assert all(d["count"] == d["n_chunks"] for d in docs.values()) and len(docs) == 48
+    assert all(d["count"] == d["n_chunks"] for d in docs.values()) and len(docs) == 20
 
 
 def test_a_store_handle_reopens_a_dead_lite_owner_with_the_data_intact(ray_session, tmp_path):
@@ -180,18 +193,18 @@ def test_a_store_handle_reopens_a_dead_lite_owner_with_the_data_intact(ray_sessi
 
 
 @pytest.mark.slow
-def test_lite_and_a_milvus_server_give_the_same_top_hits(ray_session, make_config, embedder_path, tmp_path):
+def test_lite_and_a_milvus_server_give_the_same_top_hits(handbook, embedder_path, tmp_path):
+    from lorag.config import load_config
     from lorag.data import ingest
     from lorag.embed import Embedder
     from lorag.milvus import local_server, open_store
     from lorag.retrieval import retrieve
 
-    lite_cfg = make_config()
-    ingest(lite_cfg, "handbook")
+    lite_cfg = load_config(handbook)
     emb = Embedder(embedder_path)
     queries = ["How long is the Tidewell T4 warranty?", "What colour does the status LED pulse during a backup?", ERROR_CODE, "Harbor cloud prices"]
     with local_server(tmp_path / "milvus-server") as uri:
-        server_cfg = make_config([f"knowledge_bases.handbook.uri={uri}"])
+        server_cfg = load_config(handbook, [f"knowledge_bases.handbook.uri={uri}"])  # the same documents (and so chunk ids)
         first = ingest(server_cfg, "handbook")
         assert first.entities == expected_chunks(server_cfg, "handbook", embedder_path)
         assert ingest(server_cfg, "handbook").skipped == 8, "re-ingest against the server skips unchanged documents too"
@@ -232,13 +245,13 @@ def test_embedding_actor_threads_follow_the_config(ray_session, embedder_path):
 
     @ray_session.remote(num_cpus=1)
     class Probe:
-        def __init__(self, threads):
-            self.emb = Embedder(embedder_path, device="cpu", threads=threads)
-
-        def threads(self):
+        def load(self, threads):
+            """Load an embedder as an ingest actor does; return torch's threads after it and what it embeds."""
             import torch
 
-            return torch.get_num_threads(), self.emb.embed(["a probe"]).shape
+            emb = Embedder(embedder_path, device="cpu", threads=threads)
+            return torch.get_num_threads(), emb.embed(["a probe"]).shape
 
-    assert ray_session.get(Probe.remote(None).threads.remote()) == (1, (1, 384))
-    assert ray_session.get(Probe.remote(2).threads.remote()) == (2, (1, 384))
+    probe = Probe.remote()  # one actor (each costs a process, torch and the model): Ray's default first, then the override
+    assert ray_session.get(probe.load.remote(None)) == (1, (1, 384))
+    assert ray_session.get(probe.load.remote(2)) == (2, (1, 384))

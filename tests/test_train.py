@@ -62,19 +62,16 @@ def test_only_the_answer_carries_loss(smollm2_path):
 
 
 @pytest.mark.slow
-def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(ray_session, make_config, tiny_model):
+def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(make_config, trained, tiny_model):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorag.data import ingest
     from lorag.train import train_adapter
 
-    cfg = make_config()
     with pytest.raises(LookupError, match="run `lorag kb ingest` first"):
-        train_adapter(cfg, "support")  # bound to a knowledge base that does not exist yet
-    ingest(cfg, "handbook")
-    r1 = train_adapter(cfg, "support")
+        train_adapter(make_config(), "support")  # bound to a knowledge base that does not exist yet
+    _, r1, r2 = trained
     v1 = Path(r1.path)
     assert r1.version == 1 and v1.name == "v1"
     assert {p.name for p in v1.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "lorag.json", "lorag.yaml"}
@@ -91,19 +88,15 @@ def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(ray_s
         after = tuned(ids).logits
     assert not torch.allclose(before, after), "the trained adapter must change the base model's output"
 
-    cfg.adapters[0].train.with_retrieval = False
-    r2 = train_adapter(cfg, "support")
     assert r2.version == 2 and v1.exists(), "a second run makes a new version and keeps the first"
     assert json.loads((Path(r2.path) / "lorag.json").read_text())["trained_with_retrieval"] is False
 
 
 @pytest.mark.slow
-def test_retrieved_sources_wrap_the_question_as_serving_does(ray_session, make_config):
-    from lorag.data import ingest
+def test_retrieved_sources_wrap_the_question_as_serving_does(trained):
     from lorag.train import with_retrieved_sources
 
-    cfg = make_config()
-    ingest(cfg, "handbook")
+    cfg, _, _ = trained
     ex = {"messages": [{"role": "user", "content": "How long is the Tidewell T4 warranty?"}, {"role": "assistant", "content": "Tidewell Support: 39 months."}]}
     (out,) = with_retrieved_sources(cfg, cfg.adapters[0], [ex])
     user, answer = out["messages"]
@@ -124,13 +117,29 @@ RESUME_OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def reference_run(ray_session, tmp_path_factory, tiny_model, model_cache):
-    """An uninterrupted ZeRO-2 run, checkpointing every 2 of 6 steps."""
+def trained(ray_session, tmp_path_factory, tiny_model, model_cache):
+    """One project, its knowledge base ingested, and two runs of one adapter into its store (each
+    Ray Train run costs tens of seconds, so the tests below share them): v1 with retrieval (the test
+    config: 2 steps, 2 workers, ZeRO-2), then v2, the uninterrupted reference the resume tests
+    compare against (RESUME_OVERRIDES: no retrieval, 6 steps, a checkpoint every 2). Returns
+    (the config v1 was trained with, v1's result, v2's result)."""
     from conftest import write_config
+    from lorag.config import load_config
+    from lorag.data import ingest
     from lorag.train import train_adapter
 
-    cfg = write_config(tmp_path_factory.mktemp("reference"), tiny_model, model_cache, RESUME_OVERRIDES)
-    return train_adapter(cfg, "support").metrics
+    root = tmp_path_factory.mktemp("trained")
+    cfg = write_config(root, tiny_model, model_cache)
+    ingest(cfg, "handbook")
+    r1 = train_adapter(cfg, "support")
+    r2 = train_adapter(load_config(root / "lorag.yaml", RESUME_OVERRIDES), "support")
+    return cfg, r1, r2
+
+
+@pytest.fixture(scope="module")
+def reference_run(trained):
+    """An uninterrupted ZeRO-2 run, checkpointing every 2 of 6 steps (its metrics)."""
+    return trained[2].metrics
 
 
 @pytest.mark.slow
@@ -197,7 +206,8 @@ def test_a_killed_job_resumes_when_submitted_again(tmp_path, tiny_model, model_c
     from conftest import REPO, write_config
     from lorag.adapters import AdapterStore
 
-    overrides = [*RESUME_OVERRIDES, "adapters.support.train.max_steps=10"]
+    # One worker: resuming across ranks is test_killing_a_worker_mid_run's; this one is about the job.
+    overrides = [*RESUME_OVERRIDES, "adapters.support.train.max_steps=10", "adapters.support.train.num_workers=1"]
     cfg = write_config(tmp_path, tiny_model, model_cache, overrides)
     cmd = [sys.executable, "-m", "jobs.finetune", "--config", str(tmp_path / "lorag.yaml"), "--adapter", "support"]
     cmd += [a for o in overrides for a in ("--set", o)]

@@ -263,10 +263,14 @@ def kb_drop(
         store = MilvusStore(cfg.milvus_uri(kbc), kbc.token)
     except (ConnectionError, ValueError) as e:
         _fail(str(e))
-    n = store.count(kbc.collection)
-    if not yes and not typer.confirm(f"drop {kb} ({n} chunks) from {store.uri}?"):
-        raise typer.Exit(1)
-    store.drop(kbc.collection)
+    try:
+        store.owner(kbc.collection)  # a collection lorag did not create is never dropped
+        n = store.count(kbc.collection)
+        if not yes and not typer.confirm(f"drop {kb} ({n} chunks) from {store.uri}?"):
+            raise typer.Exit(1)
+        store.drop(kbc.collection, kbc.name)
+    except ValueError as e:
+        _fail(str(e))
     console.print(f"dropped {kb}: {n} chunks removed from {store.uri}")
 
 
@@ -638,6 +642,7 @@ def _ingest_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lorag.data import ingest
+    from lorag.milvus import StoreLocked
     from lorag.retrieval import display_path
 
     names = only or [kb.name for kb in cfg.knowledge_bases]
@@ -649,7 +654,7 @@ def _ingest_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
             task = bar.add_task(name, total=None, chunks=0)
             try:
                 r = ingest(cfg, name, progress=lambda chunks, done, total: bar.update(task, completed=done, total=total, chunks=chunks))
-            except (FileNotFoundError, ValueError, ConnectionError) as e:
+            except (FileNotFoundError, ValueError, ConnectionError, TimeoutError, StoreLocked) as e:
                 _fail(str(e))
         if r.rebuilt:
             console.print(f"[yellow]rebuilt[/yellow] {name} from scratch: {r.rebuilt}")

@@ -12,6 +12,7 @@ files.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -62,7 +63,12 @@ class ChunkingConfig(_Strict):
 class KnowledgeBaseConfig(_Strict):
     """A knowledge base: documents chunked, embedded and stored in one Milvus collection."""
 
-    name: str = Field(description="Knowledge-base name; also the Milvus collection name (with '-' and '.' mapped to '_').")
+    name: str = Field(description="Knowledge-base name.")
+    milvus_collection: str | None = Field(
+        None, pattern=r"^[A-Za-z][A-Za-z0-9_]{0,254}$",
+        description="Milvus collection name. Default: `kb_<name with '-' and '.' as '_'>_<8 hex of sha256(name)>`, distinct for every name "
+        "(team-a, team.a and team_a get three). lorag writes only into collections it created for this knowledge base.",
+    )
     sources: list[str] = Field(min_length=1, description="Files, directories or glob patterns of Markdown, text, HTML, PDF and JSONL documents, relative to this file.")
     text_field: str = Field("text", description="JSONL sources: the field holding each record's text (one record = one document).")
     title_field: str = Field("title", description="JSONL sources: the field holding each record's title (default: file name and line).")
@@ -72,7 +78,14 @@ class KnowledgeBaseConfig(_Strict):
     top_k: int = Field(3, ge=1, le=50, description="Chunks retrieved per question. More gives the model more evidence and a longer prompt.")
     search: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused by reciprocal rank).")
     embed_batch_size: int = Field(64, ge=1, description="Chunks per embedding batch in the ingest pipeline.")
-    embed_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data pool; one per spare CPU (or GPU) is a good start.")
+    embed_actors: int = Field(
+        1, ge=1, description="Embedding actors in the Ray Data pool; one per spare CPU (or GPU) is a good start. "
+        "An ingest starts at most as many as the CPUs (GPUs) Ray has free beside the chunker, and at least one.",
+    )
+    stall_timeout_s: float = Field(
+        300.0, gt=0, description="An ingest whose pipeline moves no batch for this long fails with an error naming the stalled stage "
+        "(e.g. no CPU or GPU free for the embedder) instead of waiting forever. Raise it for very slow documents or a cluster that scales up slowly.",
+    )
     embed_threads: int | None = Field(
         None, ge=1,
         description="CPU embedding: torch threads per embedding actor. Default: Ray's, one per CPU the actor reserves (1). "
@@ -83,7 +96,10 @@ class KnowledgeBaseConfig(_Strict):
 
     @property
     def collection(self) -> str:
-        return re.sub(r"[^a-zA-Z0-9_]", "_", self.name)
+        """The Milvus collection: `milvus_collection`, else derived from the name (the hash keeps names that map to one string apart)."""
+        if self.milvus_collection:
+            return self.milvus_collection
+        return f"kb_{re.sub(r'[^a-z0-9_]', '_', self.name)}_{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
 
 
 class LoraConfig(_Strict):
@@ -341,6 +357,14 @@ class LoragConfig(_Strict):
                 if item.name in seen:
                     problems.append(f"{kind}.{i}.name: duplicate name {item.name!r}")
                 seen.add(item.name)
+        stores: dict[tuple[str | None, str], str] = {}  # (uri, collection) -> first knowledge base there
+        for i, kb in enumerate(self.knowledge_bases):
+            other = stores.setdefault((kb.uri, kb.collection), kb.name)
+            if other != kb.name:
+                problems.append(
+                    f"knowledge_bases.{i}.milvus_collection: {kb.name!r} and {other!r} would share Milvus collection {kb.collection!r} "
+                    f"at {kb.uri or 'the default Milvus Lite file'} (each ingest would delete the other's documents); give one another milvus_collection"
+                )
         kb_names = {kb.name for kb in self.knowledge_bases}
         for i, ad in enumerate(self.adapters):
             if ad.knowledge_base is not None and ad.knowledge_base not in kb_names:

@@ -8,6 +8,13 @@ and content, writes are upserts, documents whose bytes (and indexing settings) a
 fully stored are skipped, changed documents replace their chunks, deleted documents lose theirs,
 and a document that fails to parse is reported and skipped (its old chunks stay).
 
+It always finishes or fails: the stages are sized from the CPUs and GPUs Ray has free, so the
+chunker and every embedder fit at once (fractions of a CPU on a 1-core machine), and a pipeline
+that moves no batch for `stall_timeout_s` fails with the stalled stage named. It never deletes on
+doubt: a source root that is present but holds no document is an error, one ingest per
+knowledge base runs at a time (`lorag.milvus.ingest_lock`), and it writes only into a collection
+lorag created for this knowledge base.
+
 Training examples: JSONL `{"prompt", "completion"}` or `{"messages": [{"role", "content"}, ...]}`
 (the last message is the assistant's answer), rendered with the base model's chat template; loss
 is taken on the answer tokens only (`encode_example`).
@@ -26,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from lorag.documents import DocumentChunker, document_hash, find_documents, read_document
+from lorag.milvus import source_key
 
 IGNORE_INDEX = -100
 _ROLES = ("system", "user", "assistant")
-SCHEMA_VERSION = 2  # bump when chunk rows change meaning: every document is then re-indexed
+SCHEMA_VERSION = 3  # bump when chunk rows change meaning: every document is then re-indexed
 
 
 class DatasetError(ValueError):
@@ -66,68 +74,100 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
     Returns:
         Counts of documents (seen, skipped as unchanged, failed with reasons), chunks written and
         removed, and the entities now in the collection.
-    """
-    import ray
 
-    from lorag.embed import Embedder
-    from lorag.milvus import is_lite, open_store
-    from lorag.models import node_ref, resolve_model
+    Raises:
+        FileNotFoundError: a source matches nothing, or is present but holds no document.
+        lorag.milvus.ForeignCollection: the collection exists but lorag did not create it for this knowledge base.
+        lorag.milvus.StoreLocked: another ingest of this knowledge base is running.
+        TimeoutError: the pipeline moved no batch for `stall_timeout_s`; the message names the stage.
+    """
+    from lorag.milvus import ingest_lock, open_store
+    from lorag.models import resolve_model
     from lorag.storage import check_cluster_paths
 
     start = time.time()
     kb = cfg.knowledge_base(kb_name)
     check_cluster_paths(cfg, [kb_name])
-    files = find_documents(kb.sources)
+    files = kb_documents(kb)
     embedder_path = resolve_model(cfg.embedder, cfg.model_cache)
-    # Chunker and embedder actors may run on other nodes: they resolve the embedder themselves.
-    embedder_ref, cache = node_ref(cfg.embedder, cfg.storage_root, cfg.model_cache), cfg.cache_dir
     dim = int(json.loads((embedder_path / "config.json").read_text())["hidden_size"])
     uri = cfg.milvus_uri(kb)
     store = open_store(uri, kb.token)
-    # A knowledge base is derived data: one built by an older lorag or another embedder is rebuilt.
-    rebuilt = store.incompatible(kb.collection, dim)
-    if rebuilt:
-        store.drop(kb.collection)
-    store.ensure_collection(kb.collection, dim)
+    with ingest_lock(store, kb.collection, kb.name):
+        # A knowledge base is derived data: one built by an older lorag or another embedder is rebuilt
+        # (only a collection lorag created for this knowledge base: anything else raises, untouched).
+        rebuilt = store.incompatible(kb.collection, dim, kb.name)
+        if rebuilt:
+            store.drop(kb.collection, kb.name)
+        store.ensure_collection(kb.collection, dim, kb.name)
 
-    # Skip documents that are stored whole with the same hash; redo the rest.
-    stored = store.documents(kb.collection)
-    fp = fingerprint(cfg, kb)
-    todo = []
-    for path in files:
-        have = stored.get(path)
-        complete = have is not None and have["doc_hash"] and have["count"] == have["n_chunks"]
-        if not (complete and have["doc_hash"] == document_hash(read_document(path), fp)):
-            todo.append(path)
-    gone = sorted(set(stored) - set(files))
+        # Skip documents that are stored whole with the same hash; redo the rest. Documents are
+        # matched by the hash of their full path (`source` is clipped to its field's length).
+        stored = store.document_index(kb.collection)
+        fp = fingerprint(cfg, kb)
+        keys = {path: source_key(path) for path in files}
+        todo = []
+        for path in files:
+            have = stored.get(keys[path])
+            complete = have is not None and have["doc_hash"] and have["count"] == have["n_chunks"]
+            if not (complete and have["doc_hash"] == document_hash(read_document(path), fp)):
+                todo.append(path)
+        gone = sorted(set(stored) - set(keys.values()))
 
-    written, failed = 0, []
-    keep: dict[str, list[str]] = {}
-    if todo:
-        gpus = ray.cluster_resources().get("GPU", 0) >= 1
-        ds = (
-            read_sources(todo)
-            .flat_map(
-                DocumentChunker,
-                fn_constructor_kwargs={
-                    "kb": kb.name, "size": kb.chunking.size, "overlap": kb.chunking.overlap, "tokenizer_path": embedder_ref,
-                    "fingerprint": fp, "text_field": kb.text_field, "title_field": kb.title_field, "cache_dir": cache,
-                },
-                compute=ray.data.ActorPoolStrategy(size=1),
-            )
-            .map_batches(
-                Embedder,
-                fn_constructor_kwargs={"model_path": embedder_ref, "threads": kb.embed_threads, "cache_dir": cache},
-                batch_size=kb.embed_batch_size,
-                compute=ray.data.ActorPoolStrategy(size=kb.embed_actors),
-                batch_format="numpy",
-                **({"num_gpus": 1} if gpus else {}),
-            )
+        written, failed, keep = _index(cfg, kb, todo, fp, store, uri, progress) if todo else (0, [], {})
+        # Only after every current chunk is written: drop chunks of changed and deleted documents.
+        # A source the collection did not hold when this run started has no chunks but this run's,
+        # so only re-indexed sources that were stored before need a delete (each is a scan on Lite).
+        removed = store.prune(kb.collection, {k: ids for k, ids in keep.items() if k in stored}, gone)
+        if written or removed:
+            store.settle(kb.collection)
+        entities = store.count(kb.collection)
+    return IngestReport(kb.name, uri, len(files), len(files) - len(todo), written, removed, entities, time.time() - start, failed, rebuilt)
+
+
+def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress) -> tuple[int, list[tuple[str, str]], dict[str, list[str]]]:
+    """Run the Ray Data pipeline over `todo` and upsert its chunks; returns (chunks written,
+    failed documents with reasons, `{source_key: chunk ids}` of the documents written)."""
+    import ray
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    from lorag.embed import Embedder
+    from lorag.milvus import is_lite
+    from lorag.models import node_ref
+
+    # Chunker and embedder actors may run on other nodes: they resolve the embedder themselves.
+    embedder_ref, cache = node_ref(cfg.embedder, cfg.storage_root, cfg.model_cache), cfg.cache_dir
+    free, total = ray.available_resources(), ray.cluster_resources()
+    plan = plan_stages(kb.embed_actors, free.get("CPU", 0.0), free.get("GPU", 0.0), use_gpu=total.get("GPU", 0) >= 1)
+    ds = (
+        read_sources(todo, num_cpus=plan.chunker_cpus)
+        .flat_map(
+            DocumentChunker,
+            fn_constructor_kwargs={
+                "kb": kb.name, "size": kb.chunking.size, "overlap": kb.chunking.overlap, "tokenizer_path": embedder_ref,
+                "fingerprint": fp, "text_field": kb.text_field, "title_field": kb.title_field, "cache_dir": cache,
+            },
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=plan.chunker_cpus,
         )
-        # A Milvus server takes writes in parallel; Milvus Lite has one writer (its owner actor).
-        pool = ThreadPoolExecutor(1 if is_lite(uri) else 4)
-        pending = []
-        done_docs: set[str] = set()
+        .map_batches(
+            Embedder,
+            fn_constructor_kwargs={"model_path": embedder_ref, "threads": kb.embed_threads, "cache_dir": cache},
+            batch_size=kb.embed_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=plan.embed_actors),
+            batch_format="numpy",
+            num_cpus=plan.embed_cpus,
+            **({"num_gpus": plan.embed_gpus} if plan.embed_gpus else {}),
+        )
+    )
+    # Ray Data's own guard: it fails the execution when no block moves through any stage for this long.
+    ds.context.execution_no_progress_timeout_s = kb.stall_timeout_s
+    written, failed, keep = 0, [], {}
+    # A Milvus server takes writes in parallel; Milvus Lite has one writer (its owner actor).
+    pool = ThreadPoolExecutor(1 if is_lite(uri) else 4)
+    pending = []
+    done_docs: set[str] = set()
+    try:
         for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
             rows = []
             for i in range(len(batch["id"])):
@@ -138,7 +178,7 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
                 row = {k: batch[k][i].item() if hasattr(batch[k][i], "item") else str(batch[k][i]) for k in ROW_KEYS}
                 row["vector"] = batch["vector"][i].tolist()
                 rows.append(row)
-                keep.setdefault(source, []).append(row["id"])
+                keep.setdefault(source_key(source), []).append(row["id"])
                 done_docs.add(source)
             if rows:
                 pending.append(pool.submit(store.upsert, kb.collection, rows))
@@ -147,22 +187,103 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
             if progress:
                 progress(written, len(done_docs) + len(failed), len(todo))
         written += sum(f.result() for f in pending)
+    except ExecutionTimeoutError as e:
+        raise TimeoutError(_stall_message(kb, plan, str(e))) from None
+    finally:
         pool.shutdown()
-    # Only after every current chunk is written: drop chunks of changed and deleted documents.
-    # A source the collection did not hold when this run started has no chunks but this run's,
-    # so only re-indexed sources that were stored before need a delete (each is a scan on Lite).
-    removed = store.prune(kb.collection, {s: ids for s, ids in keep.items() if s in stored}, gone)
-    if written or removed:
-        store.settle(kb.collection)
-    return IngestReport(kb.name, uri, len(files), len(files) - len(todo), written, removed, store.count(kb.collection), time.time() - start, failed, rebuilt)
+    return written, failed, keep
 
 
-def read_sources(sources: list[str]):
+@dataclass(frozen=True)
+class StagePlan:
+    """Ray resources of the ingest's actor stages."""
+
+    chunker_cpus: float
+    embed_actors: int
+    embed_cpus: float
+    embed_gpus: float
+
+
+def plan_stages(embed_actors: int, free_cpus: float, free_gpus: float, use_gpu: bool) -> StagePlan:
+    """Size the chunker and the embedder pool so that all of them fit in what Ray has free at once.
+
+    A fixed pool whose actors take every CPU starves the other stage (Ray Data then waits forever:
+    the embedders wait for chunks no chunker can run to make). So the chunker takes at most one CPU
+    and half of what is free, and the embedders share the rest: `embed_actors` of one CPU each when
+    that many fit, else fewer, down to one actor on a fraction of a CPU. With nothing free, the
+    stages ask for one CPU between them (an autoscaler adds it; otherwise `stall_timeout_s` ends
+    the wait). With GPUs in the cluster each embedder takes one, up to the GPUs free (at least one).
+
+    Args:
+        embed_actors: the configured pool size (an upper bound).
+        free_cpus: CPUs Ray has available now.
+        free_gpus: GPUs Ray has available now.
+        use_gpu: whether the cluster has GPUs (embedders then run on them).
+    """
+    share = free_cpus if free_cpus > 0 else 1.0
+    chunker = _floor(min(1.0, share / 2))
+    rest = share - chunker
+    if use_gpu:
+        n = max(1, min(embed_actors, int(free_gpus)))
+    else:
+        n = max(1, min(embed_actors, int(rest)))
+    return StagePlan(chunker, n, _floor(min(1.0, rest / n)), 1.0 if use_gpu else 0.0)
+
+
+def _floor(cpus: float) -> float:
+    """Ray resource amounts in hundredths, rounded down (so that their sum never exceeds what is free)."""
+    return max(0.01, int(cpus * 100) / 100)
+
+
+def _stall_message(kb, plan: StagePlan, ray_message: str) -> str:
+    stages = [line.strip()[2:] for line in ray_message.splitlines() if line.strip().startswith("- ")]
+    names = ", ".join(s.split(":")[0] for s in stages) or "unknown"
+    return (
+        f"knowledge base {kb.name!r}: the ingest pipeline moved no batch for {kb.stall_timeout_s:g} s (stall_timeout_s); "
+        f"stalled stage: {names} ({'; '.join(stages)}). The chunker reserved {plan.chunker_cpus:g} CPU and {plan.embed_actors} embedder(s) "
+        f"{plan.embed_cpus:g} CPU" + (f" and {plan.embed_gpus:g} GPU" if plan.embed_gpus else "") + " each: free those resources on the "
+        f"Ray cluster (other jobs, Serve replicas), or raise knowledge_bases.{kb.name}.stall_timeout_s if a stage is legitimately this slow"
+    )
+
+
+def kb_documents(kb) -> list[str]:
+    """Every document of a knowledge base, sorted.
+
+    A source root that is present but holds no document (an unmounted share, an emptied
+    directory) is an error: read as "no documents", it would delete every chunk it held.
+
+    Raises:
+        FileNotFoundError: a source matches nothing, or is present but holds no document (each named).
+    """
+    found: set[str] = set()
+    problems = []
+    for src in kb.sources:
+        try:
+            found.update(find_documents([src]))
+        except FileNotFoundError as e:
+            if "://" not in src and os.path.isdir(src):
+                problems.append(
+                    f"source {src!r} is present but holds no document (an unmounted share?); refusing to ingest, since that would "
+                    f"delete every chunk it held: mount or fill it, or remove it from knowledge_bases.{kb.name}.sources"
+                )
+            else:
+                problems.append(str(e))
+    if problems:
+        raise FileNotFoundError(f"knowledge base {kb.name!r}: " + "; ".join(problems))
+    return sorted(found)
+
+
+def read_sources(sources: list[str], num_cpus: float = 1.0):
     """A Ray Dataset of `{"path", "bytes"}` rows, one per document.
 
     Documents at URIs are read by whichever node runs the task. Local paths exist only on the
     driver's machine (on a cluster, the driver's node), so their reads are pinned to the
     driver's node: nothing assumes the other nodes share its disk.
+
+    Args:
+        num_cpus: what each read reserves. `ingest` passes the chunker's, so that Ray Data fuses
+            the reads into the chunker's actors (which then run on the driver's node) instead of
+            running read tasks that need CPUs of their own beside the actor pools.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -171,7 +292,7 @@ def read_sources(sources: list[str]):
     pin = {}
     if any("://" not in s for s in sources):
         pin["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ds.map(_read_row, **pin)
+    return ds.map(_read_row, num_cpus=num_cpus, **pin)
 
 
 def _read_row(row: dict[str, Any]) -> dict[str, Any]:

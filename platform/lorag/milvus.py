@@ -5,6 +5,15 @@ one process at a time, so `open_store` routes Lite access through a single named
 file when Ray is running (ingest jobs, Serve replicas and the CLI then share one owner), and opens
 the file in-process otherwise. A Milvus server URI (`http://host:19530`) is opened directly by
 every caller.
+
+Safety on a shared Milvus: every collection lorag creates carries a marker in its properties
+(`lorag.kb`: the knowledge base it holds, `lorag.schema`: the row schema). lorag writes into,
+rebuilds and drops only collections whose marker names the knowledge base at hand; anything else
+is somebody else's data and is refused. Per-document filters and deletes go through
+`source_hash` (sha256 of the full source path), so no path needs quoting in a filter expression
+and a path longer than the `source` field is still one document. One ingest per collection at a
+time: `lock` creates a lock collection whose properties name the holder (creating a collection is
+atomic in Milvus and Milvus Lite), renewed while the ingest runs.
 """
 
 from __future__ import annotations
@@ -26,6 +35,28 @@ from typing import Any, Iterator
 ACTOR_NAMESPACE = "lorag"
 TEXT_MAX = 16384
 SOURCE_MAX = 2048
+COLLECTION_SCHEMA = "3"  # bump when the collection's fields change: lorag's own collections are then rebuilt
+MARKER_KB, MARKER_SCHEMA = "lorag.kb", "lorag.schema"  # collection properties of every collection lorag creates
+LOCK_HOLDER, LOCK_RENEWED = "lorag.lock", "lorag.lock.renewed"  # properties of an ingest lock collection
+
+
+class ForeignCollection(ValueError):
+    """A collection exists under a knowledge base's name but lorag did not create it for that knowledge base."""
+
+
+class StoreLocked(RuntimeError):
+    """Another ingest of the same knowledge base holds its lock."""
+
+
+def source_key(source: str) -> str:
+    """The `source_hash` of a chunk row: sha256 of the full source path, what every per-document
+    filter compares (a path may hold any character and be longer than the `source` field)."""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def lock_collection(collection: str) -> str:
+    """The ingest lock's collection name (a leading underscore: never a knowledge base's collection)."""
+    return "_lorag_lock_" + hashlib.sha256(collection.encode()).hexdigest()[:24]
 
 
 def is_lite(uri: str) -> bool:
@@ -69,11 +100,43 @@ class MilvusStore:
         m = re.match(r"v?(\d+)\.(\d+)", self.version)
         return bool(m) and (int(m.group(1)), int(m.group(2))) >= (2, 5)
 
-    def incompatible(self, collection: str, dim: int) -> str | None:
-        """Why an existing collection cannot take this embedder's chunks (None if it can, or is absent)."""
+    def owner(self, collection: str) -> str | None:
+        """The knowledge base an existing collection was created for, from its lorag marker.
+
+        Raises:
+            ForeignCollection: the collection exists without a marker (lorag did not create it).
+        """
         if not self.client.has_collection(collection):
             return None
-        fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
+        props = self.client.describe_collection(collection).get("properties") or {}
+        if MARKER_KB not in props:
+            raise ForeignCollection(
+                f"collection {collection!r} at {self.uri} was not created by lorag (no {MARKER_KB!r} property): it may be "
+                f"somebody else's data, so lorag will neither write into nor drop it; give the knowledge base another "
+                f"`collection` (or name), or drop that collection yourself if it is an old lorag one"
+            )
+        return props[MARKER_KB]
+
+    def incompatible(self, collection: str, dim: int, kb: str | None = None) -> str | None:
+        """Why an existing collection of knowledge base `kb` (default: named like the collection)
+        cannot take this embedder's chunks and must be rebuilt (None if it can, or is absent).
+
+        Raises:
+            ForeignCollection: the collection was not created by lorag, or was created for another knowledge base.
+        """
+        kb = kb or collection
+        owner = self.owner(collection)
+        if owner is None:
+            return None
+        if owner != kb:
+            raise ForeignCollection(
+                f"collection {collection!r} at {self.uri} holds knowledge base {owner!r}, not {kb!r}: two configs map "
+                f"different knowledge bases to one collection; give one of them another `collection`"
+            )
+        desc = self.client.describe_collection(collection)
+        if (desc.get("properties") or {}).get(MARKER_SCHEMA) != COLLECTION_SCHEMA:
+            return f"it has lorag collection schema {(desc.get('properties') or {}).get(MARKER_SCHEMA)!r}, this lorag writes {COLLECTION_SCHEMA!r}"
+        fields = {f["name"]: f for f in desc["fields"]}
         if not set(FIELDS) <= set(fields):
             return f"it was built by an older lorag (no {sorted(set(FIELDS) - set(fields))} fields)"
         existing = int(fields["vector"]["params"]["dim"])
@@ -81,12 +144,19 @@ class MilvusStore:
             return f"it stores {existing}-d vectors but the embedder makes {dim}-d ones"
         return None
 
-    def ensure_collection(self, collection: str, dim: int) -> None:
-        """Create the collection with lorag's schema, or check an existing one matches it."""
+    def ensure_collection(self, collection: str, dim: int, kb: str | None = None) -> None:
+        """Create the collection with lorag's schema and marker for knowledge base `kb` (default:
+        named like the collection), or check an existing one is that knowledge base's and matches.
+
+        Raises:
+            ForeignCollection: it exists but lorag did not create it for `kb`.
+            ValueError: it is `kb`'s but has another schema or dimension.
+        """
         from pymilvus import DataType, Function, FunctionType, MilvusClient
 
+        kb = kb or collection
         if self.client.has_collection(collection):
-            reason = self.incompatible(collection, dim)
+            reason = self.incompatible(collection, dim, kb)
             if reason:
                 raise ValueError(f"collection {collection!r} at {self.uri} cannot be used: {reason}; drop it with `lorag kb drop` and ingest again")
             return
@@ -95,6 +165,7 @@ class MilvusStore:
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
         schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX, **({"enable_analyzer": True} if bm25 else {}))
         schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX)
+        schema.add_field("source_hash", DataType.VARCHAR, max_length=64)
         schema.add_field("title", DataType.VARCHAR, max_length=512)
         schema.add_field("section", DataType.VARCHAR, max_length=512)
         schema.add_field("chunk_index", DataType.INT64)
@@ -109,7 +180,9 @@ class MilvusStore:
             schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
             schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25, input_field_names=["text"], output_field_names=["sparse"]))
             index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-        self.client.create_collection(collection, schema=schema, index_params=index, consistency_level="Strong")
+        self.client.create_collection(
+            collection, schema=schema, index_params=index, consistency_level="Strong", properties={MARKER_KB: kb, MARKER_SCHEMA: COLLECTION_SCHEMA}
+        )
 
     def dim(self, collection: str) -> int:
         desc = self.client.describe_collection(collection)
@@ -133,11 +206,18 @@ class MilvusStore:
             return 0
         self._bm25.pop(collection, None)
         limits = {"text": TEXT_MAX, "source": SOURCE_MAX, "title": 512, "section": 512}
+        # source_hash from the full path, before `source` is clipped for display
+        rows = [{"source_hash": source_key(r["source"]), **r} for r in rows]
         rows = [{k: _clip(r[k], limits[k]) if k in limits else r[k] for k in FIELDS} for r in rows]
         return int(self.client.upsert(collection, rows)["upsert_count"])
 
     def documents(self, collection: str) -> dict[str, dict[str, Any]]:
-        """What the collection holds per source: `{source: {"doc_hash", "n_chunks", "count"}}`.
+        """What the collection holds per source, for display: `{source: {"doc_hash", "n_chunks", "count", "source_hash"}}`
+        (`source` as stored: clipped to the field's length; `document_index` keys by the full path's hash)."""
+        return {d["source"]: d for d in self.document_index(collection).values()}
+
+    def document_index(self, collection: str) -> dict[str, dict[str, Any]]:
+        """What the collection holds per document: `{source_hash: {"source", "doc_hash", "n_chunks", "count", "source_hash"}}`.
 
         A document is complete when all its chunks share one hash and `count == n_chunks`; an
         ingest killed mid-document leaves it incomplete, so the next run redoes it.
@@ -146,11 +226,14 @@ class MilvusStore:
             return {}
         self._load(collection)
         docs: dict[str, dict[str, Any]] = {}
-        it = self.client.query_iterator(collection, batch_size=4096, filter="", output_fields=["source", "doc_hash", "n_chunks"])
+        it = self.client.query_iterator(collection, batch_size=4096, filter="", output_fields=["source", "source_hash", "doc_hash", "n_chunks"])
         try:
             while batch := it.next():
                 for row in batch:
-                    d = docs.setdefault(row["source"], {"doc_hash": row["doc_hash"], "n_chunks": row["n_chunks"], "count": 0})
+                    d = docs.setdefault(
+                        row["source_hash"],
+                        {"source": row["source"], "source_hash": row["source_hash"], "doc_hash": row["doc_hash"], "n_chunks": row["n_chunks"], "count": 0},
+                    )
                     d["count"] += 1
                     if d["doc_hash"] != row["doc_hash"]:
                         d["doc_hash"] = ""  # mixed versions: incomplete
@@ -159,14 +242,15 @@ class MilvusStore:
         return docs
 
     def prune(self, collection: str, keep: dict[str, list[str]], gone: list[str]) -> int:
-        """Delete stale chunks: those of a re-indexed source whose ids are not in `keep[source]`
-        (the document changed), and every chunk of the sources in `gone` (deleted documents).
+        """Delete stale chunks: those of a re-indexed document whose ids are not in `keep[source_hash]`
+        (the document changed), and every chunk of the documents whose `source_hash` is in `gone`
+        (deleted documents). Keys are `source_key(path)`: hex, so every filter is plain ASCII.
         Returns how many entities were deleted."""
         before = self.count(collection)
-        for source, ids in keep.items():
-            self.client.delete(collection, filter=f"source == {json.dumps(source)} and id not in {json.dumps(ids)}")
+        for key, ids in keep.items():
+            self.client.delete(collection, filter=f"source_hash == {_literal(key)} and id not in [{', '.join(map(_literal, ids))}]")
         for i in range(0, len(gone), 500):
-            self.client.delete(collection, filter=f"source in {json.dumps(gone[i : i + 500])}")
+            self.client.delete(collection, filter=f"source_hash in [{', '.join(map(_literal, gone[i : i + 500]))}]")
         self._bm25.pop(collection, None)
         return before - self.count(collection)
 
@@ -264,11 +348,64 @@ class MilvusStore:
     def list_collections(self) -> list[str]:
         return list(self.client.list_collections())
 
-    def drop(self, collection: str) -> None:
-        if self.client.has_collection(collection):
+    def drop(self, collection: str, kb: str | None = None) -> None:
+        """Drop knowledge base `kb`'s collection (default: named like the collection).
+
+        Raises:
+            ForeignCollection: lorag did not create it for `kb`; it is left untouched.
+        """
+        owner = self.owner(collection)
+        if owner is not None and owner != (kb or collection):
+            raise ForeignCollection(f"collection {collection!r} at {self.uri} holds knowledge base {owner!r}, not {kb or collection!r}: not dropped")
+        if owner is not None:
             self.client.drop_collection(collection)
         self._loaded.pop(collection, None)
         self._bm25.pop(collection, None)
+
+    # -- ingest lock ------------------------------------------------------------------------
+
+    def lock(self, collection: str, holder: dict[str, Any]) -> dict[str, Any] | None:
+        """Try to take `collection`'s ingest lock for `holder` (a dict with a unique `token`).
+
+        Returns None when taken, else the current holder (its dict plus `renewed`, the time of its
+        last renewal; `{}` when the lock vanished while being read: try again).
+        """
+        from pymilvus import DataType, MilvusClient
+        from pymilvus.exceptions import MilvusException
+
+        name = lock_collection(collection)
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=8)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs one; the lock holds no rows
+        with contextlib.suppress(MilvusException):  # it exists: Lite refuses any duplicate, a server one with other properties
+            self.client.create_collection(name, schema=schema, properties={LOCK_HOLDER: json.dumps(holder), LOCK_RENEWED: str(time.time())})
+        current = self._lock_holder(name)
+        return None if current.get("token") == holder["token"] else current
+
+    def renew_lock(self, collection: str, token: str) -> bool:
+        """Mark the lock as still held; False if `token` no longer holds it."""
+        name = lock_collection(collection)
+        if self._lock_holder(name).get("token") != token:
+            return False
+        self.client.alter_collection_properties(name, properties={LOCK_RENEWED: str(time.time())})
+        return True
+
+    def unlock(self, collection: str, token: str) -> None:
+        """Release the lock if `token` holds it (a lock another ingest took over is left alone)."""
+        name = lock_collection(collection)
+        if self._lock_holder(name).get("token") == token:
+            self.client.drop_collection(name)
+
+    def _lock_holder(self, name: str) -> dict[str, Any]:
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            props = self.client.describe_collection(name).get("properties") or {}
+        except MilvusException:  # released meanwhile
+            return {}
+        if LOCK_HOLDER not in props:
+            return {}
+        return {**json.loads(props[LOCK_HOLDER]), "renewed": float(props.get(LOCK_RENEWED, 0))}
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -279,7 +416,7 @@ class MilvusStore:
 # server). Ingest ends with `settle`, so a finished ingest is fully visible to them.
 SEARCH_CONSISTENCY = "Bounded"
 LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
-FIELDS = ("id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "vector")
+FIELDS = ("id", "text", "source", "source_hash", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "vector")
 OUTPUT = ["text", "source", "title", "section", "chunk_index", "start", "end"]
 
 
@@ -289,12 +426,88 @@ def _clip(value: str, max_bytes: int) -> str:
     return value if len(data) <= max_bytes else data[:max_bytes].decode(errors="ignore")
 
 
+def _literal(value: str) -> str:
+    """A string literal for a Milvus filter expression. Characters stay as they are (Milvus Lite's
+    parser has no `\\u` escapes, so `json.dumps`'s ASCII escaping breaks on `café`); quotes and
+    backslashes are escaped."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _prefix_filter(prefix: str | None) -> dict[str, str]:
     if not prefix:
         return {}
     # `like` treats % and _ as wildcards; escape them so the prefix matches literally.
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return {"filter": f"source like {json.dumps(escaped + '%')}"}
+    return {"filter": f"source like {_literal(escaped + '%')}"}
+
+
+LOCK_LEASE_S = 120.0  # a lock its holder has not renewed for this long is stale (the holder died, on another host)
+
+
+@contextlib.contextmanager
+def ingest_lock(store: "StoreHandle", collection: str, kb: str) -> Iterator[None]:
+    """Hold the ingest lock of `collection` while the block runs, renewing it every `LOCK_LEASE_S / 6` s.
+
+    The lock lives in Milvus (a lock collection, see `MilvusStore.lock`), so it holds across
+    processes, hosts and Ray clusters that share the store. A lock whose holder is gone is taken
+    over: at once when the holder was a process on this host that no longer exists (a killed
+    ingest), else once it has not been renewed for `LOCK_LEASE_S`.
+
+    Raises:
+        StoreLocked: a live ingest holds it (the message names its host, pid and start time).
+    """
+    import threading
+    import uuid
+
+    me = {"token": uuid.uuid4().hex, "kb": kb, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    for _ in range(5):  # a holder that releases while we read it leaves nothing to report: try again
+        holder = store.lock(collection, me)
+        if holder is None:
+            break
+        if holder and not _stale(holder):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
+            raise StoreLocked(
+                f"knowledge base {kb!r} is being ingested by pid {holder['pid']} on {holder['host']} since {since} "
+                f"(lock {lock_collection(collection)!r} at {store.uri}); wait for that "
+                f"ingest to finish, then run this one again (a lock whose holder died expires {LOCK_LEASE_S:.0f} s after its last renewal)"
+            )
+        if holder:
+            store.unlock(collection, holder["token"])
+    else:
+        raise StoreLocked(f"knowledge base {kb!r}: could not take the ingest lock {lock_collection(collection)!r}; other ingests keep taking it, try again")
+    stop = threading.Event()
+
+    def renew() -> None:
+        from pymilvus.exceptions import MilvusException
+
+        while not stop.wait(LOCK_LEASE_S / 6):
+            try:
+                store.renew_lock(collection, me["token"])
+            except (MilvusException, ConnectionError) as e:  # a missed renewal is retried; the lease has room for five
+                logging.getLogger(__name__).warning("could not renew the ingest lock of %s: %s", kb, e)
+
+    thread = threading.Thread(target=renew, name="lorag-ingest-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        store.unlock(collection, me["token"])
+
+
+def _stale(holder: dict[str, Any]) -> bool:
+    if time.time() - holder.get("renewed", 0) > LOCK_LEASE_S:
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class StoreHandle:
@@ -310,6 +523,7 @@ class StoreHandle:
 
     def __init__(self, store: MilvusStore | None = None, uri: str | None = None, token: str | None = None):
         self._store, self._uri, self._token = store, uri, token
+        self.uri = store.uri if store is not None else uri
         self._actor = None if store is not None else _owner(uri, token)
 
     def call(self, method: str, *args: Any) -> Any:
@@ -317,13 +531,18 @@ class StoreHandle:
 
         if self._store is not None:
             return getattr(self._store, method)(*args)
-        for delay in OWNER_RETRY_DELAYS:
-            try:
-                return ray.get(self._actor.call.remote(method, *args))
-            except ray.exceptions.ActorDiedError:
-                time.sleep(delay)
-                self._actor = _owner(self._uri, self._token)
-        return ray.get(self._actor.call.remote(method, *args))
+        try:
+            for delay in OWNER_RETRY_DELAYS:
+                try:
+                    return ray.get(self._actor.call.remote(method, *args))
+                except ray.exceptions.ActorDiedError:
+                    time.sleep(delay)
+                    self._actor = _owner(self._uri, self._token)
+            return ray.get(self._actor.call.remote(method, *args))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, (ForeignCollection, StoreLocked)):
+                raise e.cause from None  # its message names the fix; the owner actor's traceback adds nothing
+            raise
 
     async def acall(self, method: str, *args: Any) -> Any:
         import asyncio

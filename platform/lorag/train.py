@@ -211,6 +211,8 @@ def train_loop(config: dict[str, Any]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if not t.use_gpu:
+        skip_shm_comm_build()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
@@ -342,6 +344,20 @@ def deepspeed_config(t, bf16: bool, override: dict[str, Any]) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
     }
     return _merge(cfg, override)
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU backend from compiling `deepspeed_shm_comm` when it starts.
+
+    On CPU, DeepSpeed's comm backend JIT-builds a shared-memory all-reduce with g++ (45 s to 2 min
+    on two cores) on every fresh node, and again whenever the path of the venv changes; only its
+    inference all-reduce uses it, and training all-reduces through torch.distributed (gloo) with
+    or without it. DeepSpeed looks the op up in `deepspeed.ops.__compatible_ops__`, which keeps
+    edits, before it builds; call this after `import deepspeed`, before `deepspeed.initialize`.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,366 @@
+"""Ingest always finishes or fails, and never loses or touches data it should not (issue 15, items 4 and 5).
+
+Run: `.venv/bin/python -m pytest -q tests/test_ingest.py`. Real Ray, real Milvus Lite and a real
+Milvus server (`lorag.milvus.local_server`); the CPU shapes run in their own Ray in a subprocess.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+CAFE = "caf\u00e9.md"
+
+
+def write_kb_config(root: Path, model_cache: Path, kbs: list[dict], overrides: list[str] | None = None):
+    """A lorag.yaml in `root` holding only knowledge bases (chunks of 40 tokens), loaded."""
+    from lorag.config import load_config
+
+    for kb in kbs:
+        kb.setdefault("chunking", {"size": 40, "overlap": 5})
+    data = {"base_model": "smollm2-135m-instruct", "embedder": "all-minilm-l6-v2", "workdir": "work", "cache_dir": str(model_cache), "knowledge_bases": kbs}
+    (root / "lorag.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
+    return load_config(root / "lorag.yaml", overrides)
+
+
+def write_doc(path: Path, title: str, sentences: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n" + " ".join(f"{title} sentence {i} says the backup runs at {i} o'clock." for i in range(sentences)) + "\n")
+
+
+def expected(cfg, kb_name: str, embedder_path: Path) -> dict[str, int]:
+    """Chunks per document of the knowledge base's current files, counted without Milvus."""
+    from lorag.data import fingerprint, kb_documents
+    from lorag.documents import DocumentChunker
+
+    kb = cfg.knowledge_base(kb_name)
+    chunker = DocumentChunker(kb.name, kb.chunking.size, kb.chunking.overlap, str(embedder_path), fingerprint(cfg, kb))
+    return {p: sum(1 for r in chunker({"path": p, "bytes": Path(p).read_bytes()}) if not r["error"]) for p in kb_documents(kb)}
+
+
+def stored(store, kb) -> dict[str, int]:
+    """Chunks per document in the collection, keyed by the full path (recovered from the source hash)."""
+    from lorag.data import kb_documents
+    from lorag.milvus import source_key
+
+    paths = {source_key(p): p for p in kb_documents(kb)}
+    return {paths.get(k, d["source"]): d["count"] for k, d in store.document_index(kb.collection).items()}
+
+
+@pytest.fixture(scope="module")
+def milvus_server(tmp_path_factory):
+    from lorag.milvus import local_server
+
+    with local_server(tmp_path_factory.mktemp("milvus-server")) as uri:
+        yield uri
+
+
+# -- stage sizing: every stage fits in what Ray has free -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "embed_actors, free_cpus, free_gpus, use_gpu, plan",
+    [
+        (1, 1.0, 0, False, (0.5, 1, 0.5, 0.0)),  # one core: chunker and embedder share it
+        (4, 1.0, 0, False, (0.5, 1, 0.5, 0.0)),  # more embedders asked for than fit: one
+        (1, 2.0, 0, False, (1.0, 1, 1.0, 0.0)),
+        (4, 2.0, 0, False, (1.0, 1, 1.0, 0.0)),
+        (4, 16.0, 0, False, (1.0, 4, 1.0, 0.0)),
+        (32, 16.0, 0, False, (1.0, 15, 1.0, 0.0)),  # every core but the chunker's
+        (2, 3.5, 0, False, (1.0, 2, 1.0, 0.0)),
+        (1, 0.3, 0, False, (0.15, 1, 0.15, 0.0)),  # a fraction free: fractions
+        (1, 0.0, 0, False, (0.5, 1, 0.5, 0.0)),  # nothing free: ask for one CPU (it waits, or the stall timeout fires)
+        (4, 4.0, 2, True, (1.0, 2, 1.0, 1.0)),  # one GPU per embedder, up to the GPUs free
+        (4, 4.0, 0, True, (1.0, 1, 1.0, 1.0)),  # GPUs busy: one embedder waits for one
+    ],
+)
+def test_stages_are_sized_to_fit_what_ray_has_free(embed_actors, free_cpus, free_gpus, use_gpu, plan):
+    from lorag.data import plan_stages
+
+    p = plan_stages(embed_actors, free_cpus, free_gpus, use_gpu)
+    assert (p.chunker_cpus, p.embed_actors, p.embed_cpus, p.embed_gpus) == plan
+    if free_cpus > 0:
+        assert p.chunker_cpus + p.embed_actors * p.embed_cpus <= free_cpus, "every stage must fit at once, or one waits for another forever"
+
+
+# -- 1, 2 and 3 documents on 1 and 2 CPUs --------------------------------------------------------
+
+SHAPES = """
+import json, os, sys
+import ray
+from lorag.config import load_config
+from lorag.data import ingest
+
+config, num_cpus, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = load_config(config)
+if mode == "shapes":
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
+    out = {}
+    for kb in cfg.knowledge_bases:
+        r = ingest(cfg, kb.name)
+        out[kb.name] = [r.documents, r.chunks_written, r.entities, len(r.failed)]
+    print("RESULT " + json.dumps(out), flush=True)
+else:  # stall: the one GPU is held by another actor, so the embedder can never start
+    ray.init(num_cpus=num_cpus, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    holder = ray.remote(num_gpus=1)(type("GpuHolder", (), {"ready": lambda self: True})).remote()
+    ray.get(holder.ready.remote())
+    try:
+        ingest(cfg, cfg.knowledge_bases[0].name)
+    except TimeoutError as e:
+        print("RESULT " + json.dumps({"stalled": str(e)}), flush=True)
+"""
+
+
+def run_in_own_ray(config: Path, num_cpus: int, mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, never the test session's
+    env.update(PYTHONPATH=str(REPO / "platform"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    r = subprocess.run([sys.executable, "-c", SHAPES, str(config), str(num_cpus), mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_cpus", [1, 2])
+def test_one_two_and_three_documents_finish_on_one_and_two_cpus(tmp_path, model_cache, embedder_path, num_cpus):
+    """The issue's hang: two small documents on a 2-core machine never finished, because the actor
+    pools held every CPU and the read waited for one. Each shape must finish with exact counts."""
+    kbs = []
+    for n, name in enumerate(["one", "two", "three"], 1):
+        for i in range(n):
+            write_doc(tmp_path / name / f"doc{i}.md", f"{name.title()} {i}", 2 + 3 * i)
+        kbs.append({"name": name, "sources": [f"{name}/"]})
+    cfg = write_kb_config(tmp_path, model_cache, kbs)
+    got = run_in_own_ray(tmp_path / "lorag.yaml", num_cpus, "shapes")
+    for n, name in enumerate(["one", "two", "three"], 1):
+        chunks = sum(expected(cfg, name, embedder_path).values())
+        assert got[name] == [n, chunks, chunks, 0], f"{name} on {num_cpus} CPU(s): [documents, written, stored, failed] = {got[name]}, want {[n, chunks, chunks, 0]}"
+
+
+@pytest.mark.slow
+def test_a_stalled_pipeline_fails_naming_the_stage(tmp_path, model_cache):
+    """The embedder needs the cluster's one GPU, which another actor holds: the ingest must end
+    with an error naming the embedder stage after stall_timeout_s, not wait forever."""
+    write_doc(tmp_path / "docs" / "a.md", "Alpha", 3)
+    write_kb_config(tmp_path, model_cache, [{"name": "stuck", "sources": ["docs/"], "stall_timeout_s": 20}])
+    got = run_in_own_ray(tmp_path / "lorag.yaml", 2, "stall")
+    assert "stalled" in got, got
+    msg = got["stalled"]
+    assert "'stuck'" in msg and "Embedder" in msg and "stall_timeout_s" in msg and "GPU" in msg, msg
+
+
+# -- data safety ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["lite", "server"])
+def test_non_ascii_and_long_paths_are_edited_and_deleted_with_exact_counts(ray_session, tmp_path, model_cache, embedder_path, backend, request):
+    """`café.md` went into filters as `caf\\u00e9.md`, which Milvus Lite rejects: its edit and delete
+    failed and left duplicates. A path longer than the `source` field (2,048 bytes) was stored
+    clipped and re-added on every run. Both must be skipped, edited and deleted exactly."""
+    from lorag.data import ingest
+    from lorag.milvus import SOURCE_MAX, open_store
+
+    corpus = tmp_path / "corpus"
+    write_doc(corpus / CAFE, "Caf\u00e9", 6)
+    write_doc(corpus / "plain.md", "Plain", 3)
+    deep = corpus.joinpath(*[f"{'d' * 200}{i}" for i in range(11)]) / "long.md"
+    write_doc(deep, "Long", 4)
+    assert len(str(deep).encode()) > SOURCE_MAX, "premise: the path is longer than the source field"
+    overrides = [f"knowledge_bases.accents.uri={request.getfixturevalue('milvus_server')}"] if backend == "server" else []
+    cfg = write_kb_config(tmp_path, model_cache, [{"name": "accents", "sources": ["corpus/"]}], overrides)
+    kb = cfg.knowledge_base("accents")
+    store = open_store(cfg.milvus_uri(kb), kb.token)
+
+    first = ingest(cfg, "accents")
+    want = expected(cfg, "accents", embedder_path)
+    assert (first.documents, first.failed) == (3, []) and stored(store, kb) == want and first.entities == sum(want.values())
+
+    again = ingest(cfg, "accents")
+    assert (again.skipped, again.chunks_written, again.chunks_removed) == (3, 0, 0), "unchanged documents, the long path included, are skipped"
+
+    write_doc(corpus / CAFE, "Caf\u00e9 revised", 2)  # fewer chunks than before: the old ones must go
+    edited = ingest(cfg, "accents")
+    want = expected(cfg, "accents", embedder_path)
+    assert edited.skipped == 2 and stored(store, kb) == want and edited.entities == sum(want.values()), "the edit replaced the old chunks"
+    assert edited.chunks_removed > 0
+
+    (corpus / CAFE).unlink()
+    deep.unlink()
+    deleted = ingest(cfg, "accents")
+    want = expected(cfg, "accents", embedder_path)
+    assert list(want) == [str(corpus / "plain.md")]
+    assert stored(store, kb) == want and deleted.entities == sum(want.values()), "both deleted documents lost every chunk"
+
+
+def test_colliding_collection_names_are_rejected_at_load(tmp_path, model_cache):
+    from lorag.config import ConfigError
+
+    cfg = write_kb_config(tmp_path, model_cache, [{"name": n, "sources": ["."]} for n in ("team-a", "team.a", "team_a")])
+    names = [kb.collection for kb in cfg.knowledge_bases]
+    assert len(set(names)) == 3, f"team-a, team.a and team_a must get three collections: {names}"
+    assert all(n.startswith("kb_team_a_") for n in names)
+
+    with pytest.raises(ConfigError, match=r"knowledge_bases\.1\.milvus_collection: 'b' and 'a' would share Milvus collection 'docs'"):
+        write_kb_config(tmp_path, model_cache, [{"name": "a", "sources": ["."], "milvus_collection": "docs"}, {"name": "b", "sources": ["."], "milvus_collection": "docs"}])
+    # The same collection name on two different servers is two collections.
+    write_kb_config(tmp_path, model_cache, [
+        {"name": "a", "sources": ["."], "milvus_collection": "docs", "uri": "http://one:19530"},
+        {"name": "b", "sources": ["."], "milvus_collection": "docs", "uri": "http://two:19530"},
+    ])
+    with pytest.raises(ConfigError, match=r"milvus_collection"):
+        write_kb_config(tmp_path, model_cache, [{"name": "a", "sources": ["."], "milvus_collection": "_lorag_lock_x"}])
+
+
+@pytest.mark.slow
+def test_similar_names_keep_their_documents_apart(ray_session, tmp_path, model_cache, embedder_path):
+    from lorag.data import ingest
+    from lorag.milvus import open_store
+
+    write_doc(tmp_path / "a" / "a.md", "Team A", 3)
+    write_doc(tmp_path / "b" / "b.md", "Team B", 5)
+    cfg = write_kb_config(tmp_path, model_cache, [{"name": "team-a", "sources": ["a/"]}, {"name": "team_a", "sources": ["b/"]}])
+    for name in ("team-a", "team_a"):
+        ingest(cfg, name)
+    store = open_store(cfg.milvus_uri(cfg.knowledge_bases[0]))
+    for name in ("team-a", "team_a"):
+        kb = cfg.knowledge_base(name)
+        assert stored(store, kb) == expected(cfg, name, embedder_path), f"{name} holds exactly its own documents"
+    assert ingest(cfg, "team-a").skipped == 1
+    assert stored(store, cfg.knowledge_base("team_a")) == expected(cfg, "team_a", embedder_path), "re-ingesting team-a left team_a alone"
+
+
+def test_a_foreign_collection_is_never_written_or_dropped(ray_session, tmp_path, model_cache, milvus_server):
+    """On a shared Milvus server a collection under the knowledge base's name that lorag did not
+    create (no marker) is somebody else's data: ingest refuses before writing, drop refuses."""
+    from pymilvus import DataType, MilvusClient
+
+    from lorag.data import ingest
+    from lorag.milvus import ForeignCollection, MilvusStore
+
+    write_doc(tmp_path / "docs" / "a.md", "Alpha", 3)
+    cfg = write_kb_config(tmp_path, model_cache, [{"name": "theirs", "sources": ["docs/"], "uri": milvus_server}])
+    kb = cfg.knowledge_base("theirs")
+    client = MilvusClient(uri=milvus_server)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("pk", DataType.INT64, is_primary=True)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=2)
+    index = client.prepare_index_params()
+    index.add_index("embedding", index_type="AUTOINDEX", metric_type="L2")
+    client.create_collection(kb.collection, schema=schema, index_params=index, consistency_level="Strong")
+    client.insert(kb.collection, [{"pk": i, "embedding": [float(i), 1.0]} for i in range(5)])
+
+    with pytest.raises(ForeignCollection, match="was not created by lorag"):
+        ingest(cfg, "theirs")
+    store = MilvusStore(milvus_server)
+    with pytest.raises(ForeignCollection):
+        store.drop(kb.collection, kb.name)
+    fields = [f["name"] for f in client.describe_collection(kb.collection)["fields"]]
+    assert fields == ["pk", "embedding"], "its schema is untouched"
+    assert client.query(kb.collection, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"] == 5, "its rows are untouched"
+
+    # A lorag collection made for another knowledge base (a second config mapping to it) is refused too.
+    store.ensure_collection("kb_other", 384, "other")
+    with pytest.raises(ForeignCollection, match="holds knowledge base 'other'"):
+        store.ensure_collection("kb_other", 384, "mine")
+    with pytest.raises(ForeignCollection):
+        store.drop("kb_other", "mine")
+    assert store.owner("kb_other") == "other"
+    store.drop("kb_other", "other")
+    assert not client.has_collection("kb_other")
+
+
+@pytest.mark.slow
+def test_an_empty_source_root_is_refused_not_pruned(ray_session, tmp_path, model_cache, embedder_path):
+    from lorag.data import ingest
+    from lorag.milvus import open_store
+
+    write_doc(tmp_path / "local" / "a.md", "Local", 3)
+    write_doc(tmp_path / "share" / "b.md", "Shared", 3)
+    cfg = write_kb_config(tmp_path, model_cache, [{"name": "mounted", "sources": ["local/", "share/"]}])
+    kb = cfg.knowledge_base("mounted")
+    before = ingest(cfg, "mounted").entities
+    assert before == sum(expected(cfg, "mounted", embedder_path).values())
+
+    (tmp_path / "share" / "b.md").unlink()  # the share is unmounted: its directory is there, empty
+    with pytest.raises(FileNotFoundError, match=r"source '.*share' is present but holds no document"):
+        ingest(cfg, "mounted")
+    assert open_store(cfg.milvus_uri(kb)).count(kb.collection) == before, "nothing was deleted"
+
+
+@pytest.mark.slow
+def test_a_second_ingest_of_a_running_knowledge_base_is_refused(ray_session, tmp_path, model_cache, embedder_path):
+    """Two ingests of one knowledge base at once: the second is refused with a message naming the
+    first, the first finishes, and the collection holds every chunk exactly once."""
+    from lorag.data import ingest
+    from lorag.milvus import StoreLocked, open_store
+
+    for i in range(3):
+        write_doc(tmp_path / "docs" / f"d{i}.md", f"Doc {i}", 4)
+    cfg = write_kb_config(tmp_path, model_cache, [{"name": "busy", "sources": ["docs/"]}])
+    inside, release = threading.Event(), threading.Event()
+    result: dict = {}
+
+    def first_progress(chunks, done, total):
+        inside.set()  # the first ingest is writing, lock held
+        release.wait(timeout=600)
+
+    def first():
+        try:
+            result["report"] = ingest(cfg, "busy", progress=first_progress)
+        finally:
+            inside.set()
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert inside.wait(timeout=600) and "report" not in result
+        with pytest.raises(StoreLocked, match=rf"'busy' is being ingested by pid {os.getpid()} on .*wait for that ingest to finish"):
+            ingest(cfg, "busy")
+    finally:
+        release.set()
+        t.join()
+    want = sum(expected(cfg, "busy", embedder_path).values())
+    assert result["report"].entities == want
+    kb = cfg.knowledge_base("busy")
+    again = ingest(cfg, "busy")
+    assert (again.skipped, again.entities) == (3, want), "the lock was released: the next ingest runs"
+    assert open_store(cfg.milvus_uri(kb)).count(kb.collection) == want
+
+
+def test_a_lock_left_by_a_dead_or_silent_holder_is_taken_over(milvus_server):
+    """The lock lives in Milvus, so it spans processes and hosts: a live holder refuses others;
+    a killed holder on this host, or one elsewhere that stopped renewing, is taken over."""
+    import socket
+    import time
+
+    from lorag.milvus import LOCK_LEASE_S, MilvusStore, StoreHandle, StoreLocked, ingest_lock, lock_collection
+
+    milvus = MilvusStore(milvus_server)
+    store = StoreHandle(store=milvus)
+    code = f"import os, sys; sys.path.insert(0, {str(REPO / 'platform')!r}); from lorag.milvus import MilvusStore, ingest_lock, StoreHandle\n" \
+           f"held = ingest_lock(StoreHandle(store=MilvusStore({milvus_server!r})), 'kb_locked', 'locked')\nheld.__enter__()\nos._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # takes the lock and dies without releasing it
+    holder = store.lock("kb_locked", {"token": "probe"})
+    assert holder["host"] == socket.gethostname() and holder["token"] != "probe", "premise: the dead process's lock is there"
+    with ingest_lock(store, "kb_locked", "locked"):  # its holder is dead: taken over at once
+        with pytest.raises(StoreLocked, match=rf"pid {os.getpid()}"):
+            with ingest_lock(store, "kb_locked", "locked"):
+                pass
+    assert not milvus.client.has_collection(lock_collection("kb_locked")), "released on exit"
+
+    elsewhere = {"token": "far", "host": "another-host", "pid": 1, "since": time.time()}
+    assert store.lock("kb_locked", elsewhere) is None
+    with pytest.raises(StoreLocked, match="by pid 1 on another-host"):
+        with ingest_lock(store, "kb_locked", "locked"):
+            pass
+    milvus.client.alter_collection_properties(lock_collection("kb_locked"), properties={"lorag.lock.renewed": str(time.time() - LOCK_LEASE_S - 1)})
+    with ingest_lock(store, "kb_locked", "locked"):  # not renewed for a lease: taken over
+        assert store.lock("kb_locked", {"token": "probe"})["pid"] == os.getpid()
