@@ -354,10 +354,13 @@ def skip_shm_comm_build() -> None:
     inference all-reduce uses it, and training all-reduces through torch.distributed (gloo) with
     or without it. DeepSpeed looks the op up in `deepspeed.ops.__compatible_ops__`, which keeps
     edits, before it builds; call this after `import deepspeed`, before `deepspeed.initialize`.
+    A DeepSpeed without that table builds the op as before.
     """
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
