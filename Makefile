@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects nothing; make treats that like any failure.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) .lorag
