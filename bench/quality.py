@@ -268,6 +268,11 @@ def lorag_rankings(root: Path, pages: list[str], questions: list[dict], embedder
               f"{f', {len(report.failed)} failed' if report.failed else ''}", flush=True)
         store = open_store(cfg.milvus_uri(kb))
         out = {}
+        # Each question's dense and full-text candidates (no fusion, no cap), for the fusion sweep.
+        candidates = []
+        for q in questions:
+            vector = embedder.embed([q["question"]])[0].tolist()
+            candidates.append({m: store.search(kb.collection, vector, q["question"], SWEEP_DEPTH, m, None, {"max_per_source": None}) for m in ("dense", "bm25")})
         for mode in LORAG_MODES:
             retrieve(store, embedder, kb, questions[0]["question"], K, mode)  # warm-up
             ranked, times = [], []
@@ -283,7 +288,72 @@ def lorag_rankings(root: Path, pages: list[str], questions: list[dict], embedder
     per_page = sorted((d["count"] for d in docs.values()))
     ing = {k: getattr(report, k) for k in ("documents", "chunks_written", "entities", "seconds")}
     ing.update(failed=report.failed, chunks_per_page_median=statistics.median(per_page) if per_page else 0, chunks_per_page_max=max(per_page, default=0))
-    return out, ing
+    for c in candidates:
+        for hits in c.values():
+            for h in hits:
+                h["page"] = Path(h["source"]).relative_to(root).as_posix()
+    return out, ing, candidates
+
+
+# -- fusion sweep ---------------------------------------------------------------------------------
+
+SWEEP_DEPTH = 50  # candidates per ranking kept for the sweep (a live search asks for 20 at k = 5)
+SWEEP = {
+    "dense_weight": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
+    "lexical_floor": (0.0, 0.25, 0.5, 0.75),
+    "rrf_k": (10, 30, 60, 100),
+    "max_per_source": (None, 1, 2, 3),
+}
+
+
+def sweep(candidates: list[dict], questions: list[dict]) -> dict:
+    """Hybrid's fusion settings and the per-source cap, chosen on the dev half of the questions.
+
+    The dev half is the questions at even positions of the file, the test half the odd ones. Every
+    setting of the grid `SWEEP` fuses each question's stored candidates exactly as a live search
+    does (`lorag.retrieval.fuse` then `per_source`, at the live depth of 20); the best by dev MRR@5
+    (then recall@5, then the grid's order) is reported on both halves, beside lorag's current
+    defaults. The cap is also swept for dense and bm25 alone.
+    """
+    import itertools
+
+    from lorag.retrieval import DENSE_WEIGHT, LEXICAL_FLOOR, MAX_PER_SOURCE, RRF_K, fuse, per_source
+
+    dev = [i for i in range(len(questions)) if i % 2 == 0]
+    test = [i for i in range(len(questions)) if i % 2 == 1]
+    depth = max(4 * K, 20)
+
+    def ranked(setting: dict, mode: str) -> list[list[dict]]:
+        out = []
+        for c in candidates:
+            if mode == "hybrid":
+                hits = fuse(c["dense"][:depth], c["bm25"][:depth], depth, setting["dense_weight"], setting["lexical_floor"], setting["rrf_k"])
+            else:
+                hits = c[mode][: 4 * K if setting["max_per_source"] else K]
+            out.append(per_source(hits, K, setting["max_per_source"]))
+        return out
+
+    def on(idx: list[int], hits: list[list[dict]]) -> dict:
+        m = score([hits[i] for i in idx], [questions[i] for i in idx])
+        return {"recall": m["recall"], "mrr": m["mrr"]}
+
+    current = {"dense_weight": DENSE_WEIGHT, "lexical_floor": LEXICAL_FLOOR, "rrf_k": RRF_K, "max_per_source": MAX_PER_SOURCE}
+    result = {"dev": len(dev), "test": len(test), "current": current, "modes": {}}
+    for mode in LORAG_MODES:
+        keys = list(SWEEP) if mode == "hybrid" else ["max_per_source"]
+        grid = [dict(zip(keys, values)) for values in itertools.product(*(SWEEP[k] for k in keys))]
+        rows = []
+        for setting in grid:
+            hits = ranked({**current, **setting}, mode)
+            rows.append({"setting": setting, "dev": on(dev, hits), "test": on(test, hits), "all": on(list(range(len(questions))), hits)})
+        best = max(rows, key=lambda r: (r["dev"]["mrr"], r["dev"]["recall"], -rows.index(r)))
+        now = ranked(current, mode)
+        result["modes"][mode] = {
+            "best": best,
+            "current": {"dev": on(dev, now), "test": on(test, now), "all": on(list(range(len(questions))), now)},
+            "grid": len(grid),
+        }
+    return result
 
 
 # -- metrics and report ---------------------------------------------------------------------------
@@ -314,6 +384,8 @@ def main() -> None:
     ap.add_argument("--limit-pages", type=int, default=None,
                     help="a smoke run: only this many pages (the questions' gold pages first, in file order, then the rest) and the questions they answer")
     ap.add_argument("--out", help="also write the results (with every question's top-5 hits) as JSON here")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep lorag's knowledge base here between runs (ingest is incremental: a rerun with unchanged chunking re-indexes nothing); default: a temporary dir")
     args = ap.parse_args()
 
     import torch
@@ -338,20 +410,29 @@ def main() -> None:
     embedder = Embedder(resolve_model("all-minilm-l6-v2", model_cache))
     texts, owners = windows(root, pages)
     rankings = baseline_rankings(texts, owners, questions, embedder)
-    workdir = Path(tempfile.mkdtemp(prefix="lorag-bench-quality-"))
-    lorag, ingest_report = lorag_rankings(root, pages, questions, embedder, workdir, model_cache)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lorag-bench-quality-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    lorag, ingest_report, candidates = lorag_rankings(root, pages, questions, embedder, workdir, model_cache)
     rankings.update(lorag)
+    tuned = sweep(candidates, questions)
 
     res = {
         "corpus": deb, "pages": len(pages), "questions": len(questions), "windows": len(texts), "lorag_ingest": ingest_report,
         "commit": _commit(), "uncommitted_lorag_files": _dirty(), "cpus": os.cpu_count(), "load_1min": [load, os.getloadavg()[0]],
-        "query_embed_p50_ms": 1000 * statistics.median(_embed_times(embedder, questions)), "methods": {},
+        "query_embed_p50_ms": 1000 * statistics.median(_embed_times(embedder, questions)), "methods": {}, "sweep": tuned,
     }
     for name, r in rankings.items():
         res["methods"][name] = {**score(r["hits"], questions), "p50_ms": 1000 * statistics.median(r["times"])}
     res["seconds"] = time.time() - start
     rows = table(res)
     print_table(("method", "recall@5", "MRR@5", "search p50 (ms)", "indexed"), rows)
+    print(f"\nsweep: settings chosen on the dev half ({tuned['dev']} questions), scored on the test half ({tuned['test']}); current = lorag's defaults")
+    sweep_rows = []
+    for mode, r in tuned["modes"].items():
+        for label, m in (("current " + json.dumps(tuned["current"] if mode == "hybrid" else {"max_per_source": tuned["current"]["max_per_source"]}), r["current"]),
+                         (f"best of {r['grid']}: " + json.dumps(r["best"]["setting"]), r["best"])):
+            sweep_rows.append((f"lorag {mode}", label, *(f"{m[h]['recall']:.3f} / {m[h]['mrr']:.3f}" for h in ("dev", "test", "all"))))
+    print_table(("method", "setting", "dev recall / MRR", "test recall / MRR", "all recall / MRR"), sweep_rows)
     print(f"query embedding p50 {res['query_embed_p50_ms']:.1f} ms (in every time but bm25's); lorag ingest {ingest_report['seconds']:.0f} s; "
           f"whole run {res['seconds']:.0f} s; load average {load:.1f} before, {res['load_1min'][1]:.1f} after", flush=True)
     if res["uncommitted_lorag_files"]:
@@ -363,7 +444,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(res, indent=2))
     else:
         print(json.dumps({k: v for k, v in res.items()}, indent=2))
-    shutil.rmtree(workdir, ignore_errors=True)
+    if not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _embed_times(embedder, questions: list[dict]) -> list[float]:

@@ -92,6 +92,15 @@ def test_relative_paths_resolve_against_the_file(tmp_path):
     assert cfg.milvus_uri(cfg.knowledge_bases[0]) == str(tmp_path / ".lorag" / "milvus.db")
 
 
+def test_ranking_options_pass_only_what_the_config_sets(tmp_path):
+    kb = load_config(_write(tmp_path, BASE)).knowledge_bases[0]
+    assert kb.ranking_options() == {}, "unset: the store's tuned defaults apply"
+    kb = load_config(_write(tmp_path, BASE), ["knowledge_bases.kb.hybrid.dense_weight=2", "knowledge_bases.kb.max_per_source=1"]).knowledge_bases[0]
+    assert kb.ranking_options() == {"dense_weight": 2.0, "max_per_source": 1}
+    with pytest.raises(ConfigError, match="knowledge_bases.0.hybrid.lexical_floor"):
+        load_config(_write(tmp_path, BASE), ["knowledge_bases.kb.hybrid.lexical_floor=2"])
+
+
 def test_overrides_by_index_and_by_name(tmp_path):
     cfg = load_config(_write(tmp_path, BASE), ["adapters.bot.train.max_steps=7", "adapters.0.lora.r=4", "serve.port=9001"])
     assert (cfg.adapters[0].train.max_steps, cfg.adapters[0].lora.r, cfg.serve.port) == (7, 4, 9001)

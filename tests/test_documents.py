@@ -21,11 +21,12 @@ from lorag.documents import (
     find_documents,
     parse_document,
 )
+from lorag.retrieval import terms
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
-ROW_KEYS = {"id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "error"}
+ROW_KEYS = {"id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "error", "passage", "terms"}
 ROW_TYPES = {"id": str, "text": str, "source": str, "title": str, "section": str, "chunk_index": int, "start": int,
-             "end": int, "doc_hash": str, "n_chunks": int, "error": str}
+             "end": int, "doc_hash": str, "n_chunks": int, "error": str, "passage": str, "terms": str}
 
 
 def make_pdf(pages: list[list[str]], title: str | None = None) -> bytes:
@@ -663,6 +664,9 @@ def test_chunker_rows_have_one_schema_and_deterministic_ids(embedder_path):
             assert r["id"] == chunk_id("kb", str(path), i, r["text"]) and r["doc_hash"] == document_hash(row["bytes"], "f1")
         assert [r["id"] for r in chunker(row)] == [r["id"] for r in rows], "same file, same ids"
         assert rows[-1]["section"].startswith("Setting Up Your Tidewell T4 > ")
+        last = rows[-1]
+        assert last["passage"] == f"{last['section']}\n{last['text']}", "the chunk is embedded under its heading path"
+        assert last["terms"] == terms(last["passage"]), "and full-text indexed by that passage's analysed terms"
 
 
 @pytest.mark.parametrize(

@@ -93,64 +93,89 @@ def test_stages_are_sized_to_fit_what_ray_has_free(embed_actors, free_cpus, free
 # -- 1, 2 and 3 documents on 1 and 2 CPUs --------------------------------------------------------
 
 SHAPES = """
-import json, os, sys
+import json, sys
 import ray
 from lorag.config import load_config
 from lorag.data import ingest
 
-config, num_cpus, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-cfg = load_config(config)
-if mode == "shapes":
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
-    out = {}
-    for kb in cfg.knowledge_bases:
-        r = ingest(cfg, kb.name)
-        out[kb.name] = [r.documents, r.chunks_written, r.entities, len(r.failed)]
-    print("RESULT " + json.dumps(out), flush=True)
-else:  # stall: the one GPU is held by another actor, so the embedder can never start
-    ray.init(num_cpus=num_cpus, num_gpus=1, include_dashboard=False, logging_level="ERROR")
-    holder = ray.remote(num_gpus=1)(type("GpuHolder", (), {"ready": lambda self: True})).remote()
-    ray.get(holder.ready.remote())
-    try:
-        ingest(cfg, cfg.knowledge_bases[0].name)
-    except TimeoutError as e:
-        print("RESULT " + json.dumps({"stalled": str(e)}), flush=True)
+out = []
+for config, num_cpus, mode in json.loads(sys.argv[1]):  # one Ray after another, in one process
+    cfg = load_config(config)
+    if mode == "shapes":
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
+        got = {}
+        for kb in cfg.knowledge_bases:
+            r = ingest(cfg, kb.name)
+            got[kb.name] = [r.documents, r.chunks_written, r.entities, len(r.failed)]
+    else:  # stall: the one GPU is held by another actor, so the embedder can never start
+        ray.init(num_cpus=num_cpus, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+        holder = ray.remote(num_gpus=1)(type("GpuHolder", (), {"ready": lambda self: True})).remote()
+        ray.get(holder.ready.remote())
+        try:
+            ingest(cfg, cfg.knowledge_bases[0].name)
+            got = {"finished": True}
+        except TimeoutError as e:
+            got = {"stalled": str(e)}
+    ray.shutdown()
+    out.append(got)
+print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def run_in_own_ray(config: Path, num_cpus: int, mode: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, never the test session's
+def run_in_own_ray(runs: list[tuple[Path, int, str]]) -> list[dict]:
+    """Each (config, num_cpus, mode) in a fresh local Ray of that many CPUs, in one subprocess
+    (never the test session's Ray); one process for all saves starting Python, torch and Ray each time."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=str(REPO / "platform"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    r = subprocess.run([sys.executable, "-c", SHAPES, str(config), str(num_cpus), mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    arg = json.dumps([[str(c), n, mode] for c, n, mode in runs])
+    r = subprocess.run([sys.executable, "-c", SHAPES, arg], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
     assert r.returncode == 0 and lines, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+SHAPE_CPUS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def own_ray_runs(tmp_path_factory, model_cache):
+    """Knowledge bases of 1, 2 and 3 documents ingested on 1 and on 2 CPUs, and one stalled ingest:
+    (configs, results), from one subprocess."""
+    configs, runs = {}, []
+    for num_cpus in SHAPE_CPUS:
+        root = tmp_path_factory.mktemp(f"shapes-{num_cpus}cpu")
+        kbs = []
+        for n, name in enumerate(["one", "two", "three"], 1):
+            for i in range(n):
+                write_doc(root / name / f"doc{i}.md", f"{name.title()} {i}", 2 + 3 * i)
+            kbs.append({"name": name, "sources": [f"{name}/"]})
+        configs[num_cpus] = write_kb_config(root, model_cache, kbs)
+        runs.append((root / "lorag.yaml", num_cpus, "shapes"))
+    root = tmp_path_factory.mktemp("stall")
+    write_doc(root / "docs" / "a.md", "Alpha", 3)
+    write_kb_config(root, model_cache, [{"name": "stuck", "sources": ["docs/"], "stall_timeout_s": 20}])
+    runs.append((root / "lorag.yaml", 2, "stall"))
+    results = run_in_own_ray(runs)
+    return configs, dict(zip([*SHAPE_CPUS, "stall"], results))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("num_cpus", [1, 2])
-def test_one_two_and_three_documents_finish_on_one_and_two_cpus(tmp_path, model_cache, embedder_path, num_cpus):
+@pytest.mark.parametrize("num_cpus", SHAPE_CPUS)
+def test_one_two_and_three_documents_finish_on_one_and_two_cpus(own_ray_runs, embedder_path, num_cpus):
     """The issue's hang: two small documents on a 2-core machine never finished, because the actor
     pools held every CPU and the read waited for one. Each shape must finish with exact counts."""
-    kbs = []
-    for n, name in enumerate(["one", "two", "three"], 1):
-        for i in range(n):
-            write_doc(tmp_path / name / f"doc{i}.md", f"{name.title()} {i}", 2 + 3 * i)
-        kbs.append({"name": name, "sources": [f"{name}/"]})
-    cfg = write_kb_config(tmp_path, model_cache, kbs)
-    got = run_in_own_ray(tmp_path / "lorag.yaml", num_cpus, "shapes")
+    configs, results = own_ray_runs
+    cfg, got = configs[num_cpus], results[num_cpus]
     for n, name in enumerate(["one", "two", "three"], 1):
         chunks = sum(expected(cfg, name, embedder_path).values())
         assert got[name] == [n, chunks, chunks, 0], f"{name} on {num_cpus} CPU(s): [documents, written, stored, failed] = {got[name]}, want {[n, chunks, chunks, 0]}"
 
 
 @pytest.mark.slow
-def test_a_stalled_pipeline_fails_naming_the_stage(tmp_path, model_cache):
+def test_a_stalled_pipeline_fails_naming_the_stage(own_ray_runs):
     """The embedder needs the cluster's one GPU, which another actor holds: the ingest must end
     with an error naming the embedder stage after stall_timeout_s, not wait forever."""
-    write_doc(tmp_path / "docs" / "a.md", "Alpha", 3)
-    write_kb_config(tmp_path, model_cache, [{"name": "stuck", "sources": ["docs/"], "stall_timeout_s": 20}])
-    got = run_in_own_ray(tmp_path / "lorag.yaml", 2, "stall")
+    got = own_ray_runs[1]["stall"]
     assert "stalled" in got, got
     msg = got["stalled"]
     assert "'stuck'" in msg and "Embedder" in msg and "stall_timeout_s" in msg and "GPU" in msg, msg

@@ -1,8 +1,8 @@
-"""Reciprocal rank fusion and the in-process BM25 fallback, as tables of cases (no Milvus, no model)."""
+"""Reciprocal rank fusion, English analysis, the searched passage and the in-process BM25 fallback, as tables of cases (no Milvus, no model)."""
 
 import pytest
 
-from lorag.retrieval import Bm25Index, rrf, tokenize
+from lorag.retrieval import Bm25Index, analyze, passage, rrf, terms
 
 
 def hits(*ids):
@@ -35,10 +35,36 @@ def test_rrf_scores_are_summed_reciprocal_ranks():
 
 @pytest.mark.parametrize(
     "text, tokens",
-    [("TW-E417", ["tw", "e417"]), ("Hello, World!", ["hello", "world"]), ("", []), ("naïve café", ["naïve", "café"])],
+    [
+        ("TW-E417", ["tw", "e417"]),
+        ("Hello, World!", ["hello", "world"]),
+        ("", []),
+        ("naïve café", ["naïv", "café"]),
+        # stop words go; inflections meet at one stem
+        ("How do I run the fixtures?", ["run", "fixtur"]),
+        ("Running a fixture", ["run", "fixtur"]),
+        ("parametrized parametrizing parametrize", ["parametr", "parametr", "parametr"]),
+        ("pytest_addoption hooks", ["pytest_addopt", "hook"]),
+        ("what is the", []),
+    ],
 )
-def test_tokenize(text, tokens):
-    assert tokenize(text) == tokens
+def test_analyze(text, tokens):
+    assert analyze(text) == tokens
+    assert terms(text) == " ".join(tokens)
+
+
+@pytest.mark.parametrize(
+    "title, section, text, expected",
+    [
+        ("Guide", "Guide > Install", "pip install x", "Guide > Install\npip install x"),  # the section path starts with the title
+        ("Guide", "Usage > Flags", "-v", "Guide > Usage > Flags\n-v"),
+        ("Guide", "", "body", "Guide\nbody"),
+        ("", "", "body", "body"),
+        ("report.pdf", "page 3", "body", "report.pdf\nbody"),  # a PDF page number is not a heading
+    ],
+)
+def test_passage_puts_the_heading_path_above_the_text(title, section, text, expected):
+    assert passage(title, section, text) == expected
 
 
 ROWS = [
@@ -55,7 +81,8 @@ ROWS = [
         ("TW-E417", None, ["1"]),  # rare identifier: only its chunk
         ("e417", None, ["1"]),
         ("warranty months", None, ["3", "4"]),  # more matched rare terms rank first
-        ("disk", None, ["2", "1", "4"]),  # term frequency saturates but still counts
+        ("How long is the warranty?", None, ["4", "3"]),  # only "warranty" matches; the shorter row ranks first
+        ("disk", None, ["2", "4", "1"]),  # term frequency counts; then the shorter row (stop words not counted)
         ("disk", "/kb/b", ["4"]),  # source prefix filter
         ("nothing here", None, []),
     ],
@@ -70,15 +97,23 @@ def test_bm25_returns_the_row_fields_with_a_score():
     assert Bm25Index([]).search("x", 3) == []
 
 
+def test_bm25_scores_rows_by_their_stored_terms():
+    """Rows read back from a collection carry `terms` (heading path included): those are scored, not the text,
+    and they are not returned with the hit."""
+    rows = [{**r, "terms": terms(passage("Handbook", "Storage" if r["id"] == "3" else "", r["text"]))} for r in ROWS]
+    (hit,) = Bm25Index(rows).search("storage", 5)
+    assert hit["id"] == "3" and "terms" not in hit
+
+
 def reference_bm25(rows, query, k1=1.2, b=0.75):
     """Okapi BM25 written out term by term, row by row: what the vectorised index must equal."""
     import math
     from collections import Counter
 
-    docs = [Counter(tokenize(r["text"])) for r in rows]
+    docs = [Counter(analyze(r["text"])) for r in rows]
     avg = sum(sum(d.values()) for d in docs) / len(docs)
     scores = {}
-    for term in set(tokenize(query)):
+    for term in set(analyze(query)):
         df = sum(term in d for d in docs)
         idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
         for r, d in zip(rows, docs):
@@ -104,3 +139,71 @@ def test_bm25_index_equals_the_formula_on_a_random_corpus():
         assert all(h["score"] == pytest.approx(expected[h["id"]], rel=1e-5) for h in got)
         in_prefix = index.search(query, 300, "/kb/1")
         assert {h["id"] for h in in_prefix} == {i for i in expected if int(i) % 3 == 1}
+
+
+@pytest.mark.parametrize(
+    "dense, lexical, kwargs, expected",
+    [
+        (["a", "b"], ["b", "c"], {}, ["b", "a", "c"]),
+        # the weight of the dense ranking decides between the two rankings' hits
+        (["a", "b"], ["c"], {}, ["a", "c", "b"]),  # equal weights: a and c tie, first appearance wins
+        (["a", "b"], ["c"], {"dense_weight": 3.0}, ["a", "b", "c"]),
+        (["a", "b"], ["c"], {"dense_weight": 0.5}, ["c", "a", "b"]),
+        # full-text hits under the floor (share of the best score) are dropped before fusion
+        (["a"], [("c", 10.0), ("d", 4.0)], {"lexical_floor": 0.5}, ["a", "c"]),
+        (["a"], [("c", 10.0), ("d", 4.0)], {"lexical_floor": 0.0}, ["a", "c", "d"]),
+        ([], [], {}, []),
+    ],
+)
+def test_fuse_table(dense, lexical, kwargs, expected):
+    from lorag.retrieval import fuse
+
+    lex = [{"id": h, "score": 1.0} if isinstance(h, str) else {"id": h[0], "score": h[1]} for h in lexical]
+    assert [h["id"] for h in fuse(hits(*dense), lex, 10, **kwargs)] == expected
+
+
+@pytest.mark.parametrize(
+    "sources, k, most, expected",
+    [
+        ("aaab", 3, None, [0, 1, 2]),
+        ("aaab", 3, 2, [0, 1, 3]),
+        ("aaab", 3, 1, [0, 3]),  # fewer than k when the candidates run out
+        ("abab", 2, 1, [0, 1]),
+        ("", 3, 2, []),
+    ],
+)
+def test_per_source_table(sources, k, most, expected):
+    from lorag.retrieval import per_source
+
+    rows = [{"id": str(i), "source": s} for i, s in enumerate(sources)]
+    assert [int(h["id"]) for h in per_source(rows, k, most)] == expected
+
+
+def test_milvus_lite_full_text_matches_stems_and_heading_words(tmp_path):
+    """In a real Milvus Lite collection: a chunk is found by the words of its heading path and by other
+    forms of its words; a query of stop words finds nothing. Scores come from Milvus's own BM25."""
+    from lorag.milvus import MilvusStore
+
+    store = MilvusStore(str(tmp_path / "kb.db"))
+    store.ensure_collection("c", 2)
+    texts = [
+        ("Guide > Fixtures", "Use them to share setup code between tests."),
+        ("Guide > Plugins", "Running tests in parallel needs the xdist plugin."),
+        ("Guide > Plugins", "Plugins register hooks at start-up."),
+    ]
+    rows = [
+        {"id": str(i), "text": t, "source": "/kb/guide.md", "title": "Guide", "section": sec, "chunk_index": i, "start": 0, "end": len(t),
+         "doc_hash": "h", "n_chunks": len(texts), "vector": [1.0, float(i)]}
+        for i, (sec, t) in enumerate(texts)
+    ]
+    try:
+        assert store.upsert("c", rows) == 3
+        store.settle("c")
+        top = lambda q: [h["id"] for h in store.search("c", None, q, 3, "bm25")]  # noqa: E731
+        assert top("fixtures")[:1] == ["0"], "the heading path is searched with the text"
+        assert top("run a test in parallel")[:1] == ["1"], "run / Running, test / tests meet at their stems"
+        assert top("how do I do what")[:1] == [], "stop words match nothing"
+        (hit,) = store.search("c", None, "xdist", 1, "bm25")
+        assert hit["text"] == texts[1][1] and "terms" not in hit, "hits carry the chunk's text, not its indexed terms"
+    finally:
+        store.close()

@@ -23,6 +23,7 @@ def test_ingest_train_and_serve_on_two_nodes_with_artifacts_in_s3(s3, tmp_path, 
     import pyarrow.fs
 
     from lorag.adapters import AdapterStore
+    from lorag.config import load_config
     from lorag.milvus import MilvusStore, local_server
 
     root = tmp_path / "project"
@@ -57,7 +58,8 @@ def test_ingest_train_and_serve_on_two_nodes_with_artifacts_in_s3(s3, tmp_path, 
         log = (run.stdout + run.stderr)[-6000:]
         assert run.returncode == 0, log
         result = json.loads(out.read_text())
-        kb_rows = MilvusStore(milvus_uri).count("handbook")
+        collection = load_config(root / "lorag.yaml").knowledge_base("handbook").collection
+        kb_rows = MilvusStore(milvus_uri).count(collection)
 
     assert len(result["nodes"]) == 2, log
     assert result["ingest"]["handbook"]["documents"] == 3 and result["ingest"]["handbook"]["chunks"] == kb_rows > 0, result["ingest"]

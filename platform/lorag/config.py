@@ -60,6 +60,15 @@ class ChunkingConfig(_Strict):
         return self
 
 
+class HybridConfig(_Strict):
+    """How hybrid search fuses its two rankings (weighted reciprocal rank fusion). Unset values
+    take lorag's defaults, the best of a sweep on a labelled benchmark (docs/benchmarks.md)."""
+
+    dense_weight: float | None = Field(None, gt=0, le=10, description="Weight of the dense (meaning) ranking; full text weighs 1. Raise it for paraphrased questions, lower it for codes and names.")
+    lexical_floor: float | None = Field(None, ge=0, le=1, description="Full-text hits scoring under this share of the best one are dropped before fusion (they match only common words).")
+    rrf_k: int | None = Field(None, ge=1, le=1000, description="The RRF constant: higher flattens the weight of the top ranks.")
+
+
 class KnowledgeBaseConfig(_Strict):
     """A knowledge base: documents chunked, embedded and stored in one Milvus collection."""
 
@@ -77,6 +86,11 @@ class KnowledgeBaseConfig(_Strict):
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Chunk size and overlap.")
     top_k: int = Field(3, ge=1, le=50, description="Chunks retrieved per question. More gives the model more evidence and a longer prompt.")
     search: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused by reciprocal rank).")
+    hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Fusion settings of hybrid search.")
+    max_per_source: int | None = Field(
+        None, ge=1, description="At most this many of the retrieved chunks from any one document (None: lorag's default), so near-duplicate "
+        "chunks of one page cannot fill every slot. Set it to top_k to turn the cap off.",
+    )
     embed_batch_size: int = Field(64, ge=1, description="Chunks per embedding batch in the ingest pipeline.")
     embed_actors: int = Field(
         1, ge=1, description="Embedding actors in the Ray Data pool; one per spare CPU (or GPU) is a good start. "
@@ -93,6 +107,10 @@ class KnowledgeBaseConfig(_Strict):
     )
 
     _check_name = field_validator("name")(lambda v: validate_name("knowledge base", v))
+
+    def ranking_options(self) -> dict[str, Any]:
+        """The settings of `hybrid` and `max_per_source` that are set, for `MilvusStore.search`."""
+        return {k: v for k, v in {**self.hybrid.model_dump(), "max_per_source": self.max_per_source}.items() if v is not None}
 
     @property
     def collection(self) -> str:

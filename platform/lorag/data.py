@@ -37,7 +37,7 @@ from lorag.milvus import source_key
 
 IGNORE_INDEX = -100
 _ROLES = ("system", "user", "assistant")
-SCHEMA_VERSION = 3  # bump when chunk rows change meaning: every document is then re-indexed
+SCHEMA_VERSION = 4  # bump when chunk rows change meaning: every document is then re-indexed
 
 
 class DatasetError(ValueError):
@@ -299,7 +299,7 @@ def _read_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"path": row["path"], "bytes": read_document(row["path"])}
 
 
-ROW_KEYS = ("id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks")
+ROW_KEYS = ("id", "text", "terms", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks")
 
 
 # -- training examples (JSONL) -----------------------------------------------------------------

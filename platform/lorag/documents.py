@@ -13,7 +13,9 @@ heading elements, code blocks as fenced code and permalink marks removed. In Mar
 fenced code is never a heading.
 
 Chunk offsets index the unit's parsed text (for Markdown and text files, the decoded file), and
-each chunk carries its section: the Markdown heading path, or "page N" for a PDF.
+each chunk carries its section: the Markdown heading path, or "page N" for a PDF. The chunker
+also gives each chunk the `passage` it is embedded as and the `terms` it is full-text indexed by
+(`lorag.retrieval.passage` and `terms`: its heading path above its text).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lorag.retrieval import passage, terms
 
 DOC_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm", ".pdf", ".jsonl")
 
@@ -254,7 +258,7 @@ class DocumentChunker:
             return self._chunk_rows(path, data, doc_hash)
         except Exception as e:  # one bad file must not fail a whole ingest: it becomes an error row
             return [{"id": "", "text": "", "source": path, "title": "", "section": "", "chunk_index": -1, "start": 0,
-                     "end": 0, "doc_hash": doc_hash, "n_chunks": 0, "error": f"{type(e).__name__}: {e}"[:_MAX_ERROR]}]
+                     "end": 0, "doc_hash": doc_hash, "n_chunks": 0, "error": f"{type(e).__name__}: {e}"[:_MAX_ERROR], "passage": "", "terms": ""}]
 
     def _chunk_rows(self, path: str, data: bytes, doc_hash: str) -> list[dict[str, Any]]:
         pieces = []
@@ -267,11 +271,13 @@ class DocumentChunker:
                 pieces.append((unit.title, section, c))
         if not pieces:
             raise DocumentError("no text to index")
-        return [
-            {"id": chunk_id(self.kb, path, i, c.text), "text": c.text, "source": path, "title": title, "section": section,
-             "chunk_index": i, "start": c.start, "end": c.end, "doc_hash": doc_hash, "n_chunks": len(pieces), "error": ""}
-            for i, (title, section, c) in enumerate(pieces)
-        ]
+        rows = []
+        for i, (title, section, c) in enumerate(pieces):
+            searched = passage(title, section, c.text)  # what the embedder and full-text search see
+            rows.append({"id": chunk_id(self.kb, path, i, c.text), "text": c.text, "source": path, "title": title, "section": section,
+                         "chunk_index": i, "start": c.start, "end": c.end, "doc_hash": doc_hash, "n_chunks": len(pieces), "error": "",
+                         "passage": searched, "terms": terms(searched)})
+        return rows
 
 
 # ---- chunking helpers -------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Embedder:
         return pooled.float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Ray Data `map_batches` entry: adds a `vector` column computed from `text`."""
-        batch["vector"] = self.embed([str(t) for t in batch["text"]])
+        """Ray Data `map_batches` entry: adds a `vector` column computed from `passage` (the chunk
+        under its heading path, from `DocumentChunker`), or from `text` when there is none."""
+        batch["vector"] = self.embed([str(t) for t in batch["passage" if "passage" in batch else "text"]])
         return batch

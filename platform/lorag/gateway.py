@@ -148,7 +148,7 @@ class Gateway:
         start = time.perf_counter()
         vector = None if kb.search == "bm25" else (await asyncio.get_running_loop().run_in_executor(self.embed_thread, self.embedder.embed, [query]))[0].tolist()
         try:
-            hits = await self.kb_stores[kb_name].acall("search", kb.collection, vector, query, k or kb.top_k, kb.search)
+            hits = await self.kb_stores[kb_name].acall("search", kb.collection, vector, query, k or kb.top_k, kb.search, None, kb.ranking_options())
         except (LookupError, MilvusException, RayActorError) as e:
             log.warning("knowledge base %s: search failed: %s", kb_name, e)
             raise APIError(503, f"knowledge base {kb_name!r} is not available (not built yet, or its Milvus is down)", type="server_error", code="kb_unavailable") from None

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 ACTOR_NAMESPACE = "lorag"
 TEXT_MAX = 16384
 SOURCE_MAX = 2048
-COLLECTION_SCHEMA = "3"  # bump when the collection's fields change: lorag's own collections are then rebuilt
+COLLECTION_SCHEMA = "4"  # bump when the collection's fields change: lorag's own collections are then rebuilt
 MARKER_KB, MARKER_SCHEMA = "lorag.kb", "lorag.schema"  # collection properties of every collection lorag creates
 LOCK_HOLDER, LOCK_RENEWED = "lorag.lock", "lorag.lock.renewed"  # properties of an ingest lock collection
 
@@ -163,7 +163,10 @@ class MilvusStore:
         bm25 = self.native_bm25
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX, **({"enable_analyzer": True} if bm25 else {}))
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX)
+        # The chunk's English-analysed terms (`lorag.retrieval.terms`): Milvus's standard analyzer
+        # splits them back into the same words (Milvus Lite has no whitespace tokenizer).
+        schema.add_field("terms", DataType.VARCHAR, max_length=TEXT_MAX, **({"enable_analyzer": True} if bm25 else {}))
         schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX)
         schema.add_field("source_hash", DataType.VARCHAR, max_length=64)
         schema.add_field("title", DataType.VARCHAR, max_length=512)
@@ -178,7 +181,7 @@ class MilvusStore:
         index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
         if bm25:
             schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-            schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25, input_field_names=["text"], output_field_names=["sparse"]))
+            schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25, input_field_names=["terms"], output_field_names=["sparse"]))
             index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
         self.client.create_collection(
             collection, schema=schema, index_params=index, consistency_level="Strong", properties={MARKER_KB: kb, MARKER_SCHEMA: COLLECTION_SCHEMA}
@@ -204,10 +207,16 @@ class MilvusStore:
     def upsert(self, collection: str, rows: list[dict[str, Any]]) -> int:
         if not rows:
             return 0
+        from lorag.retrieval import passage, terms
+
         self._bm25.pop(collection, None)
-        limits = {"text": TEXT_MAX, "source": SOURCE_MAX, "title": 512, "section": 512}
-        # source_hash from the full path, before `source` is clipped for display
-        rows = [{"source_hash": source_key(r["source"]), **r} for r in rows]
+        limits = {"text": TEXT_MAX, "terms": TEXT_MAX, "source": SOURCE_MAX, "title": 512, "section": 512}
+        # source_hash from the full path, before `source` is clipped for display; the ingest
+        # pipeline computes `terms` in its chunker actors, other writers get them here.
+        rows = [
+            {"source_hash": source_key(r["source"]), **r, "terms": r.get("terms") or terms(passage(r["title"], r["section"], r["text"]))}
+            for r in rows
+        ]
         rows = [{k: _clip(r[k], limits[k]) if k in limits else r[k] for k in FIELDS} for r in rows]
         return int(self.client.upsert(collection, rows)["upsert_count"])
 
@@ -279,7 +288,8 @@ class MilvusStore:
         return int(res[0]["count(*)"])
 
     def search(
-        self, collection: str, vector: list[float] | None, query: str, k: int, mode: str = "dense", source_prefix: str | None = None
+        self, collection: str, vector: list[float] | None, query: str, k: int, mode: str = "dense", source_prefix: str | None = None,
+        ranking: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         """Top-k chunks, best first, each with its citation fields and `score`.
 
@@ -288,29 +298,33 @@ class MilvusStore:
             query: the query text (bm25 and hybrid modes).
             mode: "dense" (cosine), "bm25" (full text) or "hybrid" (both, fused by reciprocal rank).
             source_prefix: only chunks whose source path starts with this.
+            ranking: a knowledge base's `ranking_options()`: the fusion's `dense_weight`,
+                `lexical_floor`, `rrf_k`, and `max_per_source` (None: module defaults, no cap).
         """
-        from lorag.retrieval import rrf
+        from lorag.retrieval import DENSE_WEIGHT, LEXICAL_FLOOR, MAX_PER_SOURCE, RRF_K, fuse, per_source
+
+        opts = {"dense_weight": DENSE_WEIGHT, "lexical_floor": LEXICAL_FLOOR, "rrf_k": RRF_K, "max_per_source": MAX_PER_SOURCE, **(ranking or {})}
+        cap = opts["max_per_source"]
 
         if collection not in self._loaded and not self.client.has_collection(collection):
             raise LookupError(f"knowledge base collection {collection!r} does not exist at {self.uri}: run `lorag kb ingest` first")
         if mode not in ("dense", "bm25", "hybrid"):
             raise ValueError(f"search mode must be dense, bm25 or hybrid, not {mode!r}")
         self._load(collection)
+        # With a per-source cap, look deeper so k chunks remain after it.
         if mode == "dense":
-            return self._dense(collection, vector, k, source_prefix)
+            return per_source(self._dense(collection, vector, 4 * k if cap else k, source_prefix), k, cap)
         if mode == "bm25":
-            return self._full_text(collection, query, k, source_prefix)
-        depth = max(2 * k, 20)  # each list contributes candidates beyond k, as RRF expects
+            return per_source(self._full_text(collection, query, 4 * k if cap else k, source_prefix), k, cap)
+        depth = max(4 * k if cap else 2 * k, 20)  # each list contributes candidates beyond k, as RRF expects
         if is_lite(self.uri):  # Milvus Lite computes in this process: nothing to overlap
             dense, lexical = self._dense(collection, vector, depth, source_prefix), self._full_text(collection, query, depth, source_prefix)
         else:  # a server answers the dense search while the full-text one runs (or waits on it too)
             pending = self._pool.submit(self._dense, collection, vector, depth, source_prefix)
             lexical = self._full_text(collection, query, depth, source_prefix)
             dense = pending.result()
-        # Full-text hits far below the best one match only common words ("what", "the"); in a fused
-        # ranking they would outvote the one chunk that holds a rare, exact term. Drop them first.
-        lexical = [h for h in lexical if h["score"] >= LEXICAL_FLOOR * lexical[0]["score"]]
-        return rrf([dense, lexical], k)
+        fused = fuse(dense, lexical, depth, opts["dense_weight"], opts["lexical_floor"], opts["rrf_k"])
+        return per_source(fused, k, cap)
 
     def _dense(self, collection: str, vector, k: int, prefix: str | None) -> list[dict[str, Any]]:
         if vector is None:
@@ -323,20 +337,21 @@ class MilvusStore:
         return [{"id": hit["id"], "score": float(hit["distance"]), **hit["entity"]} for hit in res[0]]
 
     def _full_text(self, collection: str, query: str, k: int, prefix: str | None) -> list[dict[str, Any]]:
-        from lorag.retrieval import Bm25Index
+        from lorag.retrieval import Bm25Index, terms
 
-        if not query.strip():
+        analysed = terms(query)
+        if not analysed:  # nothing but stop words and punctuation
             return []
         if "sparse" in self._load(collection):
             res = self.client.search(
-                collection, data=[query], anns_field="sparse", limit=k, output_fields=OUTPUT, search_params={"metric_type": "BM25"},
+                collection, data=[analysed], anns_field="sparse", limit=k, output_fields=OUTPUT, search_params={"metric_type": "BM25"},
                 consistency_level=SEARCH_CONSISTENCY, **_prefix_filter(prefix),
             )
             return [{"id": hit["id"], "score": abs(float(hit["distance"])), **hit["entity"]} for hit in res[0]]
         # Milvus < 2.5 has no BM25: score in this process over the collection's text (built once, dropped on writes).
         if collection not in self._bm25:
             rows = []
-            it = self.client.query_iterator(collection, batch_size=4096, filter="", output_fields=["id", *OUTPUT])
+            it = self.client.query_iterator(collection, batch_size=4096, filter="", output_fields=["id", "terms", *OUTPUT])
             try:
                 while batch := it.next():
                     rows.extend(batch)
@@ -415,8 +430,7 @@ class MilvusStore:
 # Searches read with bounded staleness: a strong read waits for the next time tick (~200 ms on a
 # server). Ingest ends with `settle`, so a finished ingest is fully visible to them.
 SEARCH_CONSISTENCY = "Bounded"
-LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
-FIELDS = ("id", "text", "source", "source_hash", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "vector")
+FIELDS = ("id", "text", "terms", "source", "source_hash", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "vector")
 OUTPUT = ["text", "source", "title", "section", "chunk_index", "start", "end"]
 
 

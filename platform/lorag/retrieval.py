@@ -7,10 +7,17 @@ carries them is built by `lorag.prompts`).
 Hybrid search fuses the dense and BM25 rankings with reciprocal rank fusion (`rrf`), computed
 here rather than in Milvus so every backend fuses the same way. `Bm25Index` is the full-text
 fallback for Milvus servers older than 2.5, which have no BM25 function.
+
+What a chunk is searched by (`passage`, `terms`): its heading path ("Title > Section") above its
+text, so a chunk deep in a section still matches the words of its headings. Full-text search
+uses English analysis done here (`analyze`: lower case, stop words dropped, Snowball stems), on
+the chunk and on the query alike, because Milvus Lite's analyzers have no English stemmer: Milvus
+then indexes the analysed terms with its plain tokenizer, and every backend scores the same terms.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -20,7 +27,18 @@ from typing import Any
 import numpy as np
 
 RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very top ranks
+DENSE_WEIGHT = 1.0  # hybrid: the dense ranking's weight in RRF (full text: 1)
+LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
+MAX_PER_SOURCE: int | None = None  # every mode: at most this many hits from one document (None: no cap)
 _TOKEN = re.compile(r"\w+", re.UNICODE)
+# Lucene's English stop words plus the words a question is made of ("how do I ...?"): they match
+# everywhere, so in BM25 they only add noise to the ranking.
+STOP_WORDS = frozenset(
+    "a an and are as at be but by for if in into is it no not of on or such that the their then there these they this to was "
+    "will with i me my we our you your he she him her his its what which who whom whose how why when where do does did "
+    "done doing can could should would may might must shall am were been being has have had having so than too very just "
+    "about also any some all each other own same only both more most from up out over under again further once here".split()
+)
 
 
 def retrieve(store, embedder, kb, query: str, k: int | None = None, mode: str | None = None, source_prefix: str | None = None) -> list[dict[str, Any]]:
@@ -31,16 +49,49 @@ def retrieve(store, embedder, kb, query: str, k: int | None = None, mode: str | 
     """
     mode = mode or kb.search
     vector = embedder.embed([query])[0].tolist() if mode != "bm25" else None
-    return store.search(kb.collection, vector, query, k or kb.top_k, mode, source_prefix)
+    return store.search(kb.collection, vector, query, k or kb.top_k, mode, source_prefix, kb.ranking_options())
 
 
-def rrf(rankings: list[list[dict[str, Any]]], k: int, c: int = RRF_K) -> list[dict[str, Any]]:
-    """Reciprocal rank fusion: each hit scores sum(1 / (c + rank)) over the rankings it is in.
+def passage(title: str, section: str, text: str) -> str:
+    """What a chunk is embedded and full-text indexed as: its heading path above its text.
+
+    The path is `section` ("Title > Heading > Subheading" from the chunker), led by `title` when
+    the section does not already start with it; a PDF's "page N" section is not a heading.
+    """
+    if re.fullmatch(r"page \d+", section or ""):
+        section = ""
+    head = section if (section and (not title or section.startswith(title))) else " > ".join(p for p in (title, section) if p)
+    return f"{head}\n{text}" if head else text
+
+
+@functools.lru_cache(maxsize=1)
+def _stemmer():
+    import snowballstemmer
+
+    stem = functools.lru_cache(maxsize=500_000)(snowballstemmer.stemmer("english").stemWord)
+    return stem
+
+
+def analyze(text: str) -> list[str]:
+    """English analysis for full-text search: lower-cased word tokens, stop words dropped, each
+    reduced to its Snowball (Porter 2) stem. "Running the fixtures" -> ["run", "fixtur"]."""
+    stem = _stemmer()
+    return [stem(t) for t in _TOKEN.findall(text.lower()) if t not in STOP_WORDS]
+
+
+def terms(text: str) -> str:
+    """`analyze(text)` as one space-separated string: what Milvus's BM25 function indexes and searches."""
+    return " ".join(analyze(text))
+
+
+def rrf(rankings: list[list[dict[str, Any]]], k: int, c: int = RRF_K, weights: list[float] | None = None) -> list[dict[str, Any]]:
+    """Reciprocal rank fusion: each hit scores sum(weight / (c + rank)) over the rankings it is in.
 
     Args:
         rankings: lists of hits (dicts with an "id"), each best first.
         k: how many fused hits to return.
         c: the RRF constant.
+        weights: one per ranking (default: all 1).
 
     Returns:
         The top-k hits by fused score, best first; `score` is the fused score. Ties keep the
@@ -48,21 +99,48 @@ def rrf(rankings: list[list[dict[str, Any]]], k: int, c: int = RRF_K) -> list[di
     """
     fused: dict[str, float] = {}
     first: dict[str, dict[str, Any]] = {}
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings)):
         for rank, hit in enumerate(ranking, 1):
-            fused[hit["id"]] = fused.get(hit["id"], 0.0) + 1.0 / (c + rank)
+            fused[hit["id"]] = fused.get(hit["id"], 0.0) + weight / (c + rank)
             first.setdefault(hit["id"], hit)
     order = sorted(fused, key=lambda i: -fused[i])  # stable: ties keep first-appearance order
     return [{**first[i], "score": fused[i]} for i in order[:k]]
 
 
-def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens; "TW-E417" becomes ["tw", "e417"]."""
-    return _TOKEN.findall(text.lower())
+def fuse(dense: list[dict[str, Any]], lexical: list[dict[str, Any]], k: int, dense_weight: float = DENSE_WEIGHT,
+         lexical_floor: float = LEXICAL_FLOOR, c: int = RRF_K) -> list[dict[str, Any]]:
+    """Hybrid search's ranking: the dense and full-text rankings fused by weighted RRF.
+
+    Full-text hits scoring under `lexical_floor` times the best one match only common words; in
+    a fused ranking they would outvote the one chunk that holds a rare, exact term, so they are
+    dropped first. The defaults are the best of a sweep on the dev half of bench/quality.py's
+    questions (docs/benchmarks.md); a knowledge base's `hybrid` settings override them.
+    """
+    if lexical:
+        lexical = [h for h in lexical if h["score"] >= lexical_floor * lexical[0]["score"]]
+    return rrf([dense, lexical], k, c, [dense_weight, 1.0])
+
+
+def per_source(hits: list[dict[str, Any]], k: int, most: int | None) -> list[dict[str, Any]]:
+    """The first `k` of `hits` keeping at most `most` chunks of any one source (None: no cap), so
+    near-duplicate chunks of one page cannot fill every slot."""
+    if not most:
+        return hits[:k]
+    out, seen = [], Counter()
+    for h in hits:
+        if seen[h["source"]] < most:
+            seen[h["source"]] += 1
+            out.append(h)
+            if len(out) == k:
+                break
+    return out
 
 
 class Bm25Index:
-    """Okapi BM25 over a fixed set of chunk rows (each with "id", "text", "source"), in memory.
+    """Okapi BM25 over a fixed set of chunk rows (each with "id", "terms", "source"), in memory.
+
+    Rows are scored by their `terms` (see `terms`; rows without them: `analyze` of their "text"),
+    queries by `analyze`, so this fallback ranks like Milvus's own BM25 function.
 
     Postings are numpy arrays of (row, precomputed tf-length weight), so a query costs one
     vectorised add per query term: milliseconds at 100k chunks, where a Python loop over the
@@ -79,9 +157,9 @@ class Bm25Index:
         freqs: dict[str, list[int]] = {}
         lengths = np.zeros(len(rows), dtype=np.float64)
         for i, row in enumerate(rows):
-            terms = Counter(tokenize(row["text"]))
-            lengths[i] = sum(terms.values())
-            for term, tf in terms.items():
+            counts = Counter(row["terms"].split() if row.get("terms") is not None else analyze(row["text"]))
+            lengths[i] = sum(counts.values())
+            for term, tf in counts.items():
                 docs.setdefault(term, []).append(i)
                 freqs.setdefault(term, []).append(tf)
         self.avg = float(lengths.mean()) if len(rows) else 0.0
@@ -96,7 +174,7 @@ class Bm25Index:
     def search(self, query: str, k: int, source_prefix: str | None = None) -> list[dict[str, Any]]:
         n = len(self.rows)
         scores = np.zeros(n, dtype=np.float64)
-        for term in set(tokenize(query)):
+        for term in set(analyze(query)):
             if term in self.postings:
                 rows, weight = self.postings[term]
                 idf = math.log(1 + (n - len(rows) + 0.5) / (len(rows) + 0.5))  # > 0, so every matching row scores > 0
@@ -108,7 +186,7 @@ class Bm25Index:
             kth = np.partition(scores[found], len(found) - k)[len(found) - k]
             found = found[scores[found] >= kth]
         order = found[np.argsort(-scores[found], kind="stable")][:k]  # ties: earlier row first
-        return [{**self.rows[i], "score": float(scores[i])} for i in order]
+        return [{**{f: v for f, v in self.rows[i].items() if f != "terms"}, "score": float(scores[i])} for i in order]
 
     def _prefix_mask(self, prefix: str) -> np.ndarray:
         if prefix not in self._prefixes:

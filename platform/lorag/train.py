@@ -181,7 +181,7 @@ def with_retrieved_sources(cfg, ad, examples: list[dict[str, Any]]) -> list[dict
     questions = [question(ex["messages"]) for ex in examples]
     out = []
     for ex, q, vector in zip(examples, questions, embedder.embed(questions)):
-        hits = store.search(kb.collection, vector.tolist(), q, kb.top_k, kb.search)
+        hits = store.search(kb.collection, vector.tolist(), q, kb.top_k, kb.search, None, kb.ranking_options())
         out.append({"messages": [*augment(ex["messages"][:-1], hits), ex["messages"][-1]]})
     return out
 
