@@ -348,10 +348,15 @@ def sweep(candidates: list[dict], questions: list[dict]) -> dict:
             rows.append({"setting": setting, "dev": on(dev, hits), "test": on(test, hits), "all": on(list(range(len(questions))), hits)})
         best = max(rows, key=lambda r: (r["dev"]["mrr"], r["dev"]["recall"], -rows.index(r)))
         now = ranked(current, mode)
+        # the cap alone, every other setting as lorag has it
+        caps = {str(cap): next(r for r in rows if r["setting"]["max_per_source"] == cap and all(r["setting"][k] == current[k] for k in keys if k != "max_per_source"))
+                for cap in SWEEP["max_per_source"]} if mode != "hybrid" or all(current[k] in SWEEP[k] for k in keys) else {}
         result["modes"][mode] = {
             "best": best,
             "current": {"dev": on(dev, now), "test": on(test, now), "all": on(list(range(len(questions))), now)},
+            "caps": caps,
             "grid": len(grid),
+            "rows": rows,
         }
     return result
 
@@ -432,6 +437,8 @@ def main() -> None:
         for label, m in (("current " + json.dumps(tuned["current"] if mode == "hybrid" else {"max_per_source": tuned["current"]["max_per_source"]}), r["current"]),
                          (f"best of {r['grid']}: " + json.dumps(r["best"]["setting"]), r["best"])):
             sweep_rows.append((f"lorag {mode}", label, *(f"{m[h]['recall']:.3f} / {m[h]['mrr']:.3f}" for h in ("dev", "test", "all"))))
+        for cap, m in r["caps"].items():
+            sweep_rows.append((f"lorag {mode}", f"current, max_per_source {cap}", *(f"{m[h]['recall']:.3f} / {m[h]['mrr']:.3f}" for h in ("dev", "test", "all"))))
     print_table(("method", "setting", "dev recall / MRR", "test recall / MRR", "all recall / MRR"), sweep_rows)
     print(f"query embedding p50 {res['query_embed_p50_ms']:.1f} ms (in every time but bm25's); lorag ingest {ingest_report['seconds']:.0f} s; "
           f"whole run {res['seconds']:.0f} s; load average {load:.1f} before, {res['load_1min'][1]:.1f} after", flush=True)

@@ -167,8 +167,10 @@ def test_fuse_table(dense, lexical, kwargs, expected):
     [
         ("aaab", 3, None, [0, 1, 2]),
         ("aaab", 3, 2, [0, 1, 3]),
-        ("aaab", 3, 1, [0, 3]),  # fewer than k when the candidates run out
+        ("aaab", 3, 1, [0, 3, 1]),  # a source's extra chunks follow the others': still k hits
+        ("aaaa", 3, 1, [0, 1, 2]),  # one document: its own order
         ("abab", 2, 1, [0, 1]),
+        ("aabbc", 3, 1, [0, 2, 4]),
         ("", 3, 2, []),
     ],
 )

@@ -88,8 +88,9 @@ class KnowledgeBaseConfig(_Strict):
     search: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused by reciprocal rank).")
     hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Fusion settings of hybrid search.")
     max_per_source: int | None = Field(
-        None, ge=1, description="At most this many of the retrieved chunks from any one document (None: lorag's default), so near-duplicate "
-        "chunks of one page cannot fill every slot. Set it to top_k to turn the cap off.",
+        None, ge=1, description="At most this many chunks of any one document ahead of other documents' chunks (None: lorag's default, 1), "
+        "so near-duplicate chunks of one page cannot fill every slot; a document's further chunks follow, so a one-document knowledge "
+        "base still gets top_k. Set it to top_k to rank by score alone.",
     )
     embed_batch_size: int = Field(64, ge=1, description="Chunks per embedding batch in the ingest pipeline.")
     embed_actors: int = Field(

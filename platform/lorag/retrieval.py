@@ -29,7 +29,7 @@ import numpy as np
 RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very top ranks
 DENSE_WEIGHT = 1.0  # hybrid: the dense ranking's weight in RRF (full text: 1)
 LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
-MAX_PER_SOURCE: int | None = None  # every mode: at most this many hits from one document (None: no cap)
+MAX_PER_SOURCE: int | None = 1  # every mode: one chunk per document before a second of any (see `per_source`)
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 # Lucene's English stop words plus the words a question is made of ("how do I ...?"): they match
 # everywhere, so in BM25 they only add noise to the ranking.
@@ -113,8 +113,9 @@ def fuse(dense: list[dict[str, Any]], lexical: list[dict[str, Any]], k: int, den
 
     Full-text hits scoring under `lexical_floor` times the best one match only common words; in
     a fused ranking they would outvote the one chunk that holds a rare, exact term, so they are
-    dropped first. The defaults are the best of a sweep on the dev half of bench/quality.py's
-    questions (docs/benchmarks.md); a knowledge base's `hybrid` settings override them.
+    dropped first. A sweep of 384 settings on bench/quality.py's questions (docs/benchmarks.md)
+    found none better than these defaults on the half it was not chosen on; a knowledge base's
+    `hybrid` settings override them. The same sweep chose `MAX_PER_SOURCE` (better on both halves).
     """
     if lexical:
         lexical = [h for h in lexical if h["score"] >= lexical_floor * lexical[0]["score"]]
@@ -122,18 +123,21 @@ def fuse(dense: list[dict[str, Any]], lexical: list[dict[str, Any]], k: int, den
 
 
 def per_source(hits: list[dict[str, Any]], k: int, most: int | None) -> list[dict[str, Any]]:
-    """The first `k` of `hits` keeping at most `most` chunks of any one source (None: no cap), so
-    near-duplicate chunks of one page cannot fill every slot."""
+    """The top `k` of `hits` with at most `most` chunks of any one source ahead of other sources'
+    chunks (None: the order as it is), so near-duplicate chunks of one page cannot fill every slot.
+
+    The cap only reorders: a source's chunks beyond `most` follow the others' in their own order,
+    so a knowledge base of one document still returns k chunks.
+    """
     if not most:
         return hits[:k]
-    out, seen = [], Counter()
+    first, later, seen = [], [], Counter()
     for h in hits:
-        if seen[h["source"]] < most:
-            seen[h["source"]] += 1
-            out.append(h)
-            if len(out) == k:
-                break
-    return out
+        seen[h["source"]] += 1
+        (first if seen[h["source"]] <= most else later).append(h)
+        if len(first) == k:
+            break
+    return (first + later)[:k]
 
 
 class Bm25Index:
