@@ -151,22 +151,27 @@ def test_strict_json_types_and_the_max_tokens_ceiling(app):
 
 
 def test_a_short_request_is_answered_before_a_long_one_in_its_batch(app):
+    """Two requests sent at once share a batch (30 ms window) unless the machine delays one past
+    it, which the test cannot control: each attempt is a fresh pair, and one pair in which the short
+    answer came first shows it did not wait. Greedy, so the long row's length is deterministic."""
     import concurrent.futures
 
     url, *_ = app
-    done = {}
+    for _attempt in range(3):
+        done, start = {}, threading.Barrier(2)
 
-    def ask(name, n):
-        r = chat(url, model="support", retrieval=False, max_tokens=n, temperature=1.0, seed=None)
-        done[name] = time.perf_counter()
-        return r.json()["usage"]["completion_tokens"]
+        def ask(name, n):
+            start.wait()
+            r = chat(url, model="support", retrieval=False, max_tokens=n, temperature=0.0)
+            done[name] = time.perf_counter()
+            return r.json()["usage"]["completion_tokens"]
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(ask, "long", 900)
-        time.sleep(0.005)
-        short = pool.submit(ask, "short", 2)
-        assert short.result() <= 2 and long.result() > 200
-    assert done["short"] < done["long"], "the short row did not wait for the long row of its batch"
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            long, short = pool.submit(ask, "long", 900), pool.submit(ask, "short", 2)
+            assert short.result() <= 2 and long.result() > 200
+        if done["short"] < done["long"]:
+            break
+    assert done["short"] < done["long"], "in 3 pairs the short row always waited for the long row"
 
 
 def test_keys_scoped_to_models_and_knowledge_bases(app):
