@@ -145,3 +145,53 @@ def test_load_eval_set_names_every_bad_line_at_once(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no questions"):
         load_eval_set(tmp_path / "empty.jsonl")
+
+
+@pytest.mark.parametrize(
+    "text, retrieved, cited",
+    [
+        ("Amber [2].", ["a.md", "b.md"], ["b.md"]),
+        ("[1][2] and again [1]", ["a.md", "b.md"], ["a.md", "b.md"]),
+        ("see [3] and [0]", ["a.md", "b.md"], []),  # numbers naming no source
+        ("[1] [2]", ["a.md", "a.md"], ["a.md"]),  # one source, two chunks: cited once
+        ("no citation", ["a.md"], []),
+    ],
+)
+def test_cited_sources(text, retrieved, cited):
+    from lorag.evaluation import cited_sources
+
+    assert cited_sources(text, retrieved) == cited
+
+
+def test_plan_variants_pairs_each_adapter_with_and_without_its_knowledge_base():
+    from lorag.evaluation import plan_variants
+
+    names = lambda vs: [(v.name, v.adapter, v.kb) for v in vs]  # noqa: E731
+    assert names(plan_variants(None, [("support@v2", "handbook", "Be brief.")])) == [
+        ("base", None, None), ("base+rag", None, "handbook"), ("support", "support@v2", None), ("support+rag", "support@v2", "handbook"),
+    ]
+    assert names(plan_variants(None, [("a@v1", None, None)])) == [("base", None, None), ("a", "a@v1", None)]
+    two = names(plan_variants(None, [("med@v1", "papers", None), ("law@v1", "cases", None)]))
+    assert ("base+rag:papers", None, "papers") in two and ("base+rag:cases", None, "cases") in two and ("law+rag", "law@v1", "cases") in two
+
+
+def test_summarize_scores_each_variant_on_the_questions_each_metric_applies_to():
+    from lorag.evaluation import Answer, summarize
+
+    items = [
+        EvalItem("How long is the warranty?", ["39 months"], sources=["07-warranty.md"]),
+        EvalItem("Hold time?", ["A"], options=OPTIONS),
+    ]
+    answers = {
+        "base": [Answer("Two years.", [], [], 3, 0.1), Answer("B", [], [], 1, 0.1)],
+        "base+rag": [Answer("39 months [1]", ["07-warranty.md", "01-overview.md"], ["07-warranty.md"], 4, 0.2),
+                     Answer("12 seconds", ["03-leds.md"], [], 2, 0.2)],
+    }
+    got = summarize(items, answers, k=3)
+    assert got["base"]["exact_match"]["mean"] == 0.0 and got["base+rag"]["exact_match"]["mean"] == 0.5
+    assert got["base"]["choice_accuracy"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 1}
+    assert got["base+rag"]["choice_accuracy"]["mean"] == 1.0
+    assert got["base"]["citation_accuracy"]["mean"] == 0.0 and got["base+rag"]["citation_accuracy"]["mean"] == 1.0
+    assert "retrieval_recall" not in got["base"], "nothing retrieved: no recall to report"
+    assert got["base+rag"]["retrieval_recall"]["n"] == 1, "only questions with gold sources count"
+    assert got["base+rag"]["completion_tokens"]["mean"] == 3.0

@@ -173,3 +173,132 @@ def paired_bootstrap(a: list[float], b: list[float], samples: int = 2000, confid
     if len(a) != len(b):
         raise ValueError(f"paired values differ in length ({len(a)} and {len(b)})")
     return bootstrap([x - y for x, y in zip(a, b)], samples, confidence, seed)
+
+
+# -- running the variants ----------------------------------------------------------------------
+
+_CITE = re.compile(r"\[(\d{1,2})\]")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of answering: a model (the base, or an adapter `name@vN`), with or without its knowledge base."""
+
+    name: str  # "base", "base+rag", "support", "support+rag"
+    adapter: str | None
+    kb: str | None
+    system_prompt: str | None = None
+
+
+@dataclass
+class Answer:
+    """One variant's answer to one question."""
+
+    text: str
+    retrieved: list[str]  # sources of the retrieved chunks, in rank order, as citations name them
+    cited: list[str]  # sources the answer cites with [n]
+    completion_tokens: int
+    seconds: float
+
+
+def cited_sources(text: str, retrieved: list[str]) -> list[str]:
+    """The sources an answer cites as [n] (1-based into `retrieved`), in order, each once;
+    numbers that name no retrieved source are ignored."""
+    out: list[str] = []
+    for m in _CITE.finditer(text):
+        n = int(m.group(1))
+        if 1 <= n <= len(retrieved) and retrieved[n - 1] not in out:
+            out.append(retrieved[n - 1])
+    return out
+
+
+def plan_variants(cfg, adapters: list[tuple[str, str | None, str | None]]) -> list[Variant]:
+    """base, then base + RAG with each knowledge base an adapter is bound to, then each adapter
+    without and with its knowledge base.
+
+    Args:
+        adapters: (adapter id `name@vN`, its knowledge base or None, its system prompt or None).
+    """
+    out = [Variant("base", None, None)]
+    for kb in dict.fromkeys(kb for _, kb, _ in adapters if kb):
+        out.append(Variant("base+rag" if len({kb for _, kb, _ in adapters if kb}) == 1 else f"base+rag:{kb}", None, kb))
+    for adapter, kb, system_prompt in adapters:
+        name = adapter.split("@")[0]
+        out.append(Variant(name, adapter, None, system_prompt))
+        if kb:
+            out.append(Variant(f"{name}+rag", adapter, kb, system_prompt))
+    return out
+
+
+async def answer_all(engine, items: list[EvalItem], variants: list[Variant], retrieve, roots: dict[str, list[str]],
+                     max_tokens: int, progress=None) -> dict[str, list[Answer]]:
+    """Every variant's answer to every question, through the endpoint's prompt builder and engine.
+
+    All requests go to the engine at once, so base and adapter rows share batches as they do on
+    the endpoint; each question is retrieved once per knowledge base.
+
+    Args:
+        engine: a `lorag.engine.Engine` (or anything with its `generate`).
+        retrieve: `(kb name, question) -> hits`, as the endpoint retrieves (`lorag.retrieval.retrieve`).
+        roots: each knowledge base's source roots, to name sources as citations do.
+        max_tokens: per answer; answers are greedy.
+        progress: optional `(done, total)` callback.
+    """
+    import asyncio
+    import time
+
+    from lorag.engine import SamplingParams
+    from lorag.prompts import chat_prompt
+    from lorag.retrieval import relative_source
+
+    hits: dict[tuple[str, int], list] = {}
+    for kb in dict.fromkeys(v.kb for v in variants if v.kb):
+        for i, item in enumerate(items):
+            hits[kb, i] = await asyncio.to_thread(retrieve, kb, item.question)
+    params = SamplingParams(max_tokens=max_tokens)
+    total, done = len(items) * len(variants), [0]
+
+    async def one(v: Variant, i: int) -> Answer:
+        found = hits[v.kb, i] if v.kb else []
+        retrieved = [relative_source(h["source"], roots.get(v.kb, [])) for h in found]
+        start = time.perf_counter()
+        c = await engine.generate(chat_prompt([{"role": "user", "content": items[i].question}], found, v.system_prompt), params, v.adapter)
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+        return Answer(c.text, retrieved, cited_sources(c.text, retrieved) if found else [], c.completion_tokens, time.perf_counter() - start)
+
+    results = await asyncio.gather(*(one(v, i) for v in variants for i in range(len(items))))
+    return {v.name: results[j * len(items) : (j + 1) * len(items)] for j, v in enumerate(variants)}
+
+
+METRICS = ("exact_match", "f1", "choice_accuracy", "citation_accuracy", "retrieval_recall", "completion_tokens", "seconds")
+
+
+def per_question(item: EvalItem, a: Answer, k: int) -> dict[str, float | None]:
+    """The metrics of one answer (None where they do not apply: no options, no gold sources, no
+    retrieval). Answer metrics read the text without its [n] citation marks."""
+    text = " ".join(_CITE.sub(" ", a.text).split())
+    return {
+        "exact_match": exact_match(text, item.answers),
+        "f1": token_f1(text, item.answers),
+        "choice_accuracy": choice_correct(text, item) if item.options else None,
+        "citation_accuracy": citation_hit(a.cited, item.sources) if item.sources else None,
+        "retrieval_recall": recall_at_k(a.retrieved, item.sources, k) if item.sources and a.retrieved else None,
+        "completion_tokens": float(a.completion_tokens),
+        "seconds": a.seconds,
+    }
+
+
+def summarize(items: list[EvalItem], answers: dict[str, list[Answer]], k: int, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """Per variant and metric: mean, 95% bootstrap interval and the number of questions it covers."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, rows in answers.items():
+        scores = [per_question(item, a, k) for item, a in zip(items, rows)]
+        out[name] = {}
+        for metric in METRICS:
+            values = [s[metric] for s in scores if s[metric] is not None]
+            if values:
+                mean, lo, hi = bootstrap(values, seed=seed)
+                out[name][metric] = {"mean": mean, "low": lo, "high": hi, "n": len(values)}
+    return out
