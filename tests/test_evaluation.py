@@ -195,3 +195,21 @@ def test_summarize_scores_each_variant_on_the_questions_each_metric_applies_to()
     assert "retrieval_recall" not in got["base"], "nothing retrieved: no recall to report"
     assert got["base+rag"]["retrieval_recall"]["n"] == 1, "only questions with gold sources count"
     assert got["base+rag"]["completion_tokens"]["mean"] == 3.0
+
+
+def test_report_says_which_variant_wins_and_whether_it_is_noise(tmp_path):
+    from lorag.evaluation import report_markdown, verdict, write_report
+
+    clear = {"mean": 0.9, "low": 0.8, "high": 1.0, "n": 40}
+    weak = {"mean": 0.2, "low": 0.1, "high": 0.3, "n": 40}
+    close = {"mean": 0.25, "low": 0.1, "high": 0.4, "n": 40}
+    summary = {"base": {"f1": weak, "citation_accuracy": weak}, "base+rag": {"f1": close, "citation_accuracy": clear}}
+    lines = verdict(summary)
+    assert any("citation accuracy: **base+rag** wins" in line for line in lines), lines
+    assert any("token F1: base+rag leads" in line and "within noise" in line for line in lines), lines
+    result = {"dataset": "qa.jsonl", "questions": 40, "variants": [], "summary": summary, "answers": []}
+    md = report_markdown(result)
+    assert "| base+rag | 0.250 [0.10, 0.40] | 0.900 [0.80, 1.00] |" in md, md
+    written = write_report(result, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["questions"] == 40
+    assert (tmp_path / "out" / "eval.md").read_text() == md and len(written) >= 2

@@ -302,3 +302,149 @@ def summarize(items: list[EvalItem], answers: dict[str, list[Answer]], k: int, s
                 mean, lo, hi = bootstrap(values, seed=seed)
                 out[name][metric] = {"mean": mean, "low": lo, "high": hi, "n": len(values)}
     return out
+
+
+# -- the whole evaluation ----------------------------------------------------------------------
+
+
+def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_tokens: int = 64, progress=None) -> dict:
+    """Answer an evaluation set with every variant and score it; Ray need not run.
+
+    Args:
+        cfg: the `LoragConfig`.
+        dataset: the JSONL evaluation set (`load_eval_set`).
+        adapters: adapter names (optionally `name@vN`) to compare; default: every adapter of the
+            config that has a trained version.
+        max_tokens: per answer (greedy).
+        progress: optional `(done, total)` callback.
+
+    Returns:
+        {"dataset", "questions", "variants": [{name, adapter, kb}], "summary": summarize(...),
+         "answers": per question, each variant's answer, cited and retrieved sources}.
+
+    Raises:
+        ValueError: an adapter has no trained version or is not in the config.
+    """
+    import asyncio
+
+    from lorag.adapters import AdapterNotFoundError, AdapterStore
+    from lorag.embed import Embedder
+    from lorag.engine import Engine
+    from lorag.milvus import open_store
+    from lorag.retrieval import retrieve
+
+    items = load_eval_set(dataset)
+    store = AdapterStore(cfg.adapter_store)
+    chosen = []
+    names = adapters if adapters is not None else [a.name for a in cfg.adapters if store.versions(a.name)]
+    for ref in names:
+        name, _, version = ref.partition("@")
+        in_cfg = next((a for a in cfg.adapters if a.name == name), None)
+        try:
+            number = store.resolve_number(name, version or None)
+            meta = store.metadata(name, number)
+        except (AdapterNotFoundError, ValueError) as e:
+            raise ValueError(f"adapter {ref!r}: {e}; train it first (`lorag train -a {name}`)") from None
+        kb = in_cfg.knowledge_base if in_cfg else meta.get("knowledge_base")
+        chosen.append((f"{name}@v{number}", kb if kb in {k.name for k in cfg.knowledge_bases} else None,
+                       in_cfg.system_prompt if in_cfg else meta.get("system_prompt")))
+    variants = plan_variants(cfg, chosen)
+
+    kbs = {v.kb for v in variants if v.kb}
+    embedder = Embedder(cfg.embedder, cache_dir=cfg.cache_dir) if kbs else None
+    stores = {kb: open_store(cfg.milvus_uri(cfg.knowledge_base(kb)), cfg.knowledge_base(kb).token) for kb in kbs}
+    k = max((cfg.knowledge_base(kb).top_k for kb in kbs), default=0)
+
+    def search(kb: str, q: str):
+        return retrieve(stores[kb], embedder, cfg.knowledge_base(kb), q)
+
+    engine = Engine(cfg, cfg.base_model, store)
+    try:
+        roots = {kb: cfg.knowledge_base(kb).sources for kb in kbs}
+        answers = asyncio.run(answer_all(engine, items, variants, search, roots, max_tokens, progress))
+    finally:
+        engine.close()
+    return {
+        "dataset": str(dataset),
+        "questions": len(items),
+        "variants": [{"name": v.name, "adapter": v.adapter, "kb": v.kb} for v in variants],
+        "summary": summarize(items, answers, k),
+        "answers": [
+            {"question": it.question, "reference": it.answers, "sources": it.sources,
+             **{name: {"text": rows[i].text, "cited": rows[i].cited, "retrieved": rows[i].retrieved} for name, rows in answers.items()}}
+            for i, it in enumerate(items)
+        ],
+    }
+
+
+LABELS = {
+    "exact_match": "exact match", "f1": "token F1", "choice_accuracy": "choice accuracy", "citation_accuracy": "citation accuracy",
+    "retrieval_recall": "retrieval recall@k", "completion_tokens": "answer tokens", "seconds": "seconds per answer",
+}
+
+
+def report_markdown(result: dict) -> str:
+    """The evaluation as a Markdown table (mean [95% interval] per variant and metric) and a verdict."""
+    summary = result["summary"]
+    metrics = [m for m in METRICS if any(m in s for s in summary.values())]
+    lines = [f"# lorag eval: {result['questions']} questions from {result['dataset']}", "",
+             "| variant | " + " | ".join(LABELS[m] for m in metrics) + " |", "|" + " --- |" * (len(metrics) + 1)]
+    for name, s in summary.items():
+        cells = [f"{s[m]['mean']:.3f} [{s[m]['low']:.2f}, {s[m]['high']:.2f}]" if m in s and m not in ("completion_tokens", "seconds")
+                 else (f"{s[m]['mean']:.1f}" if m in s else "-") for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", *verdict(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(summary: dict) -> list[str]:
+    """One line per quality metric: the best variant, and whether its lead over the runner-up is
+    clear (their 95% intervals do not overlap) or within noise."""
+    out = []
+    for m in ("f1", "choice_accuracy", "citation_accuracy"):
+        ranked = sorted(((s[m]["mean"], name, s[m]) for name, s in summary.items() if m in s), key=lambda t: -t[0])
+        if len(ranked) < 2:
+            continue
+        (best, name, b), (second, other, o) = ranked[0], ranked[1]
+        if best == second:
+            out.append(f"- {LABELS[m]}: {name} and {other} tie at {best:.3f}.")
+        elif b["low"] > o["high"]:
+            out.append(f"- {LABELS[m]}: **{name}** wins ({best:.3f} against {other}'s {second:.3f}; the intervals do not overlap).")
+        else:
+            out.append(f"- {LABELS[m]}: {name} leads ({best:.3f} against {other}'s {second:.3f}), within noise on {b['n']} questions: "
+                       f"the 95% intervals overlap.")
+    return out
+
+
+def write_report(result: dict, out_dir: str | Path) -> list[Path]:
+    """eval.json and eval.md (and eval.png, a bar chart of the quality metrics, when matplotlib is installed) in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "eval.json", out / "eval.md"]
+    written[0].write_text(json.dumps(result, indent=2))
+    written[1].write_text(report_markdown(result))
+    try:
+        import matplotlib
+    except ImportError:
+        return written
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    metrics = [m for m in ("exact_match", "f1", "choice_accuracy", "citation_accuracy", "retrieval_recall") if any(m in s for s in summary.values())]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(metrics), 4))
+    width = 0.8 / max(1, len(summary))
+    for j, (name, s) in enumerate(summary.items()):
+        xs = [i + j * width for i, m in enumerate(metrics) if m in s]
+        ms = [m for m in metrics if m in s]
+        means = [s[m]["mean"] for m in ms]
+        err = [[s[m]["mean"] - s[m]["low"] for m in ms], [s[m]["high"] - s[m]["mean"] for m in ms]]
+        ax.bar(xs, means, width, yerr=err, capsize=3, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], [LABELS[m] for m in metrics])
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"lorag eval: {result['questions']} questions (95% intervals)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "eval.png", dpi=100)
+    plt.close(fig)
+    return [*written, out / "eval.png"]
