@@ -213,3 +213,45 @@ def test_report_says_which_variant_wins_and_whether_it_is_noise(tmp_path):
     written = write_report(result, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["questions"] == 40
     assert (tmp_path / "out" / "eval.md").read_text() == md and len(written) >= 2
+
+
+@pytest.mark.slow
+def test_evaluate_answers_with_every_variant_through_the_engine_and_writes_the_report(ray_session, tmp_path, tiny_model, model_cache):
+    """The whole `lorag eval` path on a tiny model: a real knowledge base in Milvus Lite, an adapter in the
+    store, the endpoint's prompt builder and Engine. The model is random, so only the shape is checked."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_config
+    from lorag.adapters import AdapterStore
+    from lorag.data import ingest
+    from lorag.evaluation import evaluate, write_report
+
+    cfg = write_config(tmp_path, tiny_model, model_cache)
+    ingest(cfg, "handbook")
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "support")
+    AdapterStore(cfg.adapter_store).save("support", tmp_path / "support", {"base_model": cfg.base_model, "knowledge_base": "handbook"})
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(x) for x in [
+        {"question": "How long is the Tidewell T4 warranty?", "answer": "39 months", "sources": ["07-warranty-and-support.md"]},
+        {"question": "What colour does the status LED pulse during a backup?", "answer": "amber", "sources": ["03-leds-and-buttons.md"]},
+        {"question": "Which button starts a backup?", "answer": "A", "options": ["The Tide button", "The power button"]},
+    ]))
+
+    result = evaluate(cfg, qa, None, max_tokens=4)
+    assert [v["name"] for v in result["variants"]] == ["base", "base+rag", "support", "support+rag"]
+    assert [v["adapter"] for v in result["variants"]] == [None, None, "support@v1", "support@v1"]
+    first = result["answers"][0]
+    assert first["base"]["retrieved"] == [] and first["support"]["retrieved"] == [], "no-RAG variants retrieve nothing"
+    assert first["base+rag"]["retrieved"] == first["support+rag"]["retrieved"] and len(first["base+rag"]["retrieved"]) == 2, "top_k 2, retrieved once"
+    assert all("/" not in s for s in first["base+rag"]["retrieved"]), "sources named as citations name them, relative to the corpus"
+    summary = result["summary"]
+    assert summary["base+rag"]["retrieval_recall"]["n"] == 2 and "retrieval_recall" not in summary["base"]
+    assert summary["support"]["choice_accuracy"]["n"] == 1 and summary["support"]["f1"]["n"] == 3
+    written = write_report(result, tmp_path / "report")
+    md = (tmp_path / "report" / "eval.md").read_text()
+    assert all(f"| {name} |" in md for name in ("base", "base+rag", "support", "support+rag")), md
+    assert written[0].name == "eval.json"
