@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from lorag.cli import app
 
 runner = CliRunner()
-COMMANDS = ["quickstart", "ingest", "train", "serve", "ask", "adapters", "kb", "submit", "jobs", "deploy", "k8s"]
+COMMANDS = ["quickstart", "ingest", "train", "serve", "ask", "eval", "adapters", "kb", "submit", "jobs", "deploy", "k8s"]
 
 
 def test_top_level_help_lists_every_command():

@@ -46,7 +46,7 @@ def test_importing_lorag_modules_does_no_heavy_work():
 
 
 def test_job_entrypoints_have_help():
-    for job in ("jobs.ingest", "jobs.finetune"):
+    for job in ("jobs.ingest", "jobs.finetune", "jobs.evaluate"):
         r = subprocess.run([sys.executable, "-m", job, "--help"], cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 0 and "--config" in r.stdout and "ray job submit" in r.stdout, r.stderr
 

@@ -6,6 +6,7 @@
     lorag train  -c lorag.yaml       # train the adapters (Ray Train + DeepSpeed)
     lorag serve  -c lorag.yaml       # run the OpenAI-compatible endpoint (Ray Serve)
     lorag ask "question" -m adapter  # ask a running endpoint
+    lorag eval -d qa.jsonl           # LoRA, RAG or both: every variant scored on an evaluation set
 """
 
 from __future__ import annotations
@@ -123,6 +124,38 @@ def ask(
     if "error" in body:
         _fail(body["error"]["message"])
     _print_answer(body)
+
+
+@app.command("eval")
+def eval_(
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="JSONL evaluation set: one {question, answer (or answers), sources?, options?} per line."),
+    config: Path = ConfigOpt,
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="Compare this adapter, name or name@vN (repeatable; default: every trained adapter of the config)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where eval.json, eval.md and eval.png go (default: <workdir>/eval/<date-time>)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Longest answer in tokens (greedy)."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """LoRA, RAG or both? Answer an evaluation set with the base model, base + RAG, each adapter and
+    each adapter + RAG, through the endpoint's prompt builder and engine, and report exact match,
+    token F1, choice and citation accuracy and retrieval recall with 95% bootstrap intervals."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lorag.evaluation import evaluate, report_markdown, write_report
+
+    cfg = _load(config, set_)
+    if out is None:
+        if "://" in cfg.workdir:
+            _fail("the workdir is a URI: give --out a local directory")
+        out = Path(cfg.workdir) / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        with Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("answering", total=None)
+            result = evaluate(cfg, dataset, adapter, max_tokens, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (FileNotFoundError, ValueError, LookupError) as e:
+        _fail(str(e))
+    written = write_report(result, out)
+    console.print(report_markdown(result))
+    console.print("written: " + ", ".join(str(p) for p in written))
 
 
 @app.command()

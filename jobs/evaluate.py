@@ -1,0 +1,32 @@
+"""LoRA, RAG or both, as a Ray Job: answer an evaluation set with every variant and write the report.
+
+Local:    python -m jobs.evaluate --config examples/quickstart/lorag.yaml --dataset examples/quickstart/eval.jsonl
+Cluster:  ray job submit --working-dir . -- python -m jobs.evaluate --config F --dataset D --out /shared/eval
+"""
+
+import argparse
+from pathlib import Path
+
+from lorag.config import load_config
+from lorag.evaluation import evaluate, report_markdown, write_report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the lorag.yaml")
+    parser.add_argument("--dataset", required=True, help="the JSONL evaluation set")
+    parser.add_argument("--adapter", action="append", help="only this adapter, name or name@vN (repeatable; default: every trained one)")
+    parser.add_argument("--out", default=None, help="where eval.json, eval.md and eval.png go (default: <workdir>/eval)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="longest answer in tokens")
+    parser.add_argument("--set", action="append", default=[], help="override, e.g. serve.max_batch_size=16")
+    args = parser.parse_args()
+
+    cfg = load_config(args.config, args.set)
+    result = evaluate(cfg, args.dataset, args.adapter, args.max_tokens, progress=lambda done, total: print(f"{done}/{total} answers", flush=True) if done % 20 == 0 or done == total else None)
+    written = write_report(result, args.out or Path(cfg.workdir) / "eval")
+    print(report_markdown(result))
+    print("written: " + ", ".join(map(str, written)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Evaluation sets and metrics as tables of cases (no model): answers, choices, citations, confidence."""
+
+import json
+
+import pytest
+
+from lorag.evaluation import (
+    EvalItem,
+    bootstrap,
+    choice,
+    choice_correct,
+    citation_hit,
+    exact_match,
+    load_eval_set,
+    normalize,
+    paired_bootstrap,
+    recall_at_k,
+    token_f1,
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("The Tidewell T4!", "tidewell t4"), ("  an   amber  light. ", "amber light"), ("", ""), ("39-month", "39month")],
+)
+def test_normalize(text, expected):
+    assert normalize(text) == expected
+
+
+@pytest.mark.parametrize(
+    "prediction, references, em, f1",
+    [
+        ("amber", ["Amber."], 1.0, 1.0),
+        ("It pulses amber", ["amber"], 0.0, 0.5),  # 1 common of 3 predicted, 1 reference word: P 1/3, R 1, F1 0.5
+        ("39 months", ["39 months", "three years"], 1.0, 1.0),
+        ("three years and three months", ["39 months", "three years"], 0.0, 2 * (2 / 5) * 1 / (2 / 5 + 1)),  # the best reference counts
+        ("blue", ["amber"], 0.0, 0.0),
+        ("", ["amber"], 0.0, 0.0),
+        ("the", ["a"], 1.0, 1.0),  # both normalise to nothing
+    ],
+)
+def test_exact_match_and_token_f1(prediction, references, em, f1):
+    assert exact_match(prediction, references) == em
+    assert token_f1(prediction, references) == pytest.approx(f1)
+
+
+OPTIONS = ["12 seconds", "5 seconds", "30 seconds"]
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("A", 0), ("(b)", 1), ("C. 30 seconds", 2), ("B) five", 1),
+        ("Hold it for 12 seconds.", 0),  # names one option's text
+        ("A fixture holds it for 30 seconds", 2),  # a sentence starting with the article "A" is not the letter A
+        ("12 seconds or 5 seconds", None),  # names two
+        ("no idea", None), ("D", None),  # no option D
+    ],
+)
+def test_choice(answer, expected):
+    assert choice(answer, OPTIONS) == expected
+
+
+def test_choice_correct_compares_with_the_reference_option():
+    item = EvalItem("How long?", ["A"], options=OPTIONS)
+    assert choice_correct("12 seconds", item) == 1.0 and choice_correct("(B)", item) == 0.0 and choice_correct("dunno", item) == 0.0
+
+
+@pytest.mark.parametrize(
+    "cited, gold, hit",
+    [
+        (["07-warranty.md"], ["07-warranty.md"], 1.0),
+        (["corpus/07-warranty.md"], ["07-warranty.md"], 1.0),  # a bare gold name matches the cited file's name
+        (["a/07-warranty.md"], ["b/07-warranty.md"], 0.0),  # gold with a folder must match whole
+        (["01-overview.md", "07-warranty.md"], ["07-warranty.md"], 1.0),
+        ([], ["07-warranty.md"], 0.0),
+        (["07-warranty.md"], [], 0.0),
+    ],
+)
+def test_citation_hit(cited, gold, hit):
+    assert citation_hit(cited, gold) == hit
+
+
+def test_recall_at_k_looks_at_the_first_k_only():
+    assert recall_at_k(["a.md", "b.md", "gold.md"], ["gold.md"], 3) == 1.0
+    assert recall_at_k(["a.md", "b.md", "gold.md"], ["gold.md"], 2) == 0.0
+
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_questions():
+    few = [1.0, 0.0] * 5
+    many = [1.0, 0.0] * 200
+    mean, lo, hi = bootstrap(few)
+    assert mean == 0.5 and lo < 0.5 < hi
+    _, lo2, hi2 = bootstrap(many)
+    assert lo < lo2 < 0.5 < hi2 < hi, "400 questions give a narrower interval than 10"
+    assert bootstrap([1.0] * 7) == (1.0, 1.0, 1.0)
+    assert bootstrap(few, seed=3) == bootstrap(few, seed=3), "seeded: the same interval every run"
+    with pytest.raises(ValueError):
+        bootstrap([])
+
+
+def test_paired_bootstrap_tells_a_real_win_from_noise():
+    rag = [1.0] * 18 + [0.0] * 2
+    base = [0.0] * 16 + [1.0] * 4
+    diff, lo, hi = paired_bootstrap(rag, base)
+    assert diff == pytest.approx(0.7) and lo > 0, "a large, consistent difference: the interval excludes 0"
+    noisy_a = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    noisy_b = [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    _, lo, hi = paired_bootstrap(noisy_a, noisy_b)
+    assert lo <= 0 <= hi, "one question's difference on six is not a win"
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_bootstrap([1.0], [1.0, 0.0])
+
+
+def test_load_eval_set_reads_every_shape(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    lines = [
+        {"question": "How long is the warranty?", "answer": "39 months", "sources": ["07-warranty-and-support.md"]},
+        {"question": "Reset?", "answers": ["12 seconds", "twelve seconds"]},
+        {"question": "Hold time?", "answer": "A", "options": OPTIONS},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    items = load_eval_set(path)
+    assert [i.answers for i in items] == [["39 months"], ["12 seconds", "twelve seconds"], ["A"]]
+    assert items[0].sources == ["07-warranty-and-support.md"] and items[2].options == OPTIONS and items[2].line == 3
+
+
+def test_load_eval_set_names_every_bad_line_at_once(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"question": "ok", "answer": "yes"}),
+        "{oops",
+        json.dumps({"question": "", "answer": "x"}),
+        json.dumps({"question": "q"}),
+        json.dumps({"question": "q", "answer": "maybe", "options": ["yes", "no"]}),
+        json.dumps(["not", "an", "object"]),
+    ]))
+    with pytest.raises(ValueError) as e:
+        load_eval_set(path)
+    msg = str(e.value)
+    for expected in ("line 2: invalid JSON", "line 3: `question`", "line 4: `answer`", "line 5: the answer 'maybe' is not one of its options", "line 6: expected a JSON object"):
+        assert expected in msg, msg
+    with pytest.raises(FileNotFoundError):
+        load_eval_set(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no questions"):
+        load_eval_set(tmp_path / "empty.jsonl")
+
+
+@pytest.mark.parametrize(
+    "text, retrieved, cited",
+    [
+        ("Amber [2].", ["a.md", "b.md"], ["b.md"]),
+        ("[1][2] and again [1]", ["a.md", "b.md"], ["a.md", "b.md"]),
+        ("see [3] and [0]", ["a.md", "b.md"], []),  # numbers naming no source
+        ("[1] [2]", ["a.md", "a.md"], ["a.md"]),  # one source, two chunks: cited once
+        ("no citation", ["a.md"], []),
+    ],
+)
+def test_cited_sources(text, retrieved, cited):
+    from lorag.evaluation import cited_sources
+
+    assert cited_sources(text, retrieved) == cited
+
+
+def test_plan_variants_pairs_each_adapter_with_and_without_its_knowledge_base():
+    from lorag.evaluation import plan_variants
+
+    names = lambda vs: [(v.name, v.adapter, v.kb) for v in vs]  # noqa: E731
+    assert names(plan_variants(None, [("support@v2", "handbook", "Be brief.")])) == [
+        ("base", None, None), ("base+rag", None, "handbook"), ("support", "support@v2", None), ("support+rag", "support@v2", "handbook"),
+    ]
+    assert names(plan_variants(None, [("a@v1", None, None)])) == [("base", None, None), ("a", "a@v1", None)]
+    two = names(plan_variants(None, [("med@v1", "papers", None), ("law@v1", "cases", None)]))
+    assert ("base+rag:papers", None, "papers") in two and ("base+rag:cases", None, "cases") in two and ("law+rag", "law@v1", "cases") in two
+
+
+def test_summarize_scores_each_variant_on_the_questions_each_metric_applies_to():
+    from lorag.evaluation import Answer, summarize
+
+    items = [
+        EvalItem("How long is the warranty?", ["39 months"], sources=["07-warranty.md"]),
+        EvalItem("Hold time?", ["A"], options=OPTIONS),
+    ]
+    answers = {
+        "base": [Answer("Two years.", [], [], 3, 0.1), Answer("B", [], [], 1, 0.1)],
+        "base+rag": [Answer("39 months [1]", ["07-warranty.md", "01-overview.md"], ["07-warranty.md"], 4, 0.2),
+                     Answer("12 seconds", ["03-leds.md"], [], 2, 0.2)],
+    }
+    got = summarize(items, answers, k=3)
+    assert got["base"]["exact_match"]["mean"] == 0.0 and got["base+rag"]["exact_match"]["mean"] == 0.5
+    assert got["base"]["choice_accuracy"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 1}
+    assert got["base+rag"]["choice_accuracy"]["mean"] == 1.0
+    assert got["base"]["citation_accuracy"]["mean"] == 0.0 and got["base+rag"]["citation_accuracy"]["mean"] == 1.0
+    assert "retrieval_recall" not in got["base"], "nothing retrieved: no recall to report"
+    assert got["base+rag"]["retrieval_recall"]["n"] == 1, "only questions with gold sources count"
+    assert got["base+rag"]["completion_tokens"]["mean"] == 3.0
+
+
+def test_report_says_which_variant_wins_and_whether_it_is_noise(tmp_path):
+    from lorag.evaluation import report_markdown, verdict, write_report
+
+    clear = {"mean": 0.9, "low": 0.8, "high": 1.0, "n": 40}
+    weak = {"mean": 0.2, "low": 0.1, "high": 0.3, "n": 40}
+    close = {"mean": 0.25, "low": 0.1, "high": 0.4, "n": 40}
+    summary = {"base": {"f1": weak, "citation_accuracy": weak}, "base+rag": {"f1": close, "citation_accuracy": clear}}
+    lines = verdict(summary)
+    assert any("citation accuracy: **base+rag** wins" in line for line in lines), lines
+    assert any("token F1: base+rag leads" in line and "within noise" in line for line in lines), lines
+    result = {"dataset": "qa.jsonl", "questions": 40, "variants": [], "summary": summary, "answers": []}
+    md = report_markdown(result)
+    assert "| base+rag | 0.250 [0.10, 0.40] | 0.900 [0.80, 1.00] |" in md, md
+    written = write_report(result, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["questions"] == 40
+    assert (tmp_path / "out" / "eval.md").read_text() == md and len(written) >= 2
+
+
+@pytest.mark.slow
+def test_evaluate_answers_with_every_variant_through_the_engine_and_writes_the_report(ray_session, tmp_path, tiny_model, model_cache):
+    """The whole `lorag eval` path on a tiny model: a real knowledge base in Milvus Lite, an adapter in the
+    store, the endpoint's prompt builder and Engine. The model is random, so only the shape is checked."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_config
+    from lorag.adapters import AdapterStore
+    from lorag.data import ingest
+    from lorag.evaluation import evaluate, write_report
+
+    cfg = write_config(tmp_path, tiny_model, model_cache)
+    ingest(cfg, "handbook")
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "support")
+    AdapterStore(cfg.adapter_store).save("support", tmp_path / "support", {"base_model": cfg.base_model, "knowledge_base": "handbook"})
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(x) for x in [
+        {"question": "How long is the Tidewell T4 warranty?", "answer": "39 months", "sources": ["07-warranty-and-support.md"]},
+        {"question": "What colour does the status LED pulse during a backup?", "answer": "amber", "sources": ["03-leds-and-buttons.md"]},
+        {"question": "Which button starts a backup?", "answer": "A", "options": ["The Tide button", "The power button"]},
+    ]))
+
+    result = evaluate(cfg, qa, None, max_tokens=4)
+    assert [v["name"] for v in result["variants"]] == ["base", "base+rag", "support", "support+rag"]
+    assert [v["adapter"] for v in result["variants"]] == [None, None, "support@v1", "support@v1"]
+    first = result["answers"][0]
+    assert first["base"]["retrieved"] == [] and first["support"]["retrieved"] == [], "no-RAG variants retrieve nothing"
+    assert first["base+rag"]["retrieved"] == first["support+rag"]["retrieved"] and len(first["base+rag"]["retrieved"]) == 2, "top_k 2, retrieved once"
+    assert all("/" not in s for s in first["base+rag"]["retrieved"]), "sources named as citations name them, relative to the corpus"
+    summary = result["summary"]
+    assert summary["base+rag"]["retrieval_recall"]["n"] == 2 and "retrieval_recall" not in summary["base"]
+    assert summary["support"]["choice_accuracy"]["n"] == 1 and summary["support"]["f1"]["n"] == 3
+    written = write_report(result, tmp_path / "report")
+    md = (tmp_path / "report" / "eval.md").read_text()
+    assert all(f"| {name} |" in md for name in ("base", "base+rag", "support", "support+rag")), md
+    assert written[0].name == "eval.json"
