@@ -46,6 +46,10 @@ def test_rrf_scores_are_summed_reciprocal_ranks():
         ("parametrized parametrizing parametrize", ["parametr", "parametr", "parametr"]),
         ("pytest_addoption hooks", ["pytest_addopt", "hook"]),
         ("what is the", []),
+        # a version number is one term; a lone number is a plain term
+        ("Python 3.6", ["python", "3_6"]),
+        ("pytest 7.2.1 (2022)", ["pytest", "7_2_1", "2022"]),
+        ("end.", ["end"]),
     ],
 )
 def test_analyze(text, tokens):
@@ -192,6 +196,8 @@ def test_milvus_lite_full_text_matches_stems_and_heading_words(tmp_path):
         ("Guide > Fixtures", "Use them to share setup code between tests."),
         ("Guide > Plugins", "Running tests in parallel needs the xdist plugin."),
         ("Guide > Plugins", "Plugins register hooks at start-up."),
+        ("Guide > Changes", "Support for Python 3.6 was dropped in 7.0."),
+        ("Guide > Changes", "Release 3 brought 6 new hooks."),
     ]
     rows = [
         {"id": str(i), "text": t, "source": "/kb/guide.md", "title": "Guide", "section": sec, "chunk_index": i, "start": 0, "end": len(t),
@@ -199,12 +205,13 @@ def test_milvus_lite_full_text_matches_stems_and_heading_words(tmp_path):
         for i, (sec, t) in enumerate(texts)
     ]
     try:
-        assert store.upsert("c", rows) == 3
+        assert store.upsert("c", rows) == 5
         store.settle("c")
         top = lambda q: [h["id"] for h in store.search("c", None, q, 3, "bm25")]  # noqa: E731
         assert top("fixtures")[:1] == ["0"], "the heading path is searched with the text"
         assert top("run a test in parallel")[:1] == ["1"], "run / Running, test / tests meet at their stems"
         assert top("how do I do what")[:1] == [], "stop words match nothing"
+        assert top("python 3.6")[:1] == ["3"] and "4" not in top("3.6"), "a version number is matched whole"
         (hit,) = store.search("c", None, "xdist", 1, "bm25")
         assert hit["text"] == texts[1][1] and "terms" not in hit, "hits carry the chunk's text, not its indexed terms"
     finally:

@@ -30,7 +30,9 @@ RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very top r
 DENSE_WEIGHT = 1.0  # hybrid: the dense ranking's weight in RRF (full text: 1)
 LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
 MAX_PER_SOURCE: int | None = 1  # every mode: one chunk per document before a second of any (see `per_source`)
-_TOKEN = re.compile(r"\w+", re.UNICODE)
+# A dotted number ("3.6", "7.2.1") is one token, or Milvus's tokenizer and ours would split it into
+# digits that match every number; other tokens are runs of word characters.
+_TOKEN = re.compile(r"\d+(?:\.\d+)+|\w+", re.UNICODE)
 # Lucene's English stop words plus the words a question is made of ("how do I ...?"): they match
 # everywhere, so in BM25 they only add noise to the ranking.
 STOP_WORDS = frozenset(
@@ -74,9 +76,12 @@ def _stemmer():
 
 def analyze(text: str) -> list[str]:
     """English analysis for full-text search: lower-cased word tokens, stop words dropped, each
-    reduced to its Snowball (Porter 2) stem. "Running the fixtures" -> ["run", "fixtur"]."""
+    reduced to its Snowball (Porter 2) stem. "Running the fixtures" -> ["run", "fixtur"].
+
+    A version number stays one term, joined by "_" (Milvus keeps "3_6" whole and splits "3.6"):
+    "Python 3.6" -> ["python", "3_6"], which "3.6.2" does not match."""
     stem = _stemmer()
-    return [stem(t) for t in _TOKEN.findall(text.lower()) if t not in STOP_WORDS]
+    return [t.replace(".", "_") if "." in t else stem(t) for t in _TOKEN.findall(text.lower()) if t not in STOP_WORDS]
 
 
 def terms(text: str) -> str:
