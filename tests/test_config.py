@@ -52,6 +52,11 @@ BASE = {
         (lambda d: d["adapters"][0]["train"].update(offload_optimizer=True, zero_stage=0), "offload_optimizer needs zero_stage >= 1"),
         (lambda d: d["adapters"][0]["train"].update(precision="bf16"), "precision bf16 needs use_gpu: true"),
         (lambda d: d["adapters"][0].update(method="qlora"), "adapters.0.method: Input should be 'lora' or 'full'"),
+        (lambda d: d["adapters"][0].update(name="auto"), "adapter name 'auto' is reserved"),
+        (lambda d: d["adapters"][0].update(answer_style="(unclosed"), "answer_style is not a regular expression"),
+        (lambda d: d["adapters"][0].update(knowledge_base=None, train={"raft": {}}), "train.raft needs a knowledge_base"),
+        (lambda d: d["adapters"][0]["train"].update(raft={"oracle_fraction": 1.5}), "adapters.0.train.raft.oracle_fraction"),
+        (lambda d: d["serve"].update(route_threshold=2), "serve.route_threshold"),
     ],
 )
 def test_errors_name_the_field(tmp_path, mutate, expected):

@@ -173,6 +173,19 @@ def test_plan_variants_pairs_each_adapter_with_and_without_its_knowledge_base():
     assert names(plan_variants(None, [("a@v1", None, None)])) == [("base", None, None), ("a", "a@v1", None)]
     two = names(plan_variants(None, [("med@v1", "papers", None), ("law@v1", "cases", None)]))
     assert ("base+rag:papers", None, "papers") in two and ("base+rag:cases", None, "cases") in two and ("law+rag", "law@v1", "cases") in two
+    styled = plan_variants(None, [("support@v2", "handbook", None)], {"support@v2": "^Support:"})
+    assert [v.style for v in styled] == ["^Support:"] * 4, "the base variants are held to the one style, to show what the adapter changed"
+    mixed = plan_variants(None, [("a@v1", None, None), ("b@v1", None, None)], {"a@v1": "^A:", "b@v1": "^B:"})
+    assert [(v.name, v.style) for v in mixed] == [("base", None), ("a", "^A:"), ("b", "^B:")]
+
+
+def test_style_adherence_reads_the_answer_as_written():
+    from lorag.evaluation import Answer, per_question
+
+    item = EvalItem("q", ["39 months"])
+    assert per_question(item, Answer(" Tidewell Support: 39 months [1]", [], [], 5, 0.1), 3, "^Tidewell Support:")["style_adherence"] == 1.0
+    assert per_question(item, Answer("39 months", [], [], 2, 0.1), 3, "^Tidewell Support:")["style_adherence"] == 0.0
+    assert per_question(item, Answer("39 months", [], [], 2, 0.1), 3)["style_adherence"] is None
 
 
 def test_summarize_scores_each_variant_on_the_questions_each_metric_applies_to():
@@ -212,7 +225,44 @@ def test_report_says_which_variant_wins_and_whether_it_is_noise(tmp_path):
     assert "| base+rag | 0.250 [0.10, 0.40] | 0.900 [0.80, 1.00] |" in md, md
     written = write_report(result, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["questions"] == 40
-    assert (tmp_path / "out" / "eval.md").read_text() == md and len(written) >= 2
+    assert (tmp_path / "out" / "eval.md").read_text() == md and [p.name for p in written] == ["eval.json", "eval.md", "eval.png"]
+
+
+def test_the_chart_is_a_png_with_one_bar_per_variant_and_metric_at_its_height(tmp_path):
+    """Read back as an image: each variant's bars in its colour (matplotlib's first two), their
+    heights in the ratio of the scores."""
+    import numpy as np
+    from PIL import Image
+
+    from lorag.evaluation import write_report
+
+    at = lambda v: {"mean": v, "low": v, "high": v, "n": 10}  # noqa: E731
+    summary = {"base": {"f1": at(0.25), "citation_accuracy": at(0.5)}, "base+rag": {"f1": at(0.75), "citation_accuracy": at(1.0)}}
+    write_report({"dataset": "qa.jsonl", "questions": 10, "variants": [], "summary": summary, "answers": []}, tmp_path)
+    with Image.open(tmp_path / "eval.png") as im:
+        assert im.format == "PNG" and im.width > 200 and im.height > 200
+        px = np.asarray(im.convert("RGB")).astype(int)
+
+    def bars(rgb):
+        """Heights of the bars painted in `rgb`, left to right: per column, its longest vertical run
+        of that colour (the legend's patch is a short separate run)."""
+        mask = np.abs(px - rgb).sum(axis=2) < 30
+        hit = np.zeros(mask.shape[1], dtype=int)
+        for x in range(mask.shape[1]):
+            run = 0
+            for on in mask[:, x]:
+                run = run + 1 if on else 0
+                hit[x] = max(hit[x], run)
+        cols = [x for x in range(px.shape[1]) if hit[x] > 20]
+        runs = [[cols[0]]] if cols else []
+        for x in cols[1:]:
+            runs[-1].append(x) if x == runs[-1][-1] + 1 else runs.append([x])
+        return [max(hit[x] for x in r) for r in runs]
+
+    blue, orange = bars((31, 119, 180)), bars((255, 127, 14))  # matplotlib's C0 and C1
+    assert len(blue) == 2 and len(orange) == 2, (blue, orange)
+    for got, want in ((blue[1] / blue[0], 2.0), (orange[0] / blue[0], 3.0), (orange[1] / blue[0], 4.0)):
+        assert abs(got - want) < 0.1, (blue, orange)
 
 
 @pytest.mark.slow

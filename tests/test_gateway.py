@@ -24,7 +24,7 @@ def sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def save_adapter(store, name: str, tiny_model, where, seed: int, base_model: str, kb: str | None = None) -> str:
+def save_adapter(store, name: str, tiny_model, where, seed: int, base_model: str, kb: str | None = None, **metadata) -> str:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -32,7 +32,7 @@ def save_adapter(store, name: str, tiny_model, where, seed: int, base_model: str
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.save_pretrained(where / f"{name}-{seed}")
-    return store.save(name, where / f"{name}-{seed}", {"base_model": base_model, **({"knowledge_base": kb} if kb else {})})
+    return store.save(name, where / f"{name}-{seed}", {"base_model": base_model, **({"knowledge_base": kb} if kb else {}), **metadata})
 
 
 class Server:
@@ -267,3 +267,27 @@ def test_a_stalled_milvus_server_stalls_neither_health_nor_other_requests(ray_se
         finally:
             server.close()
             engine.close()
+
+
+def test_model_auto_routes_to_the_nearest_adapter_and_its_knowledge_base_or_the_base_model(app, tiny_model):
+    """Profiles travel with the adapters (description and training questions in their metadata);
+    the response says which model answered and retrieves from that adapter's knowledge base."""
+    url, cfg, root, store = app
+    save_adapter(store, "tidewell", tiny_model, root, 5, cfg.base_model, "handbook",
+                 description="Support for the Tidewell T4 home backup appliance: LEDs, error codes, warranty.",
+                 questions=["What does error TW-E417 mean?", "How long is the T4 warranty?", "Why is the status LED red?"])
+    save_adapter(store, "kitchen", tiny_model, root, 6, cfg.base_model,
+                 description="Cooking and baking help.", questions=["How do I poach an egg?", "How long do I knead bread dough?"])
+    ask = lambda q, key=KEY: chat(url, key, model="auto", messages=[{"role": "user", "content": q}])  # noqa: E731
+    r = ask("My Tidewell T4 status LED blinks red, which error is it?")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"].startswith("tidewell@v") and body["route"]["model"] == body["model"], body
+    assert body["sources"] and all(s["source"].endswith(".md") for s in body["sources"]), "the routed adapter's knowledge base was searched"
+    body = ask("What is a good way to bake bread at home?").json()
+    assert body["model"].startswith("kitchen@v") and "sources" not in body, body
+    body = ask("Who wrote Pride and Prejudice?").json()
+    assert body["model"] == tiny_model.name and body["route"]["score"] < cfg.serve.route_threshold, body
+    assert "auto" in [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]]
+    r = ask("How do I poach an egg?", SCOPED)
+    assert r.status_code == 403 and "auto" in r.json()["error"]["message"], "a key limited to some models must name auto to use it"

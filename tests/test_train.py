@@ -106,6 +106,59 @@ def test_retrieved_sources_wrap_the_question_as_serving_does(trained):
     assert "39" in user["content"], "the warranty passage was retrieved into the prompt"
 
 
+def test_raft_examples_hold_the_oracle_in_the_configured_fraction_among_distractors_from_other_documents():
+    import re
+
+    from lorag.train import raft_examples
+
+    # d<i>'s passages hold answer <i> (so they ground it); example 9's answer is in none of them
+    hit = lambda doc, n: {"source": f"/kb/{doc}.md", "title": doc, "text": f"passage {doc}-{n}: the answer is {doc[1:]}"}  # noqa: E731
+    examples = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer {i}" if i < 9 else "Canberra"}]} for i in range(10)]
+    # each question's top hit is its oracle; a second chunk of the same document ranks next
+    found = [[hit(f"d{i}", 0), hit(f"d{i}", 1), *(hit(f"d{(i + j) % 10}", 0) for j in range(1, 6))] for i in range(10)]
+    out = raft_examples(examples, found, distractors=3, oracle_fraction=0.8, cite=True, seed=0)
+    assert sum(at is not None for _, at in out) == 8, "exactly the configured fraction holds the oracle"
+    assert out[9][1] is not None, "premise: the ungrounded example holds its oracle (seed 0)"
+    for i, (ex, at) in enumerate(out):
+        user, answer = ex["messages"]
+        cited = re.findall(r"^\[(\d)\] (d\d)$", user["content"], re.M)
+        assert len(cited) == 4, "the oracle and 3 distractors, or 4 distractors"
+        assert all(doc != f"d{i}" for n, doc in cited if int(n) != at), "distractors come from other documents"
+        plain = examples[i]["messages"][1]["content"]
+        if at is None:
+            assert f"passage d{i}-0" not in user["content"] and answer["content"] == plain
+        else:
+            assert dict(cited)[str(at)] == f"d{i}" and f"passage d{i}-0" in user["content"]
+            if i < 9:
+                assert answer["content"] == f"{plain} [{at}]", "the answer cites the oracle"
+            else:
+                assert answer["content"] == plain, "an answer the oracle does not support cites nothing"
+        assert user["content"].endswith(f"Question: q{i}")
+    positions = {at for _, at in out if at}
+    assert len(positions) > 1, "the oracle's position is shuffled"
+    again = raft_examples(examples, found, distractors=3, oracle_fraction=0.8, cite=True, seed=0)
+    assert again == out, "seeded"
+    assert all(at is None for _, at in raft_examples(examples, found, 3, 0.0, True, 0))
+
+
+def test_raft_training_prompts_come_from_the_knowledge_base(trained):
+    from lorag.config import RaftConfig
+    from lorag.train import with_retrieved_sources
+
+    cfg, _, _ = trained
+    ad = cfg.adapters[0]
+    ad = ad.model_copy(update={"train": ad.train.model_copy(update={"raft": RaftConfig(distractors=2, oracle_fraction=0.5)})})
+    qs = ["How long is the Tidewell T4 warranty?", "What does error TW-E417 mean?", "What does a solid teal LED mean?", "How much is Harbor 5?"]
+    examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in qs]
+    out = with_retrieved_sources(cfg, ad, examples)
+    assert sum(ex["messages"][1]["content"] != "ok" for ex in out) == 2, "half hold the oracle and cite it"
+    for ex in out:
+        user = ex["messages"][0]["content"]
+        assert "[1] " in user and "[2] " in user and "[3] " in user and "[4] " not in user
+    warranty = out[0]["messages"]
+    assert ("39" in warranty[0]["content"]) == (warranty[1]["content"] != "ok"), "the oracle of the warranty question holds its answer"
+
+
 RESUME_OVERRIDES = [
     "adapters.support.train.with_retrieval=false",
     "adapters.support.train.max_steps=6",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,26 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a config value, e.g. -
 AddressOpt = typer.Option(None, "--address", help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray instance).")
 
 
+VERBOSE = False  # --verbose: Ray's own logs in the terminal too
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's own logs (Ray Data, Ray Train workers, Serve replicas) here; by default they go to Ray's log files only, whose path is printed.")) -> None:
+    global VERBOSE
+    VERBOSE = verbose
+    if not verbose:  # model-loading progress bars (transformers, huggingface_hub): lorag shows its own
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _connect(address: Optional[str] = None) -> None:
+    """Start or join Ray for an interactive command: its logs go to files unless --verbose."""
+    from lorag.cluster import ray_logs_dir
+
+    connect(address, log_to_driver=VERBOSE)
+    if not VERBOSE and (logs := ray_logs_dir()):
+        console.print(f"[dim]Ray's logs: {logs} (--verbose shows them here)[/dim]")
+
+
 def _load(path: Path, overrides: Optional[list[str]]) -> LoragConfig:
     try:
         return load_config(path, overrides)
@@ -63,7 +84,7 @@ def ingest(
     """Build or refresh knowledge bases: read, chunk, embed (Ray Data) and upsert into Milvus. Re-running adds nothing new."""
     cfg = _load(config, set_)
     _check_names(cfg.knowledge_base, kb)
-    connect(address)
+    _connect(address)
     _ingest_all(cfg, kb)
 
 
@@ -77,7 +98,7 @@ def train(
     """Train LoRA adapters on Ray Train with DeepSpeed; each run saves a new version in the adapter store."""
     cfg = _load(config, set_)
     _check_names(cfg.adapter, adapter)
-    connect(address)
+    _connect(address)
     _train_all(cfg, adapter)
 
 
@@ -93,7 +114,7 @@ def serve(
     if export is not None:
         _export_serve_config(cfg, config, export)
         return
-    connect(address)
+    _connect(address)
     url = _start_serve(cfg)
     console.print(f"lorag is serving at [bold]{url}/v1[/bold] (models: {url}/v1/models). Ctrl-C stops it.")
     try:
@@ -133,47 +154,107 @@ def eval_(
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="Compare this adapter, name or name@vN (repeatable; default: every trained adapter of the config)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where eval.json, eval.md and eval.png go (default: <workdir>/eval/<date-time>)."),
     max_tokens: int = typer.Option(64, "--max-tokens", help="Longest answer in tokens (greedy)."),
+    routing: bool = typer.Option(False, "--routing", help="Score `model: \"auto\"` routing instead: the dataset is {question, adapter (or null: the base model)} lines; prints accuracy and a confusion table."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="With --routing: the route threshold to try (default: serve.route_threshold)."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """LoRA, RAG or both? Answer an evaluation set with the base model, base + RAG, each adapter and
     each adapter + RAG, through the endpoint's prompt builder and engine, and report exact match,
-    token F1, choice and citation accuracy and retrieval recall with 95% bootstrap intervals."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from lorag.evaluation import evaluate, report_markdown, write_report
-
+    token F1, choice and citation accuracy and retrieval recall with 95% bootstrap intervals.
+    With --routing: how often `model: "auto"` picks the labelled adapter."""
     cfg = _load(config, set_)
-    if out is None:
-        if "://" in cfg.workdir:
-            _fail("the workdir is a URI: give --out a local directory")
-        out = Path(cfg.workdir) / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    if routing:
+        _run_routing_eval(cfg, dataset, out, threshold)
+    else:
+        _run_eval(cfg, dataset, adapter, out, max_tokens)
+
+
+def _eval_dir(cfg: LoragConfig, out: Optional[Path], prefix: str = "") -> Path:
+    if out is not None:
+        return out
+    if "://" in cfg.workdir:
+        _fail("the workdir is a URI: give --out a local directory")
+    return Path(cfg.workdir) / "eval" / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _run_eval(cfg: LoragConfig, dataset: Path, adapters: Optional[list[str]], out: Optional[Path], max_tokens: int) -> Path:
+    """`lorag eval`'s work (also the quickstart's last stage): answer, score, print the table, write the report."""
+    from rich import box
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from lorag.evaluation import evaluate, report_table, verdict, write_report
+
+    out = _eval_dir(cfg, out)
     try:
         with Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task("answering", total=None)
-            result = evaluate(cfg, dataset, adapter, max_tokens, progress=lambda done, total: bar.update(task, completed=done, total=total))
+            result = evaluate(cfg, dataset, adapters, max_tokens, progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (FileNotFoundError, ValueError, LookupError) as e:
         _fail(str(e))
     written = write_report(result, out)
-    console.print(report_markdown(result))
-    console.print("written: " + ", ".join(str(p) for p in written))
+    # One screen: short headers, each mean above its 95% interval (the report has the long form).
+    short = {"exact match": "EM", "token F1": "F1", "choice accuracy": "choice", "citation accuracy": "cited", "retrieval recall@k": "recall",
+             "answer style": "style", "answer tokens": "tokens"}
+    table = Table(title=f"{result['questions']} questions of {dataset.name}: mean and 95% interval (report: eval.md)", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    header, rows = report_table(result)
+    keep = [i for i, h in enumerate(header) if h != "seconds per answer"]  # latency with every request queued at once: in the report only
+    for i in keep:
+        table.add_column(short.get(header[i], header[i]), no_wrap=True, justify="left" if i == 0 else "right", min_width=max(len(r[0]) for r in rows) if i == 0 else 7)
+    for row in rows:  # "0.231 [0.14, 0.34]" -> "0.231" over ".14-.34" ("1.000 [1.00, 1.00]": "1-1")
+        table.add_row(*(re.sub(r" \[0?(\.\d+|1)(?:\.00)?, 0?(\.\d+|1)(?:\.00)?\]", r"\n\1-\2", row[i]) for i in keep))
+    console.print(table)
+    for line in verdict(result["summary"]):
+        console.print(line.replace("**", ""))
+    for p in written:
+        console.print(f"{ {'.png': 'chart', '.md': 'report'}.get(p.suffix, 'results')}: {p}")
+    return out
+
+
+def _run_routing_eval(cfg: LoragConfig, dataset: Path, out: Optional[Path], threshold: Optional[float]) -> None:
+    import json
+
+    from rich.markdown import Markdown
+
+    from lorag.data import DatasetError
+    from lorag.evaluation import evaluate_routing, routing_markdown
+
+    out = _eval_dir(cfg, out, "routing-")
+    try:
+        result = evaluate_routing(cfg, dataset, threshold)
+    except (FileNotFoundError, ValueError, LookupError, DatasetError) as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "routing.json").write_text(json.dumps(result, indent=2))
+    (out / "routing.md").write_text(routing_markdown(result))
+    console.print(Markdown(routing_markdown(result)))
+    console.print(f"results: {out / 'routing.json'}\nreport: {out / 'routing.md'}")
 
 
 @app.command()
 def quickstart(
     config: Path = typer.Option(QUICKSTART, "--config", "-c", help="The lorag.yaml to run (default: the bundled example)."),
     questions: Optional[Path] = typer.Option(None, "--questions", help="One question per line (default: questions.txt beside the config)."),
+    eval_set: Optional[Path] = typer.Option(None, "--eval", help="Held-out evaluation set scored at the end (default: eval.jsonl beside the config, when there is one)."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """The whole loop on this machine: build the knowledge base, train the adapter, serve both, ask questions over HTTP, shut down."""
+    """The whole loop on this machine: build the knowledge base, train the adapter, serve both, ask
+    questions over HTTP, shut down, then score base / base + RAG / adapter / adapter + RAG on the
+    held-out evaluation set (`lorag eval`) and print the table and the chart's path."""
     cfg = _load(config, set_)
     qfile = questions or config.parent / "questions.txt"
     if not qfile.is_file():
         _fail(f"no questions file {qfile}: pass --questions FILE")
     qs = [q.strip() for q in qfile.read_text().splitlines() if q.strip()]
+    if eval_set is None and (config.parent / "eval.jsonl").is_file():
+        eval_set = config.parent / "eval.jsonl"
+    if eval_set is not None and not eval_set.is_file():
+        _fail(f"no evaluation set {eval_set}")
     if not cfg.adapters:
         _fail(f"{config} defines no adapters")
     console.rule("[bold]lorag quickstart[/bold]")
-    connect()
+    _connect()
     _ingest_all(cfg, None)
     _train_all(cfg, None)
     url = _start_serve(cfg)
@@ -196,6 +277,9 @@ def quickstart(
                     _fail(body["error"]["message"])
     finally:
         _stop_serve()
+    if eval_set is not None:
+        console.rule(f"[bold]LoRA, RAG or both? {eval_set.name}[/bold]")
+        _run_eval(cfg, eval_set, None, None, 64)
     console.rule("[bold green]done[/bold green]")
 
 
@@ -706,8 +790,10 @@ def _train_all(cfg: LoragConfig, only: Optional[list[str]]) -> None:
     names = only or [a.name for a in cfg.adapters]
     for name in names:
         console.rule(f"train adapter [bold]{name}[/bold]")
+        t = cfg.adapter(name).train
         try:
-            r = train_adapter(cfg, name)
+            with console.status(f"training {name}: {t.max_steps} steps on {t.num_workers} Ray Train worker(s), ZeRO-{t.zero_stage}{' (RAFT)' if t.raft else ''} ..."):
+                r = train_adapter(cfg, name)
         except (DatasetError, ConfigError, RuntimeError, LookupError) as e:
             _fail(str(e))
         console.print(train_summary(name, r.version, r.path, r.metrics))

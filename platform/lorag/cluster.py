@@ -88,7 +88,7 @@ class DeployResult:
 # -- this process -------------------------------------------------------------------------------
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = True, log_to_driver: bool = True) -> None:
     """Initialise Ray once for this process.
 
     A Ray Job's driver running in an uploaded copy of the project (`ray job submit --working-dir .`)
@@ -99,6 +99,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             starts a private local instance.
         num_cpus: logical CPUs for a local instance (ignored when joining a cluster).
         quiet: hide Ray's startup banner and per-task log prefixing noise.
+        log_to_driver: print the output of Ray's workers and actors here (Ray Train workers, Ray
+            Data tasks, Serve replicas). Off, it stays in Ray's log files only (`ray_logs_dir`)
+            and Ray Data, Train and Serve log warnings and errors only: what an interactive
+            command shows by default (`lorag --verbose` turns it back on). Jobs keep it on, so
+            `ray job logs` shows everything.
 
     Raises:
         RuntimeError: joining a cluster with token auth but no token available.
@@ -112,14 +117,39 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address != "local":
         _check_token()
-    kwargs = {"address": address, "ignore_reinit_error": True, "log_to_driver": True}
+    kwargs = {"address": address, "ignore_reinit_error": True, "log_to_driver": log_to_driver}
     if address == "local":
         kwargs.update(num_cpus=num_cpus)
     elif env := _uploaded_project_env():
         kwargs["runtime_env"] = env
     if quiet:
-        kwargs["logging_level"] = "WARNING"
+        kwargs["logging_level"] = "WARNING" if log_to_driver else "ERROR"
     ray.init(**kwargs)
+    if not log_to_driver:
+        from ray.data import DataContext
+
+        quiet_ray_loggers()
+        DataContext.get_current().enable_progress_bars = False  # lorag's commands show their own
+
+
+def quiet_ray_loggers() -> None:
+    """Ray Data, Train and Serve log errors only in this process (their INFO lines and the warnings
+    meant for operators stay in Ray's log files). Serve sets its logger up when it is imported,
+    so this runs after that import too."""
+    from ray import serve  # noqa: F401  (configures "ray.serve")
+
+    for name in ("ray.data", "ray.train", "ray.tune", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def ray_logs_dir() -> str | None:
+    """Where this process's Ray instance writes its logs (None when Ray is not running here)."""
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()  # no public API for it in Ray 2.x
+    except AttributeError:
+        return None
 
 
 def _check_token() -> None:

@@ -134,6 +134,17 @@ class LoraConfig(_Strict):
     use_dora: bool = Field(False, description="DoRA (weight-decomposed LoRA): often better quality at the same rank, ~1.5x slower steps. Served like LoRA (batched, mixed with other adapters), at one extra elementwise op per adapted layer in batches that use it.")
 
 
+class RaftConfig(_Strict):
+    """RAFT-style training (Zhang et al. 2024) for an adapter bound to a knowledge base: each prompt
+    holds the question's oracle passage among distractor passages of the same knowledge base, and
+    the oracle is left out of some examples, so the adapter learns to find (and cite) the passage
+    that answers, and to ignore the rest."""
+
+    distractors: int = Field(3, ge=1, le=16, description="Distractor passages per prompt: the question's next-best chunks from other documents of the knowledge base (hard negatives).")
+    oracle_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Share of examples whose prompt holds the oracle (the question's top chunk); the rest get one more distractor in its place. RAFT's P.")
+    cite: bool = Field(True, description="End each answer whose prompt holds the oracle with its citation, [n].")
+
+
 class TrainConfig(_Strict):
     """Ray Train + DeepSpeed settings for one adapter."""
 
@@ -159,6 +170,7 @@ class TrainConfig(_Strict):
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting from the latest checkpoint) before giving up.")
     storage_path: str | None = Field(None, description="Where Ray Train writes checkpoints: a local dir or a pyarrow filesystem URI (s3://, gs://). Default: <workdir>/ray_results.")
     with_retrieval: bool = Field(True, description="For an adapter bound to a knowledge base: put its top-k passages into each training prompt, exactly as serving does, so the adapter learns to answer from sources. Needs the knowledge base ingested first.")
+    raft: RaftConfig | None = Field(None, description="For an adapter bound to a knowledge base: train RAFT-style (oracle passage among distractors, oracle left out of some examples) instead of on the top-k passages. `lorag eval` compares it with plain LoRA + RAG.")
     resume: bool = Field(True, description="Continue an interrupted run of this adapter with the same data and settings (e.g. after the job or driver was killed) from its latest checkpoint. Off starts over.")
     seed: int = Field(0, description="Seed for adapter init, the validation split and data order; the same seed repeats the run.")
     log_every: int = Field(1, ge=1, description="Print a progress line every N steps.")
@@ -184,11 +196,26 @@ class AdapterConfig(_Strict):
     dataset: str = Field(description="JSONL file of {\"prompt\", \"completion\"} or {\"messages\": [...]} records, relative to this file.")
     knowledge_base: str | None = Field(None, description="Knowledge base to retrieve from when serving this adapter; omit for no retrieval.")
     system_prompt: str | None = Field(None, description="System message used in training and serving; omit for the base model's default.")
+    answer_style: str | None = Field(None, description="A regular expression the adapter's answers match when they keep its house style (Python `re.search`), e.g. '^Tidewell Support:'. `lorag eval` reports how often each variant's answers do.")
+    description: str | None = Field(None, description="What the adapter is for, in a sentence a user's question would resemble. `model: \"auto\"` routes by it and by the adapter's training questions.")
     method: Literal["lora", "full"] = Field("lora", description="lora trains a small adapter on the frozen base; full updates every weight (the baseline benchmarks compare against; not servable as an adapter).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter shape.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training job settings.")
 
     _check_name = field_validator("name")(lambda v: validate_name("adapter", v))
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdapterConfig":
+        if self.name == "auto":
+            raise ValueError("adapter name 'auto' is reserved: `model: \"auto\"` asks the endpoint to pick an adapter")
+        if self.answer_style is not None:
+            try:
+                re.compile(self.answer_style)
+            except re.error as e:
+                raise ValueError(f"adapter {self.name!r}: answer_style is not a regular expression: {e}") from None
+        if self.train.raft and not self.knowledge_base:
+            raise ValueError(f"adapter {self.name!r}: train.raft needs a knowledge_base to draw oracle and distractor passages from")
+        return self
 
 
 class AutoscalingConfig(_Strict):
@@ -212,7 +239,7 @@ class ApiKeyConfig(_Strict):
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the key: `printf %s \"$KEY\" | sha256sum`. Clients send the key itself.")
     name: str | None = Field(None, description="Who holds the key (for your records).")
-    models: list[str] | None = Field(None, description="Adapter names (and the base model's name) this key may use. Default: every model.")
+    models: list[str] | None = Field(None, description="Adapter names (and the base model's name, and `auto` for routing among these) this key may use. Default: every model.")
     knowledge_bases: list[str] | None = Field(None, description="Knowledge bases this key may retrieve from. Default: every one.")
 
 
@@ -240,6 +267,7 @@ class ServeConfig(_Strict):
         "adapted layers, recomputed when the batch's adapter changes): base-model speed, at the memory of that copy.",
     )
     max_tokens: int = Field(128, ge=1, description="Default completion length when a request gives no max_tokens.")
+    route_threshold: float = Field(0.25, ge=-1, le=1, description="`model: \"auto\"`: the least cosine similarity between a question and an adapter's profile (description, training questions) that routes to that adapter; below it the base model answers. Check it with `lorag eval --routing`.")
     max_tokens_limit: int = Field(2048, ge=1, description="The most max_tokens one request may ask for (400 above): a bound on how long one request holds its batch's slot.")
     autoscaling: AutoscalingConfig | None = Field(None, description="Scale generator replicas with load (replaces `replicas`).")
     max_ongoing_requests: int = Field(8, ge=1, description="Requests one generator replica works on at once (they share its batches).")

@@ -286,13 +286,11 @@ def read_sources(sources: list[str], num_cpus: float = 1.0):
             running read tasks that need CPUs of their own beside the actor pools.
     """
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ds = ray.data.from_items([{"path": s} for s in sources])
-    pin = {}
-    if any("://" not in s for s in sources):
-        pin["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ds.map(_read_row, num_cpus=num_cpus, **pin)
+    # Every Ray node carries its id as the label ray.io/node-id: a hard constraint to this node.
+    pin = {"ray.io/node-id": ray.get_runtime_context().get_node_id()} if any("://" not in s for s in sources) else None
+    return ds.map(_read_row, num_cpus=num_cpus, label_selector=pin)
 
 
 def _read_row(row: dict[str, Any]) -> dict[str, Any]:

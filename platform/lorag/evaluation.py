@@ -188,6 +188,7 @@ class Variant:
     adapter: str | None
     kb: str | None
     system_prompt: str | None = None
+    style: str | None = None  # the adapter's `answer_style` (a regular expression its answers match)
 
 
 @dataclass
@@ -212,21 +213,28 @@ def cited_sources(text: str, retrieved: list[str]) -> list[str]:
     return out
 
 
-def plan_variants(cfg, adapters: list[tuple[str, str | None, str | None]]) -> list[Variant]:
-    """base, then base + RAG with each knowledge base an adapter is bound to, then each adapter
-    without and with its knowledge base.
+def plan_variants(cfg, adapters: list[tuple[str, str | None, str | None]], styles: dict[str, str] | None = None,
+                  kbs: list[str] | None = None) -> list[Variant]:
+    """base, then base + RAG with each knowledge base, then each adapter without and with its
+    knowledge base.
 
     Args:
         adapters: (adapter id `name@vN`, its knowledge base or None, its system prompt or None).
+        kbs: the knowledge bases of the base + RAG variants (default: those the adapters are bound to).
+        styles: adapter id -> its `answer_style`. The base variants are held to it too when all
+            the adapters that have one share it (to show what the adapter changed).
     """
-    out = [Variant("base", None, None)]
-    for kb in dict.fromkeys(kb for _, kb, _ in adapters if kb):
-        out.append(Variant("base+rag" if len({kb for _, kb, _ in adapters if kb}) == 1 else f"base+rag:{kb}", None, kb))
+    styles = styles or {}
+    shared = next(iter(set(styles.values()))) if len(set(styles.values())) == 1 else None
+    out = [Variant("base", None, None, None, shared)]
+    kbs = list(dict.fromkeys(kbs if kbs is not None else [kb for _, kb, _ in adapters if kb]))
+    for kb in kbs:
+        out.append(Variant("base+rag" if len(kbs) == 1 else f"base+rag:{kb}", None, kb, None, shared))
     for adapter, kb, system_prompt in adapters:
         name = adapter.split("@")[0]
-        out.append(Variant(name, adapter, None, system_prompt))
+        out.append(Variant(name, adapter, None, system_prompt, styles.get(adapter)))
         if kb:
-            out.append(Variant(f"{name}+rag", adapter, kb, system_prompt))
+            out.append(Variant(f"{name}+rag", adapter, kb, system_prompt, styles.get(adapter)))
     return out
 
 
@@ -272,14 +280,16 @@ async def answer_all(engine, items: list[EvalItem], variants: list[Variant], ret
     return {v.name: results[j * len(items) : (j + 1) * len(items)] for j, v in enumerate(variants)}
 
 
-METRICS = ("exact_match", "f1", "choice_accuracy", "citation_accuracy", "retrieval_recall", "completion_tokens", "seconds")
+METRICS = ("exact_match", "f1", "choice_accuracy", "citation_accuracy", "retrieval_recall", "style_adherence", "completion_tokens", "seconds")
 
 
-def per_question(item: EvalItem, a: Answer, k: int) -> dict[str, float | None]:
+def per_question(item: EvalItem, a: Answer, k: int, style: str | None = None) -> dict[str, float | None]:
     """The metrics of one answer (None where they do not apply: no options, no gold sources, no
-    retrieval). Answer metrics read the text without its [n] citation marks."""
+    retrieval, no answer style). Answer metrics read the text without its [n] citation marks;
+    style adherence (`re.search(style, answer)`) reads it as it was written."""
     text = " ".join(_CITE.sub(" ", a.text).split())
     return {
+        "style_adherence": float(re.search(style, a.text.strip()) is not None) if style else None,
         "exact_match": exact_match(text, item.answers),
         "f1": token_f1(text, item.answers),
         "choice_accuracy": choice_correct(text, item) if item.options else None,
@@ -290,11 +300,13 @@ def per_question(item: EvalItem, a: Answer, k: int) -> dict[str, float | None]:
     }
 
 
-def summarize(items: list[EvalItem], answers: dict[str, list[Answer]], k: int, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
-    """Per variant and metric: mean, 95% bootstrap interval and the number of questions it covers."""
+def summarize(items: list[EvalItem], answers: dict[str, list[Answer]], k: int, seed: int = 0,
+              styles: dict[str, str | None] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per variant and metric: mean, 95% bootstrap interval and the number of questions it covers.
+    `styles`: variant name -> the answer style its answers are held to."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, rows in answers.items():
-        scores = [per_question(item, a, k) for item, a in zip(items, rows)]
+        scores = [per_question(item, a, k, (styles or {}).get(name)) for item, a in zip(items, rows)]
         out[name] = {}
         for metric in METRICS:
             values = [s[metric] for s in scores if s[metric] is not None]
@@ -314,7 +326,8 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
         cfg: the `LoragConfig`.
         dataset: the JSONL evaluation set (`load_eval_set`).
         adapters: adapter names (optionally `name@vN`) to compare; default: every adapter of the
-            config that has a trained version.
+            config that has a trained version. With none (`[]`, or none trained), the base
+            model is compared with the base model + RAG on each knowledge base of the config.
         max_tokens: per answer (greedy).
         progress: optional `(done, total)` callback.
 
@@ -335,7 +348,7 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
 
     items = load_eval_set(dataset)
     store = AdapterStore(cfg.adapter_store)
-    chosen = []
+    chosen, styles = [], {}
     names = adapters if adapters is not None else [a.name for a in cfg.adapters if store.versions(a.name)]
     for ref in names:
         name, _, version = ref.partition("@")
@@ -348,7 +361,13 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
         kb = in_cfg.knowledge_base if in_cfg else meta.get("knowledge_base")
         chosen.append((f"{name}@v{number}", kb if kb in {k.name for k in cfg.knowledge_bases} else None,
                        in_cfg.system_prompt if in_cfg else meta.get("system_prompt")))
-    variants = plan_variants(cfg, chosen)
+        style = in_cfg.answer_style if in_cfg else meta.get("answer_style")
+        if style:
+            styles[f"{name}@v{number}"] = style
+    # base + RAG with every knowledge base the compared adapters are bound to; with no adapter to
+    # compare (none trained yet), with every knowledge base of the config: RAG alone vs the base.
+    kbs = [kb for _, kb, _ in chosen if kb] if chosen else [kb.name for kb in cfg.knowledge_bases]
+    variants = plan_variants(cfg, chosen, styles, kbs)
 
     kbs = {v.kb for v in variants if v.kb}
     embedder = Embedder(cfg.embedder, cache_dir=cfg.cache_dir) if kbs else None
@@ -368,7 +387,7 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
         "dataset": str(dataset),
         "questions": len(items),
         "variants": [{"name": v.name, "adapter": v.adapter, "kb": v.kb} for v in variants],
-        "summary": summarize(items, answers, k),
+        "summary": summarize(items, answers, k, styles={v.name: v.style for v in variants}),
         "answers": [
             {"question": it.question, "reference": it.answers, "sources": it.sources,
              **{name: {"text": rows[i].text, "cited": rows[i].cited, "retrieved": rows[i].retrieved} for name, rows in answers.items()}}
@@ -379,21 +398,28 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
 
 LABELS = {
     "exact_match": "exact match", "f1": "token F1", "choice_accuracy": "choice accuracy", "citation_accuracy": "citation accuracy",
-    "retrieval_recall": "retrieval recall@k", "completion_tokens": "answer tokens", "seconds": "seconds per answer",
+    "retrieval_recall": "retrieval recall@k", "style_adherence": "answer style", "completion_tokens": "answer tokens", "seconds": "seconds per answer",
 }
+
+
+def report_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """(column headers, one row per variant): mean [95% interval] per metric; tokens and seconds as means."""
+    summary = result["summary"]
+    metrics = [m for m in METRICS if any(m in s for s in summary.values())]
+    rows = []
+    for name, s in summary.items():
+        rows.append([name, *(f"{s[m]['mean']:.3f} [{s[m]['low']:.2f}, {s[m]['high']:.2f}]" if m in s and m not in ("completion_tokens", "seconds")
+                              else (f"{s[m]['mean']:.1f}" if m in s else "-") for m in metrics)])
+    return ["variant", *(LABELS[m] for m in metrics)], rows
 
 
 def report_markdown(result: dict) -> str:
     """The evaluation as a Markdown table (mean [95% interval] per variant and metric) and a verdict."""
-    summary = result["summary"]
-    metrics = [m for m in METRICS if any(m in s for s in summary.values())]
+    header, rows = report_table(result)
     lines = [f"# lorag eval: {result['questions']} questions from {result['dataset']}", "",
-             "| variant | " + " | ".join(LABELS[m] for m in metrics) + " |", "|" + " --- |" * (len(metrics) + 1)]
-    for name, s in summary.items():
-        cells = [f"{s[m]['mean']:.3f} [{s[m]['low']:.2f}, {s[m]['high']:.2f}]" if m in s and m not in ("completion_tokens", "seconds")
-                 else (f"{s[m]['mean']:.1f}" if m in s else "-") for m in metrics]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", *verdict(summary)]
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", *verdict(result["summary"])]
     return "\n".join(lines) + "\n"
 
 
@@ -401,7 +427,7 @@ def verdict(summary: dict) -> list[str]:
     """One line per quality metric: the best variant, and whether its lead over the runner-up is
     clear (their 95% intervals do not overlap) or within noise."""
     out = []
-    for m in ("f1", "choice_accuracy", "citation_accuracy"):
+    for m in ("f1", "choice_accuracy", "citation_accuracy", "style_adherence"):
         ranked = sorted(((s[m]["mean"], name, s[m]) for name, s in summary.items() if m in s), key=lambda t: -t[0])
         if len(ranked) < 2:
             continue
@@ -417,21 +443,19 @@ def verdict(summary: dict) -> list[str]:
 
 
 def write_report(result: dict, out_dir: str | Path) -> list[Path]:
-    """eval.json and eval.md (and eval.png, a bar chart of the quality metrics, when matplotlib is installed) in `out_dir`."""
+    """eval.json, eval.md and eval.png (a bar chart of the quality metrics with their 95% intervals) in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "eval.json", out / "eval.md"]
     written[0].write_text(json.dumps(result, indent=2))
     written[1].write_text(report_markdown(result))
-    try:
-        import matplotlib
-    except ImportError:
-        return written
-    matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
     summary = result["summary"]
-    metrics = [m for m in ("exact_match", "f1", "choice_accuracy", "citation_accuracy", "retrieval_recall") if any(m in s for s in summary.values())]
+    metrics = [m for m in ("exact_match", "f1", "choice_accuracy", "citation_accuracy", "retrieval_recall", "style_adherence") if any(m in s for s in summary.values())]
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(metrics), 4))
     width = 0.8 / max(1, len(summary))
     for j, (name, s) in enumerate(summary.items()):
@@ -448,3 +472,96 @@ def write_report(result: dict, out_dir: str | Path) -> list[Path]:
     fig.savefig(out / "eval.png", dpi=100)
     plt.close(fig)
     return [*written, out / "eval.png"]
+
+
+# -- routing (`model: "auto"`) -------------------------------------------------------------------
+
+BASE = "(base)"  # the routing label of "no adapter: the base model answers"
+
+
+def load_routing_set(path: str | Path) -> list[tuple[str, str | None]]:
+    """A labelled routing set: JSONL of {"question", "adapter": name or null (the base model)}.
+
+    Raises:
+        FileNotFoundError, ValueError: as `load_eval_set` (every bad line named at once).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"routing set {path} does not exist")
+    rows, problems = [], []
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {n}: invalid JSON ({e.msg})")
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rec["question"].strip():
+            problems.append(f"line {n}: expected an object with a non-empty `question`")
+        elif "adapter" not in rec or not (rec["adapter"] is None or isinstance(rec["adapter"], str)):
+            problems.append(f"line {n}: `adapter` must be an adapter name, or null for the base model")
+        else:
+            rows.append((rec["question"], rec["adapter"]))
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    if not rows:
+        raise ValueError(f"{path}: no questions")
+    return rows
+
+
+def routing_profiles(cfg) -> list:
+    """Each config adapter's routing profile: as the endpoint builds it for a trained adapter (its
+    newest version's saved questions), else from the config's description and dataset."""
+    from lorag.adapters import AdapterStore
+    from lorag.data import load_examples
+    from lorag.routing import Profile, adapter_profiles, training_questions
+
+    store = AdapterStore(cfg.adapter_store)
+    trained = {p.name: p for p in adapter_profiles(cfg, store, [a.name for a in cfg.adapters])[0]}
+    return [trained.get(a.name) or Profile(a.name, a.description, training_questions(load_examples(a.dataset))) for a in cfg.adapters]
+
+
+def evaluate_routing(cfg, dataset: str | Path, threshold: float | None = None) -> dict:
+    """Route every question of a labelled set as `model: "auto"` does, and score it.
+
+    Returns:
+        {"dataset", "questions", "threshold", "accuracy": {mean, low, high, n}, "labels",
+         "confusion": {expected: {routed: count}}, "rows": [{question, expected, routed, score, scores}]}.
+    """
+    from lorag.embed import Embedder
+    from lorag.routing import Router
+
+    rows = load_routing_set(dataset)
+    names = {a.name for a in cfg.adapters}
+    unknown = sorted({a for _, a in rows if a is not None and a not in names})
+    if unknown:
+        raise ValueError(f"{dataset}: adapters {unknown} are not in the config (it has {sorted(names)})")
+    threshold = cfg.serve.route_threshold if threshold is None else threshold
+    router = Router(Embedder(cfg.embedder, cache_dir=cfg.cache_dir).embed, routing_profiles(cfg), threshold)
+    labels = [*(a.name for a in cfg.adapters), BASE]
+    confusion = {e: {r: 0 for r in labels} for e in labels}
+    out, hits = [], []
+    for q, expected in rows:
+        route = router.route(q)
+        e, r = expected or BASE, route.adapter or BASE
+        confusion[e][r] += 1
+        hits.append(float(e == r))
+        out.append({"question": q, "expected": e, "routed": r, "score": route.score, "scores": route.scores})
+    mean, lo, hi = bootstrap(hits)
+    return {"dataset": str(dataset), "questions": len(rows), "threshold": threshold, "accuracy": {"mean": mean, "low": lo, "high": hi, "n": len(hits)},
+            "labels": labels, "confusion": confusion, "rows": out}
+
+
+def routing_markdown(result: dict) -> str:
+    """Routing accuracy and the confusion table (rows: the labelled adapter; columns: where it was routed)."""
+    a, labels = result["accuracy"], result["labels"]
+    lines = [f"# lorag eval --routing: {result['questions']} questions from {result['dataset']}", "",
+             f"Routing accuracy {a['mean']:.3f} [95% interval {a['low']:.2f}, {a['high']:.2f}] at threshold {result['threshold']}.", "",
+             "| labelled \\ routed | " + " | ".join(labels) + " |", "|" + " --- |" * (len(labels) + 1)]
+    for e in labels:
+        lines.append(f"| {e} | " + " | ".join(str(result["confusion"][e][r]) for r in labels) + " |")
+    wrong = [r for r in result["rows"] if r["expected"] != r["routed"]]
+    if wrong:
+        lines += ["", "Misrouted:", *(f"- {r['question']!r}: {r['expected']} -> {r['routed']} (score {r['score']:.3f})" for r in wrong)]
+    return "\n".join(lines) + "\n"

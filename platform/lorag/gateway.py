@@ -30,6 +30,7 @@ from lorag.engine import Completion, SamplingParams, torch_thread
 from lorag.models import PromptEncoder
 from lorag.prompts import augment_text, chat_prompt, question
 from lorag.retrieval import citations
+from lorag.routing import AUTO, Route, Router, adapter_profiles
 from lorag.schemas import APIError, ChatRequest, CompletionRequest, SamplingRequest, error_body, validation_message
 
 log = logging.getLogger("lorag.gateway")
@@ -63,11 +64,11 @@ class Gateway:
         self.base = base_name(cfg)
         self.metrics = None  # set by the Serve deployment: request, token and retrieval counters
         self.embedder = None
+        self.embed_thread = torch_thread("lorag-embed")
+        self.embedder_ref = embedder_ref or cfg.embedder
+        self.router: tuple[tuple, Router] | None = None  # (profiles' key, router) for `model: "auto"`
         if cfg.knowledge_bases:
-            from lorag.embed import Embedder
-
-            self.embed_thread = torch_thread("lorag-embed")
-            self.embedder = self.embed_thread.submit(Embedder, embedder_ref or cfg.embedder, cache_dir=cfg.cache_dir).result()
+            self.embed_thread.submit(self._embedder).result()
         self.kb_stores = {kb.name: open_store(cfg.milvus_uri(kb), kb.token) for kb in cfg.knowledge_bases}
 
     # -- routes --------------------------------------------------------------------------------------
@@ -77,6 +78,8 @@ class Gateway:
         now = int(time.time())
         allowed = (lambda m: scope.models is None or m in scope.models)
         data = [{"id": self.base, "object": "model", "created": now, "owned_by": "lorag"}] if allowed(self.base) else []
+        if allowed(AUTO):  # routes each request to an adapter the key may use, or to the base model (lorag.routing)
+            data.append({"id": AUTO, "object": "model", "created": now, "owned_by": "lorag", "root": self.base})
         for name in self.store.names():
             if not allowed(name):
                 continue
@@ -85,33 +88,59 @@ class Gateway:
         return data
 
     async def chat(self, req: ChatRequest, scope: Scope):
-        adapter, kb_name, system_prompt = await self._route(req, scope)
         messages = [m.model_dump() for m in req.messages]
         max_tokens = self._max_tokens(req)
+        route = await self._auto(question(messages), scope) if req.model == AUTO else None
+        adapter, kb_name, system_prompt = await self._route(req, scope, route)
         await self._check_length(chat_prompt(messages, [], system_prompt), max_tokens)
         hits = await self._retrieve(kb_name, question(messages), req.k) if kb_name else []
-        return await self._complete(req, adapter, chat_prompt(messages, hits, system_prompt), max_tokens, hits, kb_name, chat=True)
+        return await self._complete(req, adapter, chat_prompt(messages, hits, system_prompt), max_tokens, hits, kb_name, chat=True, route=route)
 
     async def completions(self, req: CompletionRequest, scope: Scope):
-        adapter, kb_name, _ = await self._route(req, scope)
         max_tokens = self._max_tokens(req)
+        route = await self._auto(req.prompt, scope) if req.model == AUTO else None
+        adapter, kb_name, _ = await self._route(req, scope, route)
         await self._check_length(req.prompt, max_tokens)
         hits = await self._retrieve(kb_name, req.prompt, req.k) if kb_name else []
-        return await self._complete(req, adapter, augment_text(req.prompt, hits), max_tokens, hits, kb_name, chat=False)
+        return await self._complete(req, adapter, augment_text(req.prompt, hits), max_tokens, hits, kb_name, chat=False, route=route)
 
     # -- steps ---------------------------------------------------------------------------------------
 
-    async def _route(self, req: SamplingRequest, scope: Scope) -> tuple[str | None, str | None, str | None]:
+    def _embedder(self):
+        """The embedder, loaded on first use; call on `embed_thread` (all torch work of the embedder runs there)."""
+        if self.embedder is None:
+            from lorag.embed import Embedder
+
+            self.embedder = Embedder(self.embedder_ref, cache_dir=self.cfg.cache_dir)
+        return self.embedder
+
+    async def _auto(self, query: str, scope: Scope) -> Route:
+        """`model: "auto"`: the adapter whose profile is nearest the query among those the key may
+        use (`lorag.routing`), or the base model when none reaches `serve.route_threshold`."""
+
+        scope.check_model(AUTO)  # a key limited to some models uses `auto` only when its list names it
+
+        def decide() -> Route:
+            names = [n for n in self.store.names() if scope.models is None or n in scope.models]
+            profiles, key = adapter_profiles(self.cfg, self.store, names)
+            if self.router is None or self.router[0] != key:
+                self.router = (key, Router(self._embedder().embed, profiles, self.cfg.serve.route_threshold))
+            return self.router[1].route(query)
+
+        return await asyncio.get_running_loop().run_in_executor(self.embed_thread, decide)
+
+    async def _route(self, req: SamplingRequest, scope: Scope, route: Route | None = None) -> tuple[str | None, str | None, str | None]:
         """(adapter id `name@vN` or None for the base, knowledge base to retrieve from or None,
-        system prompt), after checking the key may use them."""
-        name, version = parse_model_id(req.model)
-        scope.check_model(self.base if req.model == self.base else name)
+        system prompt), after checking the key may use them. `route`: the decision for `model: "auto"`."""
+        model = req.model if route is None else (route.adapter or self.base)
+        name, version = parse_model_id(model)
+        scope.check_model(self.base if model == self.base else name)
         if req.kb is not None:
             if not self.cfg.serve.allow_kb_override:
                 raise APIError(403, "the kb field is disabled on this endpoint (serve.allow_kb_override)", type="permission_error", code="kb_override_disabled")
             if req.kb not in self.kb_stores:
                 raise APIError(404, f"knowledge base {req.kb!r} not found", code="kb_not_found")
-        adapter, kb, system_prompt = (None, None, None) if req.model == self.base else await asyncio.to_thread(self._adapter, req.model, name, version)
+        adapter, kb, system_prompt = (None, None, None) if model == self.base else await asyncio.to_thread(self._adapter, model, name, version)
         kb = req.kb or kb
         if kb is not None and req.retrieval:
             scope.check_kb(kb)
@@ -156,10 +185,12 @@ class Gateway:
             self.metrics.retrieval(kb_name, (time.perf_counter() - start) * 1000)
         return hits
 
-    async def _complete(self, req: SamplingRequest, adapter: str | None, prompt, max_tokens: int, hits: list, kb_name: str | None, chat: bool):
+    async def _complete(self, req: SamplingRequest, adapter: str | None, prompt, max_tokens: int, hits: list, kb_name: str | None, chat: bool,
+                        route: Route | None = None):
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature or 0.0, top_p=req.top_p, stop=req.stops(), seed=req.seed)
         tag = adapter or self.base
-        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model}
+        # `model: "auto"` answers with the model that answered (`name@vN`, or the base model's name).
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model if route is None else tag}
         sources = citations(hits, self.cfg.knowledge_base(kb_name).sources) if hits else None
         try:
             if req.stream:
@@ -180,6 +211,8 @@ class Gateway:
         body = {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage}
         if sources:
             body["sources"] = sources
+        if route is not None:
+            body["route"] = {"model": tag, "score": round(route.score, 4), "scores": {k: round(v, 4) for k, v in route.scores.items()}}
         return JSONResponse(body)
 
     async def _sse(self, meta, first, stream: AsyncIterator, sources, chat: bool, include_usage: bool, tag: str) -> AsyncIterator[str]:
