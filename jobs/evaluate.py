@@ -1,7 +1,9 @@
 """LoRA, RAG or both, as a Ray Job: answer an evaluation set with every variant and write the report.
 
 Local:    python -m jobs.evaluate --config examples/quickstart/lorag.yaml --dataset examples/quickstart/eval.jsonl
-Cluster:  ray job submit --working-dir . -- python -m jobs.evaluate --config F --dataset D --out /shared/eval
+Cluster:  lorag submit eval -c F -d D   (or: ray job submit --working-dir . -- python -m jobs.evaluate --config F --dataset D)
+The report is printed, so it is in the job's logs; its files go to --out (default <workdir>/eval, a
+local directory of the node the job runs on).
 """
 
 import argparse
@@ -23,9 +25,10 @@ def main() -> None:
 
     cfg = load_config(args.config, args.set)
     result = evaluate(cfg, args.dataset, args.adapter, args.max_tokens, progress=lambda done, total: print(f"{done}/{total} answers", flush=True) if done % 20 == 0 or done == total else None)
-    written = write_report(result, args.out or Path(cfg.workdir) / "eval")
     print(report_markdown(result))
-    print("written: " + ", ".join(map(str, written)))
+    if args.out or "://" not in cfg.workdir:  # the report above is also in the job's logs (`lorag jobs logs ID`)
+        written = write_report(result, args.out or Path(cfg.workdir) / "eval")
+        print("written: " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ def test_job_command_and_runtime_env():
         "python -m jobs.finetune --config 'a b/lorag.yaml' --adapter x --set adapters.x.train.max_steps=2"
     )
     assert job_entrypoint("ingest", "c.yaml", ["kb1", "kb2"]) == "python -m jobs.ingest --config c.yaml --kb kb1 --kb kb2"
+    assert job_entrypoint("eval", "c.yaml", ["a"], None, "data/qa set.jsonl") == "python -m jobs.evaluate --config c.yaml --dataset 'data/qa set.jsonl' --adapter a"
+    with pytest.raises(ValueError):
+        job_entrypoint("eval", "c.yaml")
     cfg = parse_config({"cluster": {"pip": ["rich"], "env_vars": {"PYTHONPATH": "extra", "A": "1"}}})
     renv = project_runtime_env(cfg, REPO)
     assert renv["working_dir"] == str(REPO) and renv["pip"] == ["rich"]

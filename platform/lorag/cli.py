@@ -565,6 +565,7 @@ def k8s_status(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt, kub
 class JobKind(str, enum.Enum):
     train = "train"
     ingest = "ingest"
+    eval = "eval"
 
 
 ClusterAddressOpt = typer.Option(None, "--address", help="The cluster's dashboard address (Ray Jobs and Serve APIs), e.g. http://HOST:8265. Default: cluster.address of the config, else $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS.")
@@ -573,16 +574,17 @@ TokenOpt = typer.Option(None, "--token", help="The cluster's Ray auth token. Def
 
 @app.command()
 def submit(
-    kind: JobKind = typer.Argument(..., help="train runs `python -m jobs.finetune`, ingest `python -m jobs.ingest`."),
+    kind: JobKind = typer.Argument(..., help="train runs `python -m jobs.finetune`, ingest `python -m jobs.ingest`, eval `python -m jobs.evaluate` (its report is in the job's logs)."),
     config: Path = ConfigOpt,
-    adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="train: only this adapter (repeatable; default: all)."),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="train, eval: only this adapter (repeatable; default: all)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="eval: the evaluation set (JSONL), inside the project."),
     kb: Optional[list[str]] = typer.Option(None, "--kb", help="ingest: only this knowledge base (repeatable; default: all)."),
     set_: Optional[list[str]] = SetOpt,
     address: Optional[str] = ClusterAddressOpt,
     token: Optional[str] = TokenOpt,
     follow: bool = typer.Option(True, "--follow/--no-follow", help="Stream the job's logs and exit with its status (0 when it SUCCEEDED), or return once it is submitted."),
 ) -> None:
-    """Run a train or ingest job on a running Ray cluster (Ray Jobs), with this project uploaded as its working_dir."""
+    """Run a train, ingest or eval job on a running Ray cluster (Ray Jobs), with this project uploaded as its working_dir."""
     from rich.markup import escape
 
     from lorag.cluster import ClusterError, cluster, job_client, outputs_inside, project_paths, submit_job
@@ -590,9 +592,13 @@ def submit(
     cfg = _load(config, set_)
     misplaced = adapter if kind is JobKind.ingest else kb
     if misplaced:
-        _fail("--adapter goes with `submit train`, --kb with `submit ingest`", 2)
-    names = adapter if kind is JobKind.train else kb
-    _check_names(cfg.adapter if kind is JobKind.train else cfg.knowledge_base, names)
+        _fail("--adapter goes with `submit train` and `submit eval`, --kb with `submit ingest`", 2)
+    if (kind is JobKind.eval) != (dataset is not None):
+        _fail("`submit eval` needs --dataset (and only it takes one)", 2)
+    if dataset is not None and not dataset.is_file():
+        _fail(f"evaluation set {dataset} does not exist", 2)
+    names = kb if kind is JobKind.ingest else adapter
+    _check_names(cfg.knowledge_base if kind is JobKind.ingest else cfg.adapter, names)
     try:
         root, _ = project_paths(config)
         target = cluster(address, token, cfg)
@@ -603,7 +609,7 @@ def submit(
                 "project and lost with the session: point `storage:` (and knowledge bases' `uri:`) at storage the cluster keeps"
             )
         console.print(f"uploading {root} to {target.address}")
-        sub = submit_job(client, target, kind.value, cfg, config, names, set_)
+        sub = submit_job(client, target, kind.value, cfg, config, names, set_, dataset)
     except ClusterError as e:
         _fail(str(e))
     console.print(f"submitted job [bold]{sub.job_id}[/bold]: {escape(sub.entrypoint)}")

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from lorag.config import LoragConfig
 
 # `lorag submit KIND` runs `python -m <module>` in the uploaded project.
-JOB_MODULES = {"train": "jobs.finetune", "ingest": "jobs.ingest"}
+JOB_MODULES = {"train": "jobs.finetune", "ingest": "jobs.ingest", "eval": "jobs.evaluate"}
 # Never uploaded (on top of .gitignore, which Ray also honours): environments, VCS, caches, local
 # artifacts. Patterns are gitignore-style, relative to the project root.
 UPLOAD_EXCLUDES = [
@@ -278,18 +278,19 @@ def _auth_message(target: Cluster, status: int) -> str:
 
 def submit_job(
     client, target: Cluster, kind: str, cfg: LoragConfig, config_path: Path,
-    names: list[str] | None = None, overrides: list[str] | None = None,
+    names: list[str] | None = None, overrides: list[str] | None = None, dataset: Path | None = None,
 ) -> Submission:
     """Upload the project and run `python -m jobs.<kind>` on the cluster.
 
     Args:
         client: from `job_client`.
         target: the cluster (for error messages).
-        kind: `train` or `ingest`.
+        kind: `train`, `ingest` or `eval`.
         cfg: the config, already loaded with `overrides` (validated here, before any upload).
         config_path: the lorag.yaml; it must lie inside the project, which is uploaded.
-        names: adapters (train) or knowledge bases (ingest) to run; default all.
+        names: adapters (train, eval) or knowledge bases (ingest) to run; default all.
         overrides: `--set` values, passed on to the job.
+        dataset: eval: the evaluation set; like the config, it must lie inside the project.
 
     Returns:
         The job's id, its entrypoint and the uploaded project root.
@@ -299,7 +300,12 @@ def submit_job(
             cluster refused the job.
     """
     root, rel = project_paths(config_path)
-    entrypoint = job_entrypoint(kind, rel, names, overrides)
+    data_rel = None
+    if dataset is not None:
+        data_root, data_rel = project_paths(dataset)
+        if data_root != root:
+            raise ClusterError(f"{dataset} is not inside the project {root}, which is what the job gets: move it there")
+    entrypoint = job_entrypoint(kind, rel, names, overrides, data_rel)
     job_id = f"lorag-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     with cluster_errors(target):
         client.submit_job(
@@ -309,14 +315,16 @@ def submit_job(
     return Submission(job_id, entrypoint, root)
 
 
-def job_entrypoint(kind: str, config_rel: str, names: list[str] | None = None, overrides: list[str] | None = None) -> str:
+def job_entrypoint(kind: str, config_rel: str, names: list[str] | None = None, overrides: list[str] | None = None, dataset_rel: str | None = None) -> str:
     """The shell command a `kind` job runs in the uploaded project."""
     import shlex
 
     if kind not in JOB_MODULES:
         raise ValueError(f"job kind must be one of {sorted(JOB_MODULES)}, not {kind!r}")
-    flag = "--adapter" if kind == "train" else "--kb"
-    args = ["python", "-m", JOB_MODULES[kind], "--config", config_rel]
+    if (kind == "eval") != (dataset_rel is not None):
+        raise ValueError("an eval job needs an evaluation set, and only an eval job takes one")
+    flag = "--kb" if kind == "ingest" else "--adapter"
+    args = ["python", "-m", JOB_MODULES[kind], "--config", config_rel, *(["--dataset", dataset_rel] if dataset_rel else [])]
     for name in names or []:
         args += [flag, name]
     for item in overrides or []:
