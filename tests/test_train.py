@@ -142,21 +142,31 @@ def test_raft_examples_hold_the_oracle_in_the_configured_fraction_among_distract
 
 
 def test_raft_training_prompts_come_from_the_knowledge_base(trained):
+    """On the real knowledge base: each question's top chunk (as a RAFT search ranks it) is in
+    exactly half of the prompts, among 2 distractors from other pages; answers stay as written
+    with `cite` off."""
     from lorag.config import RaftConfig
+    from lorag.embed import Embedder
+    from lorag.milvus import open_store
+    from lorag.models import resolve_model
     from lorag.train import with_retrieved_sources
 
     cfg, _, _ = trained
     ad = cfg.adapters[0]
-    ad = ad.model_copy(update={"train": ad.train.model_copy(update={"raft": RaftConfig(distractors=2, oracle_fraction=0.5)})})
+    ad = ad.model_copy(update={"train": ad.train.model_copy(update={"raft": RaftConfig(distractors=2, oracle_fraction=0.5, cite=False)})})
     qs = ["How long is the Tidewell T4 warranty?", "What does error TW-E417 mean?", "What does a solid teal LED mean?", "How much is Harbor 5?"]
     examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in qs]
     out = with_retrieved_sources(cfg, ad, examples)
-    assert sum(ex["messages"][1]["content"] != "ok" for ex in out) == 2, "half hold the oracle and cite it"
+    kb = cfg.knowledge_base(ad.knowledge_base)
+    store, embedder = open_store(cfg.milvus_uri(kb), kb.token), Embedder(resolve_model(cfg.embedder, cfg.model_cache))
+    ranking = {**kb.ranking_options(), "max_per_source": None}
+    oracles = [store.search(kb.collection, embedder.embed([q])[0].tolist(), q, 16, kb.search, None, ranking)[0] for q in qs]
+    held = [oracle["text"] in ex["messages"][0]["content"] for ex, oracle in zip(out, oracles)]
+    assert sum(held) == 2, held
     for ex in out:
         user = ex["messages"][0]["content"]
         assert "[1] " in user and "[2] " in user and "[3] " in user and "[4] " not in user
-    warranty = out[0]["messages"]
-    assert ("39" in warranty[0]["content"]) == (warranty[1]["content"] != "ok"), "the oracle of the warranty question holds its answer"
+        assert ex["messages"][1]["content"] == "ok", "cite off: answers unchanged"
 
 
 RESUME_OVERRIDES = [
