@@ -50,15 +50,21 @@ def load_eval_set(path: str | Path) -> list[EvalItem]:
             `answers`), or a multiple-choice answer is not one of its options; every bad line is
             named, with its number, in one error.
     """
+    return _read_jsonl(path, "evaluation set", _item)
+
+
+def _read_jsonl(path: str | Path, what: str, parse) -> list:
+    """`parse(record, line number)` of each non-blank line of a JSONL file; a ValueError it raises
+    (or invalid JSON) is collected, and every bad line is named, with its number, in one error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation set {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     items, problems = [], []
     for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not raw.strip():
             continue
         try:
-            items.append(_item(json.loads(raw), n))
+            items.append(parse(json.loads(raw), n))
         except json.JSONDecodeError as e:
             problems.append(f"line {n}: invalid JSON ({e.msg})")
         except ValueError as e:
@@ -485,29 +491,15 @@ def load_routing_set(path: str | Path) -> list[tuple[str, str | None]]:
     Raises:
         FileNotFoundError, ValueError: as `load_eval_set` (every bad line named at once).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"routing set {path} does not exist")
-    rows, problems = [], []
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {n}: invalid JSON ({e.msg})")
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rec["question"].strip():
-            problems.append(f"line {n}: expected an object with a non-empty `question`")
-        elif "adapter" not in rec or not (rec["adapter"] is None or isinstance(rec["adapter"], str)):
-            problems.append(f"line {n}: `adapter` must be an adapter name, or null for the base model")
-        else:
-            rows.append((rec["question"], rec["adapter"]))
-    if problems:
-        raise ValueError(f"{path}: " + "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
-    if not rows:
-        raise ValueError(f"{path}: no questions")
-    return rows
+    return _read_jsonl(path, "routing set", _route_row)
+
+
+def _route_row(rec, n: int) -> tuple[str, str | None]:
+    if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rec["question"].strip():
+        raise ValueError("expected an object with a non-empty `question`")
+    if "adapter" not in rec or not (rec["adapter"] is None or isinstance(rec["adapter"], str)):
+        raise ValueError("`adapter` must be an adapter name, or null for the base model")
+    return rec["question"], rec["adapter"]
 
 
 def routing_profiles(cfg) -> list:
