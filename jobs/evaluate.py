@@ -3,14 +3,16 @@
 Local:    python -m jobs.evaluate --config examples/quickstart/lorag.yaml --dataset examples/quickstart/eval.jsonl
 Cluster:  lorag submit eval -c F -d D   (or: ray job submit --working-dir . -- python -m jobs.evaluate --config F --dataset D)
 The report is printed, so it is in the job's logs; its files go to --out (default <workdir>/eval, a
-local directory of the node the job runs on).
+local directory of the node the job runs on) and into each compared adapter's version in the
+adapter store (`<store>/<name>/v<N>/eval/<timestamp>/`), which every node reaches.
 """
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from lorag.config import load_config
-from lorag.evaluation import evaluate, report_markdown, write_report
+from lorag.evaluation import evaluate, report_markdown, store_reports, write_report
 
 
 def main() -> None:
@@ -25,10 +27,14 @@ def main() -> None:
 
     cfg = load_config(args.config, args.set)
     result = evaluate(cfg, args.dataset, args.adapter, args.max_tokens, progress=lambda done, total: print(f"{done}/{total} answers", flush=True) if done % 20 == 0 or done == total else None)
-    print(report_markdown(result))
-    if args.out or "://" not in cfg.workdir:  # the report above is also in the job's logs (`lorag jobs logs ID`)
-        written = write_report(result, args.out or Path(cfg.workdir) / "eval")
-        print("written: " + ", ".join(map(str, written)))
+    print(report_markdown(result))  # so the report is also in the job's logs (`lorag jobs logs ID`)
+    with tempfile.TemporaryDirectory() as tmp:  # a URI workdir: the files still reach the adapter store
+        out = args.out or (Path(cfg.workdir) / "eval" if "://" not in cfg.workdir else tmp)
+        written = write_report(result, out)
+        if out != tmp:
+            print("written: " + ", ".join(map(str, written)))
+        for location in store_reports(cfg, result, written):
+            print(f"stored with the adapter: {location}")
 
 
 if __name__ == "__main__":

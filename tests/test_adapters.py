@@ -128,6 +128,29 @@ def delete(store, rel):
     fs.delete_dir(f"{root}/{rel}")
 
 
+def test_reports_go_into_the_version_beside_its_files_and_leave_them_as_saved(any_store, peft_dir, tmp_path):
+    """An evaluation's report is stored under v<N>/eval/<time>/: listed by `reports`, never replacing
+    an earlier one, not counted as a version, and not part of what `fetch` copies and verifies."""
+    store = any_store
+    store.save("bot", peft_dir, {})
+    before = store.metadata("bot", 1)
+    (tmp_path / "eval.json").write_text('{"f1": 0.5}')
+    (tmp_path / "eval.png").write_bytes(b"\x89PNG")
+    first = store.add_report("bot", "v1", [tmp_path / "eval.json", tmp_path / "eval.png"])
+    second = store.add_report("bot", 1, [tmp_path / "eval.json"])
+    assert first != second and store.reports("bot", 1) == [first, second], "two reports in one second keep both"
+    assert first.startswith(store.location("bot", 1) + "/eval/")
+    fs, path = storage.filesystem(first)
+    assert storage.read_bytes(fs, f"{path}/eval.json") == b'{"f1": 0.5}' and storage.read_bytes(fs, f"{path}/eval.png") == b"\x89PNG"
+    assert store.versions("bot") == [1] and store.metadata("bot", 1) == before, "the version itself is unchanged"
+    fetched = store.fetch("bot", 1, tmp_path / "cache")
+    assert (fetched / "adapter_model.safetensors").read_bytes() == b"weights"
+    if not store.local:
+        assert not (fetched / "eval").exists(), "a node loading the adapter does not download its reports"
+    with pytest.raises(AdapterNotFoundError):
+        store.add_report("bot", 2, [tmp_path / "eval.json"])
+
+
 def test_a_removed_number_is_never_given_out_again(any_store, peft_dir):
     store = any_store
     for _ in range(2):

@@ -1,6 +1,7 @@
 """Evaluation sets and metrics as tables of cases (no model): answers, choices, citations, confidence."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -276,7 +277,7 @@ def test_evaluate_answers_with_every_variant_through_the_engine_and_writes_the_r
     from conftest import write_config
     from lorag.adapters import AdapterStore
     from lorag.data import ingest
-    from lorag.evaluation import evaluate, write_report
+    from lorag.evaluation import evaluate, store_reports, write_report
 
     cfg = write_config(tmp_path, tiny_model, model_cache)
     ingest(cfg, "handbook")
@@ -305,3 +306,7 @@ def test_evaluate_answers_with_every_variant_through_the_engine_and_writes_the_r
     md = (tmp_path / "report" / "eval.md").read_text()
     assert all(f"| {name} |" in md for name in ("base", "base+rag", "support", "support+rag")), md
     assert written[0].name == "eval.json"
+    (location,) = store_reports(cfg, result, written)
+    assert AdapterStore(cfg.adapter_store).reports("support", 1) == [location], "one report, in the compared adapter's version"
+    assert sorted(p.name for p in Path(location).iterdir()) == ["eval.json", "eval.md", "eval.png"]
+    assert json.loads((Path(location) / "eval.json").read_text())["summary"] == json.loads(written[0].read_text())["summary"]

@@ -1,5 +1,7 @@
 """Reciprocal rank fusion, English analysis, the searched passage and the in-process BM25 fallback, as tables of cases (no Milvus, no model)."""
 
+import random
+
 import pytest
 
 from lorag.retrieval import Bm25Index, analyze, passage, rrf, terms
@@ -187,7 +189,8 @@ def test_per_source_table(sources, k, most, expected):
 
 def test_milvus_lite_full_text_matches_stems_and_heading_words(tmp_path):
     """In a real Milvus Lite collection: a chunk is found by the words of its heading path and by other
-    forms of its words; a query of stop words finds nothing. Scores come from Milvus's own BM25."""
+    forms of its words; a query of stop words finds nothing. After `settle` lorag's own index scores
+    it; a write drops that index, and the next settle builds it again with the new row."""
     from lorag.milvus import MilvusStore
 
     store = MilvusStore(str(tmp_path / "kb.db"))
@@ -214,5 +217,44 @@ def test_milvus_lite_full_text_matches_stems_and_heading_words(tmp_path):
         assert top("python 3.6")[:1] == ["3"] and "4" not in top("3.6"), "a version number is matched whole"
         (hit,) = store.search("c", None, "xdist", 1, "bm25")
         assert hit["text"] == texts[1][1] and "terms" not in hit, "hits carry the chunk's text, not its indexed terms"
+        assert "c" in store._bm25, "settle built the in-process index the searches above used"
+
+        store.upsert("c", [{**rows[0], "id": "5", "text": "Quarantine flaky tests with a marker."}])
+        assert "c" not in store._bm25, "a write drops the index"
+        store.settle("c")
+        assert top("quarantine") == ["5"], "the rebuilt index holds the new row"
+    finally:
+        store.close()
+
+
+def test_milvus_lite_bm25_and_lorag_index_score_alike(tmp_path):
+    """lorag's in-process index stands in for Milvus Lite's BM25 function only if they agree: on a
+    random corpus in a real Lite collection, the same hits in the same order with the same scores,
+    with and without a source prefix."""
+    from lorag.milvus import MilvusStore
+    from lorag.retrieval import terms
+
+    rng = random.Random(7)
+    vocab = [f"w{i}" for i in range(60)]
+    store = MilvusStore(str(tmp_path / "kb.db"))
+    store.ensure_collection("c", 2)
+    rows = []
+    for i in range(150):
+        text = " ".join(rng.choices(vocab, weights=[1 / (j + 1) for j in range(60)], k=rng.randint(3, 40)))
+        source = f"/kb/{'a' if i % 3 else 'b'}/{i}.md"
+        rows.append({"id": str(i), "text": text, "source": source, "title": "", "section": "", "chunk_index": 0, "start": 0, "end": len(text),
+                     "doc_hash": "h", "n_chunks": 1, "vector": [1.0, float(i)]})
+    try:
+        store.upsert("c", rows)
+        store.settle("c")
+        index = store._bm25["c"]
+        for q in range(25):
+            query = " ".join(rng.sample(vocab, rng.randint(1, 4)))
+            for prefix in (None, "/kb/b/"):
+                native = store._milvus_full_text("c", terms(query), 8, prefix)
+                ours = index.search(query, 8, prefix)
+                assert [h["score"] for h in ours] == pytest.approx([h["score"] for h in native], rel=1e-4), query
+                tied = {round(h["score"], 4) for h in native if sum(round(g["score"], 4) == round(h["score"], 4) for g in native) > 1}
+                assert [h["id"] for h in ours if round(h["score"], 4) not in tied] == [h["id"] for h in native if round(h["score"], 4) not in tied], query
     finally:
         store.close()

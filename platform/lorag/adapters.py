@@ -278,6 +278,35 @@ class AdapterStore:
                 raise self._gone(name, number) from e
         return location
 
+    def add_report(self, name: str, version: str | int, files: list[str | os.PathLike], kind: str = "eval") -> str:
+        """Copy report files (an evaluation's eval.json, eval.md, eval.png) into the version, under
+        `<name>/v<N>/<kind>/<timestamp>/`, and return that location. The version's own files and
+        `lorag.json` are untouched (a fetch copies only the files `lorag.json` lists), and a report
+        never replaces another: each has its own timestamped directory.
+
+        Raises:
+            ValueError, AdapterNotFoundError: as `resolve`.
+        """
+        number = self.resolve_number(name, version)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = f"{self._name_path(name)}/v{number}/{kind}"
+        n = 1
+        while storage.exists(self.fs, f"{base}/{stamp}"):  # two reports within one second
+            n += 1
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        for f in map(Path, files):
+            storage.write_bytes(self.fs, f"{base}/{stamp}/{f.name}", f.read_bytes())
+        return storage.join(self.location(name, number), kind, stamp)
+
+    def reports(self, name: str, version: str | int | None = None, kind: str = "eval") -> list[str]:
+        """The locations of a version's reports (`add_report`), oldest first."""
+        import pyarrow.fs
+
+        number = self.resolve_number(name, version)
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(f"{self._name_path(name)}/v{number}/{kind}", allow_not_found=True))
+        return [storage.join(self.location(name, number), kind, i.base_name) for i in sorted(infos, key=lambda i: i.base_name)
+                if i.type == pyarrow.fs.FileType.Directory]
+
     def metadata(self, name: str, version: str | int | None = None) -> dict[str, Any]:
         """The `lorag.json` of a version (as `resolve`).
 

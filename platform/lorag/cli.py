@@ -161,7 +161,8 @@ def eval_(
     """LoRA, RAG or both? Answer an evaluation set with the base model, base + RAG, each adapter and
     each adapter + RAG, through the endpoint's prompt builder and engine, and report exact match,
     token F1, choice and citation accuracy and retrieval recall with 95% bootstrap intervals.
-    With --routing: how often `model: "auto"` picks the labelled adapter."""
+    The report also goes into each compared adapter's version in the adapter store
+    (<store>/<name>/v<N>/eval/<date-time>/). With --routing: how often `model: "auto"` picks the labelled adapter."""
     cfg = _load(config, set_)
     if routing:
         _run_routing_eval(cfg, dataset, out, threshold)
@@ -183,7 +184,7 @@ def _run_eval(cfg: LoragConfig, dataset: Path, adapters: Optional[list[str]], ou
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from lorag.evaluation import evaluate, report_table, verdict, write_report
+    from lorag.evaluation import evaluate, report_table, store_reports, verdict, write_report
 
     out = _eval_dir(cfg, out)
     try:
@@ -209,6 +210,8 @@ def _run_eval(cfg: LoragConfig, dataset: Path, adapters: Optional[list[str]], ou
         console.print(line.replace("**", ""))
     for p in written:
         console.print(f"{ {'.png': 'chart', '.md': 'report'}.get(p.suffix, 'results')}: {p}")
+    for location in store_reports(cfg, result, written):
+        console.print(f"stored with the adapter: {location}")
     return out
 
 

@@ -480,6 +480,17 @@ def write_report(result: dict, out_dir: str | Path) -> list[Path]:
     return [*written, out / "eval.png"]
 
 
+def store_reports(cfg, result: dict, written: list[Path]) -> list[str]:
+    """Copy the report files into the version directory of every adapter the evaluation compared
+    (`AdapterStore.add_report`: `<store>/<name>/v<N>/eval/<timestamp>/`), so the results travel
+    with the adapter, also when the store is a URI and the job's own disk is gone; returns the locations."""
+    from lorag.adapters import AdapterStore
+
+    store = AdapterStore(cfg.adapter_store)
+    refs = dict.fromkeys(v["adapter"] for v in result["variants"] if v["adapter"])
+    return [store.add_report(name, number, written) for name, _, number in (ref.partition("@v") for ref in refs)]
+
+
 # -- routing (`model: "auto"`) -------------------------------------------------------------------
 
 BASE = "(base)"  # the routing label of "no adapter: the base model answers"
