@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
-KEY, SCOPED, NO_KB = "sk-all", "sk-fresh-only", "sk-support-no-kb"
+KEY, SCOPED, NO_KB, KITCHEN = "sk-all", "sk-fresh-only", "sk-support-no-kb", "sk-kitchen-auto"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -84,7 +84,8 @@ def app(ray_session, tmp_path_factory, tiny_model, model_cache):
         "adapters": [{"name": "support", "dataset": "unused.jsonl", "knowledge_base": "handbook"}],
         "serve": {"max_tokens": 4, "max_tokens_limit": 1000, "api_keys_file": "keys.txt", "max_body_bytes": 500_000, "batch_wait_ms": 30,
                   "api_keys": [{"sha256": sha(SCOPED), "models": ["fresh"]},
-                               {"sha256": sha(NO_KB), "models": ["support"], "knowledge_bases": []}]},
+                               {"sha256": sha(NO_KB), "models": ["support"], "knowledge_bases": []},
+                               {"sha256": sha(KITCHEN), "models": ["auto", "kitchen"]}]},
     }))
     cfg = load_config(root / "lorag.yaml")
     ingest(cfg, "handbook")
@@ -291,3 +292,6 @@ def test_model_auto_routes_to_the_nearest_adapter_and_its_knowledge_base_or_the_
     assert "auto" in [m["id"] for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]]
     r = ask("How do I poach an egg?", SCOPED)
     assert r.status_code == 403 and "auto" in r.json()["error"]["message"], "a key limited to some models must name auto to use it"
+    r = ask("My Tidewell T4 status LED blinks red, which error is it?", KITCHEN)  # the key may use kitchen, not tidewell nor the base
+    assert r.status_code == 403 and "no adapter this API key may use fits" in r.json()["error"]["message"], r.text
+    assert ask("What is a good way to bake bread at home?", KITCHEN).json()["model"].startswith("kitchen@v"), "auto picks among the key's adapters"

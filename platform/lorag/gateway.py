@@ -31,6 +31,8 @@ from lorag.models import PromptEncoder
 from lorag.prompts import augment_text, chat_prompt, question
 from lorag.retrieval import citations
 from lorag.routing import AUTO, Route, Router, adapter_profiles
+
+PROFILES_TTL = 5.0  # seconds: `model: "auto"` sees an adapter saved or removed within this
 from lorag.schemas import APIError, ChatRequest, CompletionRequest, SamplingRequest, error_body, validation_message
 
 log = logging.getLogger("lorag.gateway")
@@ -67,6 +69,7 @@ class Gateway:
         self.embed_thread = torch_thread("lorag-embed")
         self.embedder_ref = embedder_ref or cfg.embedder
         self.router: tuple[tuple, Router] | None = None  # (profiles' key, router) for `model: "auto"`
+        self._profiles_at = 0.0  # when the router's profiles were last read from the store
         if cfg.knowledge_bases:
             self.embed_thread.submit(self._embedder).result()
         self.kb_stores = {kb.name: open_store(cfg.milvus_uri(kb), kb.token) for kb in cfg.knowledge_bases}
@@ -121,11 +124,15 @@ class Gateway:
         scope.check_model(AUTO)  # a key limited to some models uses `auto` only when its list names it
 
         def decide() -> Route:
-            names = [n for n in self.store.names() if scope.models is None or n in scope.models]
-            profiles, key = adapter_profiles(self.cfg, self.store, names)
-            if self.router is None or self.router[0] != key:
-                self.router = (key, Router(self._embedder().embed, profiles, self.cfg.serve.route_threshold))
-            return self.router[1].route(query)
+            # The store's profiles are read at most every PROFILES_TTL seconds (a listing and a metadata
+            # read per adapter, a round trip each on a remote store); one router serves every key.
+            now = time.monotonic()
+            if self.router is None or now - self._profiles_at > PROFILES_TTL:
+                profiles, key = adapter_profiles(self.cfg, self.store)
+                self._profiles_at = now
+                if self.router is None or self.router[0] != key:
+                    self.router = (key, Router(self._embedder().embed, profiles, self.cfg.serve.route_threshold))
+            return self.router[1].route(query, scope.models)
 
         return await asyncio.get_running_loop().run_in_executor(self.embed_thread, decide)
 
@@ -134,6 +141,10 @@ class Gateway:
         system prompt), after checking the key may use them. `route`: the decision for `model: "auto"`."""
         model = req.model if route is None else (route.adapter or self.base)
         name, version = parse_model_id(model)
+        if route is not None and route.adapter is None and scope.models is not None and self.base not in scope.models:
+            raise APIError(403, f"model auto: no adapter this API key may use fits the request (best score {route.score:.2f}, "
+                           f"serve.route_threshold {self.cfg.serve.route_threshold}), and the key may not use the base model {self.base!r}",
+                           type="permission_error", code="model_not_allowed")
         scope.check_model(self.base if model == self.base else name)
         if req.kb is not None:
             if not self.cfg.serve.allow_kb_override:

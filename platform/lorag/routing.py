@@ -63,12 +63,17 @@ class Router:
                 vectors.append(np.stack(rows))
         self._vectors = vectors
 
-    def route(self, query: str) -> Route:
-        """The adapter for `query`, or None (base model) when none scores `threshold` or more."""
-        if not self.names:
+    def route(self, query: str, allowed: set[str] | frozenset[str] | None = None) -> Route:
+        """The adapter for `query`, or None (base model) when none scores `threshold` or more.
+
+        Args:
+            allowed: only these adapters are candidates (an API key's models); None: every one.
+        """
+        names = [(name, v) for name, v in zip(self.names, self._vectors) if allowed is None or name in allowed]
+        if not names:
             return Route(None, 0.0, {})
         q = _unit(np.asarray(self.embed([query]))[0])
-        scores = {name: float((v @ q).max()) for name, v in zip(self.names, self._vectors)}
+        scores = {name: float((v @ q).max()) for name, v in names}
         best = max(scores, key=scores.get)
         return Route(best if scores[best] >= self.threshold else None, scores[best], scores)
 
