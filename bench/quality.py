@@ -300,6 +300,7 @@ def lorag_rankings(root: Path, pages: list[str], questions: list[dict], embedder
 
 SWEEP_DEPTH = 50  # candidates per ranking kept for the sweep (a live search asks for 20 at k = 5)
 SWEEP = {
+    "fusion": ("rrf", "scores"),
     "dense_weight": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
     "lexical_floor": (0.0, 0.25, 0.5, 0.75),
     "rrf_k": (10, 30, 60, 100),
@@ -318,7 +319,7 @@ def sweep(candidates: list[dict], questions: list[dict]) -> dict:
     """
     import itertools
 
-    from lorag.retrieval import DENSE_WEIGHT, LEXICAL_FLOOR, MAX_PER_SOURCE, RRF_K, fuse, per_source
+    from lorag.retrieval import DENSE_WEIGHT, FUSION, LEXICAL_FLOOR, MAX_PER_SOURCE, RRF_K, fuse, per_source
 
     dev = [i for i in range(len(questions)) if i % 2 == 0]
     test = [i for i in range(len(questions)) if i % 2 == 1]
@@ -328,7 +329,7 @@ def sweep(candidates: list[dict], questions: list[dict]) -> dict:
         out = []
         for c in candidates:
             if mode == "hybrid":
-                hits = fuse(c["dense"][:depth], c["bm25"][:depth], depth, setting["dense_weight"], setting["lexical_floor"], setting["rrf_k"])
+                hits = fuse(c["dense"][:depth], c["bm25"][:depth], depth, setting["dense_weight"], setting["lexical_floor"], setting["rrf_k"], setting["fusion"])
             else:
                 hits = c[mode][: 4 * K if setting["max_per_source"] else K]
             out.append(per_source(hits, K, setting["max_per_source"]))
@@ -338,7 +339,7 @@ def sweep(candidates: list[dict], questions: list[dict]) -> dict:
         m = score([hits[i] for i in idx], [questions[i] for i in idx])
         return {"recall": m["recall"], "mrr": m["mrr"]}
 
-    current = {"dense_weight": DENSE_WEIGHT, "lexical_floor": LEXICAL_FLOOR, "rrf_k": RRF_K, "max_per_source": MAX_PER_SOURCE}
+    current = {"fusion": FUSION, "dense_weight": DENSE_WEIGHT, "lexical_floor": LEXICAL_FLOOR, "rrf_k": RRF_K, "max_per_source": MAX_PER_SOURCE}
     result = {"dev": len(dev), "test": len(test), "current": current, "modes": {}}
     for mode in LORAG_MODES:
         keys = list(SWEEP) if mode == "hybrid" else ["max_per_source"]

@@ -132,7 +132,7 @@ def test_kb_ingest_list_search_drop(tmp_path, tiny_model, model_cache):
     r = subprocess.run([*kb, "list", *cfg], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     row = next(line for line in r.stdout.splitlines() if line.startswith("│ handbook"))
     cells = [c.strip() for c in row.split("│")[1:-1]]
-    assert cells[2] == "8" and int(cells[3]) > 8 and cells[4] == "hybrid" and "BM25 in Milvus" in cells[5], row
+    assert cells[2] == "8" and int(cells[3]) > 8 and cells[4] == "hybrid" and "BM25 in lorag" in cells[5], row
 
     r = subprocess.run([*kb, "search", "TW-E417", "--kb", "handbook", "--mode", "bm25", "-k", "2", *cfg], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -162,10 +162,47 @@ def test_bm25_index_equals_the_formula_on_a_random_corpus():
     ],
 )
 def test_fuse_table(dense, lexical, kwargs, expected):
+    """Fusion by reciprocal rank (`fusion: rrf`); score fusion has its own table below."""
     from lorag.retrieval import fuse
 
     lex = [{"id": h, "score": 1.0} if isinstance(h, str) else {"id": h[0], "score": h[1]} for h in lexical]
-    assert [h["id"] for h in fuse(hits(*dense), lex, 10, **kwargs)] == expected
+    assert [h["id"] for h in fuse(hits(*dense), lex, 10, **{"fusion": "rrf", "dense_weight": 1.0, **kwargs})] == expected
+
+
+@pytest.mark.parametrize(
+    "dense, lexical, weights, expected",
+    [
+        # scores normalised per ranking to [0, 1] (min-max over its hits), then a weighted mean
+        ([("a", 0.9), ("b", 0.5)], [("b", 8.0), ("c", 2.0)], None, [("a", 0.5), ("b", 0.5), ("c", 0.0)]),  # ties: first appearance
+        # how far ahead a hit is counts: c, far ahead in full text, beats b, ranked well in both
+        ([("a", 0.62), ("b", 0.60), ("c", 0.30)], [("c", 9.0), ("b", 3.0), ("d", 2.8)], None,
+         [("a", 0.5), ("c", 0.5), ("b", 0.5 * 0.9375 + 0.5 * 0.2 / 6.2), ("d", 0.0)]),
+        ([("a", 0.9), ("b", 0.5)], [("b", 8.0), ("c", 2.0)], [3.0, 1.0], [("a", 0.75), ("b", 0.25), ("c", 0.0)]),
+        # one hit, or equal scores: each counts as the best of its ranking
+        ([("a", 0.4)], [("a", 5.0), ("b", 5.0)], None, [("a", 1.0), ("b", 0.5)]),
+        ([], [("b", 5.0)], None, [("b", 0.5)]),
+        ([], [], None, []),
+    ],
+)
+def test_score_fusion_table(dense, lexical, weights, expected):
+    from lorag.retrieval import score_fusion
+
+    ranked = lambda pairs: [{"id": i, "score": s} for i, s in pairs]  # noqa: E731
+    got = score_fusion([ranked(dense), ranked(lexical)], 10, weights)
+    assert [(h["id"], h["score"]) for h in got] == [(i, pytest.approx(s)) for i, s in expected]
+
+
+def test_fuse_by_scores_keeps_a_far_ahead_full_text_hit_first_where_rrf_buries_it():
+    """The handbook's "TW-E417" case in miniature: the code's own chunk leads full text by far but is
+    missing from the dense list; chunks ranked well in both lists win under RRF, not by scores."""
+    from lorag.retrieval import fuse
+
+    dense = [{"id": i, "score": s} for i, s in [("reading", 0.66), ("led", 0.52), ("bundle", 0.49), ("clearing", 0.47), ("list2", 0.46),
+                                                 ("other", 0.45), ("list", 0.44), ("x", 0.40), ("y", 0.35)]]
+    lexical = [{"id": i, "score": s} for i, s in [("list", 5.8), ("about", 4.8), ("clearing", 3.9), ("list2", 3.7), ("led", 3.4)]]
+    assert [h["id"] for h in fuse(dense, lexical, 3, 1.0, fusion="rrf")] == ["led", "clearing", "list"]
+    assert [h["id"] for h in fuse(dense, lexical, 3, 1.0, fusion="scores")] == ["list", "reading", "clearing"]
+    assert fuse(dense, lexical, 3)[0]["id"] == "list", "score fusion is the default"
 
 
 @pytest.mark.parametrize(

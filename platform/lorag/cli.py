@@ -307,7 +307,7 @@ def kb_list(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> Non
     """Every knowledge base of the config: where it lives, documents and chunks stored, search mode."""
     from rich.table import Table
 
-    from lorag.milvus import MilvusStore
+    from lorag.milvus import MilvusStore, is_lite
 
     cfg = _load(config, set_)
     table = Table("knowledge base", "milvus", "documents", "chunks", "search", "full text")
@@ -318,7 +318,8 @@ def kb_list(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> Non
             table.add_row(kb.name, cfg.milvus_uri(kb), "-", "-", kb.search, f"unreachable: {e}")
             continue
         docs = store.documents(kb.collection)
-        full_text = f"BM25 in Milvus ({store.version})" if store.native_bm25 else f"BM25 in lorag ({store.version} has none)"
+        full_text = ("BM25 in lorag (Milvus Lite's is slower)" if is_lite(store.uri) else f"BM25 in Milvus ({store.version})" if store.native_bm25
+                     else f"BM25 in lorag ({store.version} has none)")
         table.add_row(kb.name, store.uri, str(len(docs)) if docs else "not ingested", str(store.count(kb.collection)), kb.search, full_text)
         store.close()
     if not cfg.knowledge_bases:

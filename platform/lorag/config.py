@@ -61,12 +61,16 @@ class ChunkingConfig(_Strict):
 
 
 class HybridConfig(_Strict):
-    """How hybrid search fuses its two rankings (weighted reciprocal rank fusion). Unset values
+    """How hybrid search fuses its two rankings (by normalised scores, or by reciprocal rank). Unset values
     take lorag's defaults, the best of a sweep on a labelled benchmark (docs/benchmarks.md)."""
 
     dense_weight: float | None = Field(None, gt=0, le=10, description="Weight of the dense (meaning) ranking; full text weighs 1. Raise it for paraphrased questions, lower it for codes and names.")
     lexical_floor: float | None = Field(None, ge=0, le=1, description="Full-text hits scoring under this share of the best one are dropped before fusion (they match only common words).")
-    rrf_k: int | None = Field(None, ge=1, le=1000, description="The RRF constant: higher flattens the weight of the top ranks.")
+    rrf_k: int | None = Field(None, ge=1, le=1000, description="With fusion rrf: the RRF constant; higher flattens the weight of the top ranks.")
+    fusion: Literal["rrf", "scores"] | None = Field(
+        None, description="scores (default): each ranking's scores normalised to 0-1 and averaged by weight, so a chunk far ahead in full text "
+        "(an exact code or name) stays ahead; rrf: reciprocal rank fusion (ranks only).",
+    )
 
 
 class KnowledgeBaseConfig(_Strict):
@@ -85,7 +89,7 @@ class KnowledgeBaseConfig(_Strict):
     token: str | None = Field(None, description="Milvus server token ('user:password'); unused for Milvus Lite.")
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Chunk size and overlap.")
     top_k: int = Field(3, ge=1, le=50, description="Chunks retrieved per question. More gives the model more evidence and a longer prompt.")
-    search: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused by reciprocal rank).")
+    search: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused).")
     hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Fusion settings of hybrid search.")
     max_per_source: int | None = Field(
         None, ge=1, description="At most this many chunks of any one document ahead of other documents' chunks (None: lorag's default, 1), "

@@ -4,8 +4,9 @@
 chunks (dense, BM25 or hybrid); `citations` shapes them for the API response (the prompt that
 carries them is built by `lorag.prompts`).
 
-Hybrid search fuses the dense and BM25 rankings with reciprocal rank fusion (`rrf`), computed
-here rather than in Milvus so every backend fuses the same way. `Bm25Index` scores full text in
+Hybrid search fuses the dense and BM25 rankings by their normalised scores (`score_fusion`, the
+default) or by reciprocal rank (`rrf`), computed here rather than in Milvus so every backend fuses
+the same way. `Bm25Index` scores full text in
 the store's process: on Milvus Lite, whose BM25 is pure Python over every row (about 90 ms a query at
 20,000 chunks, against 1-2 ms here), and on Milvus servers older than 2.5, which have no BM25
 function. Milvus servers from 2.5 score it themselves.
@@ -29,8 +30,9 @@ from typing import Any
 import numpy as np
 
 RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very top ranks
-DENSE_WEIGHT = 1.0  # hybrid: the dense ranking's weight in RRF (full text: 1)
+DENSE_WEIGHT = 0.75  # hybrid: the dense ranking's weight in the fusion (full text: 1)
 LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
+FUSION = "scores"  # hybrid: "rrf" (reciprocal ranks) or "scores" (normalised scores, `score_fusion`)
 MAX_PER_SOURCE: int | None = 1  # every mode: one chunk per document before a second of any (see `per_source`)
 # A dotted number ("3.6", "7.2.1") is one token, or Milvus's tokenizer and ours would split it into
 # digits that match every number; other tokens are runs of word characters.
@@ -115,18 +117,51 @@ def rrf(rankings: list[list[dict[str, Any]]], k: int, c: int = RRF_K, weights: l
 
 
 def fuse(dense: list[dict[str, Any]], lexical: list[dict[str, Any]], k: int, dense_weight: float = DENSE_WEIGHT,
-         lexical_floor: float = LEXICAL_FLOOR, c: int = RRF_K) -> list[dict[str, Any]]:
-    """Hybrid search's ranking: the dense and full-text rankings fused by weighted RRF.
+         lexical_floor: float = LEXICAL_FLOOR, c: int = RRF_K, fusion: str = FUSION) -> list[dict[str, Any]]:
+    """Hybrid search's ranking: the dense and full-text rankings fused by weighted RRF (`fusion`
+    "rrf") or by their scores (`fusion` "scores", see `score_fusion`).
 
     Full-text hits scoring under `lexical_floor` times the best one match only common words; in
     a fused ranking they would outvote the one chunk that holds a rare, exact term, so they are
-    dropped first. A sweep of 384 settings on bench/quality.py's questions (docs/benchmarks.md)
-    found none better than these defaults on the half it was not chosen on; a knowledge base's
-    `hybrid` settings override them. The same sweep chose `MAX_PER_SOURCE` (better on both halves).
+    dropped first. The defaults (docs/benchmarks.md, "Retrieval quality"): score fusion, because
+    RRF ranks a chunk that is merely good in both lists above the one chunk holding an exact code
+    that only full text finds (on the quickstart's handbook, score fusion ranks the error list first
+    for every error-code question, RRF for none), while on bench/quality.py's 70 questions the two
+    are within one question of each other; dense weight 0.75, the best score-fusion weight on that
+    benchmark's dev half and on the handbook. A knowledge base's `hybrid` settings override them.
+    The same sweep chose `MAX_PER_SOURCE` (better on both halves, every mode).
     """
     if lexical:
         lexical = [h for h in lexical if h["score"] >= lexical_floor * lexical[0]["score"]]
+    if fusion == "scores":
+        return score_fusion([dense, lexical], k, [dense_weight, 1.0])
     return rrf([dense, lexical], k, c, [dense_weight, 1.0])
+
+
+def score_fusion(rankings: list[list[dict[str, Any]]], k: int, weights: list[float] | None = None) -> list[dict[str, Any]]:
+    """Relative score fusion: each ranking's scores min-max normalised to [0, 1] over its own hits,
+    then a weighted mean (a hit missing from a ranking scores 0 there).
+
+    Unlike RRF it keeps how far ahead a hit is: a chunk whose rare exact term puts it far above
+    every other full-text hit stays ahead of chunks that rank merely well in both lists.
+
+    Returns:
+        The top-k hits by fused score (in [0, 1]), best first; ties keep first-appearance order.
+    """
+    weights = weights or [1.0] * len(rankings)
+    fused: dict[str, float] = {}
+    first: dict[str, dict[str, Any]] = {}
+    for ranking, weight in zip(rankings, weights):
+        if not ranking:
+            continue
+        scores = [float(h["score"]) for h in ranking]
+        low, high = min(scores), max(scores)
+        for hit, score in zip(ranking, scores):
+            norm = (score - low) / (high - low) if high > low else 1.0
+            fused[hit["id"]] = fused.get(hit["id"], 0.0) + weight * norm / sum(weights)
+            first.setdefault(hit["id"], hit)
+    order = sorted(fused, key=lambda i: -fused[i])
+    return [{**first[i], "score": fused[i]} for i in order[:k]]
 
 
 def per_source(hits: list[dict[str, Any]], k: int, most: int | None) -> list[dict[str, Any]]:
