@@ -161,6 +161,8 @@ class MilvusStore:
         """
         from pymilvus import DataType, Function, FunctionType, MilvusClient
 
+        from lorag.retrieval import BM25_B, BM25_K1
+
         kb = kb or collection
         if self.client.has_collection(collection):
             reason = self.incompatible(collection, dim, kb)
@@ -189,7 +191,7 @@ class MilvusStore:
         if bm25:
             schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
             schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25, input_field_names=["terms"], output_field_names=["sparse"]))
-            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25", params={"bm25_k1": BM25_K1, "bm25_b": BM25_B})
         self.client.create_collection(
             collection, schema=schema, index_params=index, consistency_level="Strong", properties={MARKER_KB: kb, MARKER_SCHEMA: COLLECTION_SCHEMA}
         )
@@ -385,8 +387,7 @@ class MilvusStore:
                     rows.extend(batch)
             finally:
                 it.close()
-        # The parameters Milvus scores with: Lite's index defaults to k1 = 1.5, servers' to 1.2.
-        index = Bm25Index(rows, k1=1.5 if is_lite(self.uri) else 1.2, b=0.75)
+        index = Bm25Index(rows)  # BM25_K1 and BM25_B, as the collection's BM25 index was created with
         with self._bm25_lock:
             if self._bm25_writes.get(collection, 0) == writes:
                 self._bm25[collection] = index

@@ -33,6 +33,10 @@ RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very top r
 DENSE_WEIGHT = 0.75  # hybrid: the dense ranking's weight in the fusion (full text: 1)
 LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
 FUSION = "scores"  # hybrid: "rrf" (reciprocal ranks) or "scores" (normalised scores, `score_fusion`)
+# BM25's parameters, for Milvus's BM25 index and lorag's alike: k1 as Milvus Lite's default, b
+# chosen on bench/quality.py's dev half (0.5 against the usual 0.75: chunks follow sections, so
+# their length says little about how much of them is on topic; docs/benchmarks.md).
+BM25_K1, BM25_B = 1.5, 0.5
 MAX_PER_SOURCE: int | None = 1  # every mode: one chunk per document before a second of any (see `per_source`)
 # A dotted number ("3.6", "7.2.1") is one token, or Milvus's tokenizer and ours would split it into
 # digits that match every number; other tokens are runs of word characters.
@@ -197,7 +201,7 @@ class Bm25Index:
         k1, b: the usual BM25 parameters.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], k1: float = 1.2, b: float = 0.75):
+    def __init__(self, rows: list[dict[str, Any]], k1: float = BM25_K1, b: float = BM25_B):
         self.rows, self.k1, self.b = rows, k1, b
         docs: dict[str, list[int]] = {}
         freqs: dict[str, list[int]] = {}
