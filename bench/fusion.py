@@ -7,7 +7,7 @@ handbook of examples/quickstart (8 Markdown files), ingested with the quickstart
 settings into a temporary Milvus Lite file under a local Ray. Questions: the 16 held-out questions
 of examples/quickstart/eval.jsonl (their `sources`), plus 4 error-code lookups a user types
 ("TW-E450", "I'm getting TW-E450.", ...) whose answer is the error-code page. Both fusions are run
-at dense weight 0.75 (lorag's default) and 1.0 over the same stored candidates. Document level:
+at dense weights 0.5 to 1.0 over the same stored candidates. Document level:
 recall@k at the knowledge base's top_k (2) and MRR@5, and for the error-code questions whether the
 chunk that holds the code itself ranks first.
 """
@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart"
 CODES = [("TW-E450", "TW-E450"), ("I'm getting TW-E450.", "TW-E450"), ("TW-E417", "TW-E417"), ("What does error TW-E417 mean?", "TW-E417")]
-SETTINGS = [("rrf", 0.75), ("rrf", 1.0), ("scores", 0.75), ("scores", 1.0)]
+SETTINGS = [("rrf", 0.75), ("rrf", 1.0), ("scores", 0.5), ("scores", 0.75), ("scores", 1.0)]
 
 
 def main() -> None:

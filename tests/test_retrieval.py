@@ -200,8 +200,8 @@ def test_fuse_by_scores_keeps_a_far_ahead_full_text_hit_first_where_rrf_buries_i
     dense = [{"id": i, "score": s} for i, s in [("reading", 0.66), ("led", 0.52), ("bundle", 0.49), ("clearing", 0.47), ("list2", 0.46),
                                                  ("other", 0.45), ("list", 0.44), ("x", 0.40), ("y", 0.35)]]
     lexical = [{"id": i, "score": s} for i, s in [("list", 5.8), ("about", 4.8), ("clearing", 3.9), ("list2", 3.7), ("led", 3.4)]]
-    assert [h["id"] for h in fuse(dense, lexical, 3, 1.0, fusion="rrf")] == ["led", "clearing", "list"]
-    assert [h["id"] for h in fuse(dense, lexical, 3, 1.0, fusion="scores")] == ["list", "reading", "clearing"]
+    assert [h["id"] for h in fuse(dense, lexical, 3, 1.0, 0.5, fusion="rrf")] == ["led", "clearing", "list"]
+    assert [h["id"] for h in fuse(dense, lexical, 3, 1.0, 0.5, fusion="scores")] == ["list", "reading", "clearing"]
     assert fuse(dense, lexical, 3)[0]["id"] == "list", "score fusion is the default"
 
 

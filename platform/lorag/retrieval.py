@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very top ranks
-DENSE_WEIGHT = 0.75  # hybrid: the dense ranking's weight in the fusion (full text: 1)
-LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
+DENSE_WEIGHT = 0.5  # hybrid: the dense ranking's weight in the fusion (full text: 1)
+LEXICAL_FLOOR = 0.75  # hybrid: keep full-text hits scoring at least this share of the best one
 FUSION = "scores"  # hybrid: "rrf" (reciprocal ranks) or "scores" (normalised scores, `score_fusion`)
 # BM25's parameters, for Milvus's BM25 index and lorag's alike: k1 as Milvus Lite's default, b
 # chosen on bench/quality.py's dev half (0.5 against the usual 0.75: chunks follow sections, so
@@ -129,11 +129,12 @@ def fuse(dense: list[dict[str, Any]], lexical: list[dict[str, Any]], k: int, den
     a fused ranking they would outvote the one chunk that holds a rare, exact term, so they are
     dropped first. The defaults (docs/benchmarks.md, "Retrieval quality"): score fusion, because
     RRF ranks a chunk that is merely good in both lists above the one chunk holding an exact code
-    that only full text finds (on the quickstart's handbook, score fusion ranks the error list first
-    for every error-code question, RRF for none), while on bench/quality.py's 70 questions the two
-    are within one question of each other; dense weight 0.75, the best score-fusion weight on that
-    benchmark's dev half and on the handbook. A knowledge base's `hybrid` settings override them.
-    The same sweep chose `MAX_PER_SOURCE` (better on both halves, every mode).
+    that only full text finds (on the quickstart's handbook, bench/fusion.py, score fusion ranks
+    the error list first for every error-code question, RRF for one of four), while on
+    bench/quality.py's 70 questions the two are within a question or two of each other; dense
+    weight 0.5 and floor 0.75, the best score-fusion setting on that benchmark's dev half (and the
+    best on the handbook). A knowledge base's `hybrid` settings override them. The same sweep
+    chose `MAX_PER_SOURCE` (better on both halves, every mode).
     """
     if lexical:
         lexical = [h for h in lexical if h["score"] >= lexical_floor * lexical[0]["score"]]
