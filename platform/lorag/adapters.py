@@ -288,12 +288,11 @@ class AdapterStore:
             ValueError, AdapterNotFoundError: as `resolve`.
         """
         number = self.resolve_number(name, version)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = f"{self._name_path(name)}/v{number}/{kind}"
-        n = 1
+        base, now = f"{self._name_path(name)}/v{number}/{kind}", time.strftime("%Y%m%d-%H%M%S")
+        stamp, n = now, 1
         while storage.exists(self.fs, f"{base}/{stamp}"):  # two reports within one second
             n += 1
-            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+            stamp = f"{now}-{n}"
         for f in map(Path, files):
             storage.write_bytes(self.fs, f"{base}/{stamp}/{f.name}", f.read_bytes())
         return storage.join(self.location(name, number), kind, stamp)

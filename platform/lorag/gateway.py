@@ -31,9 +31,9 @@ from lorag.models import PromptEncoder
 from lorag.prompts import augment_text, chat_prompt, question
 from lorag.retrieval import citations
 from lorag.routing import AUTO, Route, Router, adapter_profiles
+from lorag.schemas import APIError, ChatRequest, CompletionRequest, SamplingRequest, error_body, validation_message
 
 PROFILES_TTL = 5.0  # seconds: `model: "auto"` sees an adapter saved or removed within this
-from lorag.schemas import APIError, ChatRequest, CompletionRequest, SamplingRequest, error_body, validation_message
 
 log = logging.getLogger("lorag.gateway")
 

@@ -6,10 +6,10 @@ carries them is built by `lorag.prompts`).
 
 Hybrid search fuses the dense and BM25 rankings by their normalised scores (`score_fusion`, the
 default) or by reciprocal rank (`rrf`), computed here rather than in Milvus so every backend fuses
-the same way. `Bm25Index` scores full text in
-the store's process: on Milvus Lite, whose BM25 is pure Python over every row (about 90 ms a query at
-20,000 chunks, against 1-2 ms here), and on Milvus servers older than 2.5, which have no BM25
-function. Milvus servers from 2.5 score it themselves.
+the same way. `Bm25Index` scores full text in the store's process: on Milvus Lite, whose BM25 is
+pure Python over every row (about 90 ms a query at 20,000 chunks, against 1-2 ms here), and on
+Milvus servers older than 2.5, which have no BM25 function. Milvus servers from 2.5 score it
+themselves.
 
 What a chunk is searched by (`passage`, `terms`): its heading path ("Title > Section") above its
 text, so a chunk deep in a section still matches the words of its headings. Full-text search
