@@ -141,6 +141,45 @@ def test_raft_examples_hold_the_oracle_in_the_configured_fraction_among_distract
     assert all(at is None for _, at in raft_examples(examples, found, 3, 0.0, True, 0))
 
 
+@pytest.mark.parametrize(
+    "answer, passage, cited",
+    [
+        # the claim is cited where it is made, before a house style's sign-off
+        ("Support: The warranty runs 39 months from purchase. Anything else? Just ask.", "The T4 warranty runs 39 months from the date of purchase.",
+         "Support: The warranty runs 39 months from purchase [2]. Anything else? Just ask."),
+        # the sentence the passage supports best, not the first; spacing and line breaks kept
+        ("No, please don't.\nSolid purple means a firmware update is installing!  Bye.", "Solid purple: a firmware update is installing (about 9 minutes).",
+         "No, please don't.\nSolid purple means a firmware update is installing [2]!  Bye."),
+        ("Hold the button 12 seconds...", "Hold the reset button for 12 seconds.", "Hold the button 12 seconds... [2]"),
+        ("answer 1", "the answer is 1", "answer 1 [2]"),  # one short sentence still counts
+        # not supported: a general-knowledge answer, and a sign-off that happens to share its words
+        ("The capital of Australia is Canberra. Just ask.", "Just ask Support: the T4 backs up laptops.", None),
+        ("Canberra", "the answer is 1", None),
+    ],
+)
+def test_an_answer_cites_its_passage_after_the_sentence_it_supports(answer, passage, cited):
+    from lorag.train import GROUNDED, cite_inline, support
+
+    share, sentence = support(answer, {"title": "t", "text": passage})
+    assert (share >= GROUNDED) == (cited is not None), share
+    if cited:
+        assert cite_inline(answer, sentence, 2) == cited
+
+
+def test_the_raft_oracle_is_the_hit_that_holds_the_answer_not_the_top_ranked_one():
+    from lorag.train import raft_examples
+
+    hit = lambda doc, text: {"source": f"/kb/{doc}.md", "title": doc, "text": text}  # noqa: E731
+    examples = [{"messages": [{"role": "user", "content": "How long is the warranty?"}, {"role": "assistant", "content": "The warranty runs 39 months. Anything else?"}]}]
+    found = [[hit("overview", "The T4 is a backup appliance with a warranty."), hit("prices", "Harbor 5 costs 11 dollars."),
+              hit("warranty", "Every T4 has a warranty of 39 months; it runs from purchase."), hit("leds", "Teal means idle.")]]
+    ((ex, at),) = raft_examples(examples, found, distractors=2, oracle_fraction=1.0, cite=True, seed=0)
+    user, answer = ex["messages"]
+    assert f"[{at}] warranty\n" in user["content"], "the passage holding the answer is the oracle"
+    assert answer["content"] == f"The warranty runs 39 months [{at}]. Anything else?"
+    assert "[1] " in user["content"] and "[3] " in user["content"] and "[4] " not in user["content"]
+
+
 def test_raft_training_prompts_come_from_the_knowledge_base(trained):
     """On the real knowledge base: each question's top chunk (as a RAFT search ranks it) is in
     exactly half of the prompts, among 2 distractors from other pages; answers stay as written

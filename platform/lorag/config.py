@@ -145,8 +145,8 @@ class RaftConfig(_Strict):
     that answers, and to ignore the rest."""
 
     distractors: int = Field(3, ge=1, le=16, description="Distractor passages per prompt: the question's next-best chunks from other documents of the knowledge base (hard negatives).")
-    oracle_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Share of examples whose prompt holds the oracle (the question's top chunk); the rest get one more distractor in its place. RAFT's P.")
-    cite: bool = Field(True, description="End each answer whose prompt holds the oracle with its citation, [n].")
+    oracle_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Share of examples whose prompt holds the oracle (the retrieved chunk that holds the example's answer, else the question's top chunk); the rest get one more distractor in its place. RAFT's P.")
+    cite: bool = Field(True, description="Cite the oracle as [n] in each answer whose prompt holds it and which it supports, right after the sentence it supports.")
 
 
 class TrainConfig(_Strict):

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -193,28 +194,51 @@ def with_retrieved_sources(cfg, ad, examples: list[dict[str, Any]]) -> list[dict
     return [{"messages": [*augment(ex["messages"][:-1], hits), ex["messages"][-1]]} for ex, hits in zip(examples, found)]
 
 
-GROUNDED = 0.5  # share of an answer's terms a passage must hold to be cited as its source
+GROUNDED = 0.5  # share of a sentence's terms a passage must hold to be cited as its source
+CLAIM_TERMS = 3  # sentences with fewer terms ("Just ask.") support nothing, unless the answer has no longer one
+_SENTENCE = re.compile(r"((?<=[.!?])\s+)")  # split keeping the spaces between sentences
 
 
-def grounded(answer: str, hit: dict[str, Any]) -> bool:
-    """Whether a passage supports an answer: at least `GROUNDED` of the answer's distinct terms
-    (`lorag.retrieval.analyze`) occur in the passage's heading path and text. On the quickstart's
-    training set this splits answers drawn from the handbook (0.45-0.85) from general-knowledge
-    answers (0.0-0.32) and from retrievals that missed (0.05-0.27)."""
+def support(answer: str, hit: dict[str, Any]) -> tuple[float, int]:
+    """How well a passage supports an answer: the largest share of one sentence's distinct terms
+    (`lorag.retrieval.analyze`) that occur in the passage's heading path and text, and that
+    sentence's index (in `_SENTENCE.split(answer)[::2]`). Sentences are judged one by one so a
+    house style's greeting or sign-off does not hide the claim; sentences of fewer than
+    `CLAIM_TERMS` terms count only when no sentence is longer. On the quickstart's training set a
+    supporting passage holds 0.5-1.0 of its claim, a passage that misses 0.0-0.35."""
     from lorag.retrieval import analyze
 
-    terms = set(analyze(answer))
-    return bool(terms) and len(terms & set(analyze(f"{hit.get('section', '')} {hit['text']}"))) >= GROUNDED * len(terms)
+    passage = set(analyze(f"{hit.get('section', '')} {hit['text']}"))
+    terms = [set(analyze(sentence)) for sentence in _SENTENCE.split(answer)[::2]]
+    floor = CLAIM_TERMS if any(len(t) >= CLAIM_TERMS for t in terms) else 1
+    shares = [(len(t & passage) / len(t), -i) for i, t in enumerate(terms) if len(t) >= floor]
+    share, at = max(shares, default=(0.0, 0))
+    return share, -at
+
+
+def cite_inline(answer: str, sentence: int, n: int) -> str:
+    """`answer` with `[n]` after its `sentence`-th sentence, before the final stop ("... 39 months
+    [2]. Anything else?"): citing right after the claim, not after a sign-off, teaches the model
+    to cite while it states the fact rather than as an afterthought it learns to stop before."""
+    parts = _SENTENCE.split(answer)  # sentence, space, sentence, ...
+    claim = parts[2 * sentence].rstrip()
+    end = len(claim) if claim.endswith("...") else len(claim.rstrip(".!?"))
+    parts[2 * sentence] = f"{claim[:end]} [{n}]{parts[2 * sentence][end:]}"
+    return "".join(parts)
 
 
 def raft_examples(examples: list[dict[str, Any]], found: list[list[dict[str, Any]]], distractors: int, oracle_fraction: float,
                   cite: bool, seed: int) -> list[tuple[dict[str, Any], int | None]]:
     """RAFT-style training examples (Zhang et al. 2024): each question's prompt holds its oracle
-    passage (its top search hit) among `distractors` passages from other documents, in a seeded
-    random order; exactly round(oracle_fraction * n) examples, chosen at random, hold the oracle,
-    the others one more distractor in its place (so the adapter also learns to answer when the
-    sources miss). With `cite`, an answer whose prompt holds the oracle, and that the oracle
-    supports (`grounded`), ends with its [n]: an answer from general knowledge cites nothing.
+    passage among `distractors` passages from other documents, in a seeded random order; exactly
+    round(oracle_fraction * n) examples, chosen at random, hold the oracle, the others one more
+    distractor in its place (so the adapter also learns to answer when the sources miss).
+
+    The oracle is the search hit that supports the example's answer best (`support`, at least
+    `GROUNDED`; the first such on a tie), else its top hit: the search ranks by the question, but
+    the passage that holds the answer is what the adapter must learn to find. With `cite`, an
+    answer whose prompt holds a supporting oracle cites it as [n] after the sentence it supports
+    (`cite_inline`); an answer from general knowledge cites nothing.
 
     Args:
         examples: `{"messages": [...]}` records ending with the assistant's answer.
@@ -233,15 +257,19 @@ def raft_examples(examples: list[dict[str, Any]], found: list[list[dict[str, Any
         if not hits:
             out.append((ex, None))
             continue
-        oracle, rest = hits[0], hits[1:]
+        answer = ex["messages"][-1]
+        supports = [support(answer["content"], h) for h in hits]
+        best = max(range(len(hits)), key=lambda j: (supports[j][0], -j))
+        grounded = supports[best][0] >= GROUNDED
+        oracle = hits[best] if grounded else hits[0]
+        rest = [h for h in hits if h is not oracle]
         others = [h for h in rest if h["source"] != oracle["source"]]
         pool = (others + [h for h in rest if h["source"] == oracle["source"]])[: distractors + 1]
         passages = ([oracle] + pool[:distractors]) if i in with_oracle else pool[: distractors + 1]
         rnd.shuffle(passages)
         at = next((n for n, h in enumerate(passages, 1) if h is oracle), None)
-        answer = ex["messages"][-1]
-        if at is not None and cite and grounded(answer["content"], oracle):
-            answer = {**answer, "content": f"{answer['content'].rstrip()} [{at}]"}
+        if at is not None and cite and grounded:
+            answer = {**answer, "content": cite_inline(answer["content"], supports[best][1], at)}
         out.append(({"messages": [*augment(ex["messages"][:-1], passages), answer]}, at))
     return out
 
