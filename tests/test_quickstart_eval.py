@@ -5,7 +5,8 @@ retrieval?
 This trains the bundled SmolLM2-135M-Instruct RAFT-style with the quickstart's own config (as
 `make demo` does) and evaluates base, base + RAG, adapter and adapter + RAG: several minutes on 2
 CPU cores, so it is marked `real_model` and left out of `make test` (docs/benchmarks.md records the
-same measurement from `make demo`). Run it with:
+same measurement from `make demo`: adapter + RAG cites a gold page in 8 of 16 answers, base + RAG in
+1, the others cannot cite). Run it with:
 
     .venv/bin/python -m pytest -m real_model tests/test_quickstart_eval.py
 """

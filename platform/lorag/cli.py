@@ -857,9 +857,13 @@ def _start_serve(cfg: LoragConfig) -> str:
 
 
 def _stop_serve() -> None:
+    """Delete lorag's Serve app: its replicas stop and free their CPUs and memory. Serve itself
+    (and any other app on a shared cluster) is left as it was; a local Ray ends with this process.
+    `serve.shutdown()` would also stop other people's apps, and Ray reports its killing of the
+    Serve controller as a failed task in the terminal."""
     from ray import serve
 
-    serve.shutdown()
+    serve.delete("lorag")
 
 
 def _ask(url: str, model: str, question: str, max_tokens: int, retrieval: bool, api_key: Optional[str] = None) -> dict:
