@@ -151,6 +151,21 @@ def test_strict_json_types_and_the_max_tokens_ceiling(app):
     assert chat(url, model="support", temperature=1, top_p=1, max_tokens=2).status_code == 200, "integers are valid numbers"
 
 
+def test_frequency_and_presence_penalties_reach_the_model(app):
+    """OpenAI's penalties change a greedy answer (the tiny model repeats itself without them), and
+    requests with different penalties sent together each get what they get alone."""
+    import concurrent.futures
+
+    url, *_ = app
+    ask = lambda **p: chat(url, model="support", max_tokens=24, retrieval=False, **p).json()["choices"][0]["message"]["content"]  # noqa: E731
+    plain, penalised = ask(), ask(frequency_penalty=2.0, presence_penalty=1.0)
+    assert len(set(plain.split())) < len(plain.split()) / 2, f"premise: greedy repeats itself: {plain!r}"
+    assert len(set(penalised.split())) > len(set(plain.split())), (plain, penalised)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: ask(**p), [{}, {"frequency_penalty": 2.0, "presence_penalty": 1.0}] * 2))
+    assert together == [plain, penalised] * 2
+
+
 def test_a_short_request_is_answered_before_a_long_one_in_its_batch(app):
     """Two requests sent at once share a batch (30 ms window) unless the machine delays one past
     it, which the test cannot control: each attempt is a fresh pair, and one pair in which the short

@@ -181,6 +181,28 @@ def test_generation_stops_at_a_stop_token_and_sampling_follows_the_seed(adapters
     assert sampled[0] != sampled[2] and sampled[0] != greedy, "temperature 1.5 should sample, not decode greedily"
 
 
+def test_penalties_lower_the_logits_of_generated_tokens_by_count_and_presence():
+    from lorag.multilora import Penalties
+
+    # columns 0-1 are the prompt (token 9 there is not penalised); then row 0 generated 1, 1, 3 and row 1 generated 2, 2, 2
+    ids = torch.tensor([[9, 9, 1, 1, 3], [9, 9, 2, 2, 2]])
+    got = Penalties(frequency=0.5, presence=1.0, start=2)(ids, torch.zeros(2, 10))
+    want = torch.zeros(2, 10)
+    want[0, 1], want[0, 3], want[1, 2] = -(2 * 0.5 + 1.0), -(0.5 + 1.0), -(3 * 0.5 + 1.0)
+    assert torch.equal(got, want)
+    assert torch.equal(Penalties(-1.0, 0.0, 2)(ids, torch.zeros(2, 10))[1, 2], torch.tensor(3.0)), "negative: repetition favoured"
+    assert torch.equal(Penalties(0.5, 1.0, 5)(ids, torch.ones(2, 10)), torch.ones(2, 10)), "nothing generated yet: unchanged"
+
+
+def test_a_frequency_penalty_breaks_greedy_repetition(mm):
+    prompts, rows = [[5, 6, 7], [8, 9]], [0, 0]
+    plain = generate_batch(mm, prompts, rows, max_new_tokens=24, pad_id=2, eos_ids=[])
+    assert all(len(set(r)) < len(r) / 2 for r in plain), f"premise: the tiny model repeats itself greedily: {plain}"
+    penalised = generate_batch(mm, prompts, rows, max_new_tokens=24, pad_id=2, eos_ids=[], frequency_penalty=2.0, presence_penalty=1.0)
+    assert all(len(set(q)) > len(set(r)) for q, r in zip(penalised, plain)), (plain, penalised)
+    assert penalised == generate_batch(mm, prompts, rows, max_new_tokens=24, pad_id=2, eos_ids=[], frequency_penalty=2.0, presence_penalty=1.0)
+
+
 def test_unload_frees_the_slot_and_its_rows_get_the_base(adapters, base, mm):
     sa, sb = mm.load("a", adapters["a"]), mm.load("b", adapters["b"])
     ids = tokens(2)

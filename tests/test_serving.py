@@ -206,6 +206,8 @@ MALFORMED = [
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": "1"}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400),
@@ -252,7 +254,7 @@ def test_odd_values_in_every_request_field_never_cost_a_5xx(served):
     url, _ = served
     odd = [None, True, -1, 0, 1e-30, 1e308, 2**70, -(2**70), "x", "", [], {}, [1], {"a": 1}, "NaN", 0.5, 3, "\x00", "🙂" * 50]
     fields = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n", "stream",
-              "stream_options", "stop", "k", "kb", "retrieval", "logprobs", "tools", "response_format", "logit_bias", "user"]
+              "frequency_penalty", "presence_penalty", "stream_options", "stop", "k", "kb", "retrieval", "logprobs", "tools", "response_format", "logit_bias", "user"]
     statuses = {}
     with httpx.Client(headers=AUTH, timeout=120) as client:
         for field in fields:

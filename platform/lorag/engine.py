@@ -41,12 +41,15 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # the text ends before the first of these
     seed: int | None = None  # sampling only; a seeded request runs in a batch of its own
+    frequency_penalty: float = 0.0  # OpenAI's: lowers a token's logit per time this answer has used it
+    presence_penalty: float = 0.0  # OpenAI's: lowers a token's logit once this answer has used it
 
     def batch_key(self, row: int) -> tuple[Any, ...]:
         """Rows with equal keys can share one `generate` call (its sampling settings are per call)."""
+        penalties = (self.frequency_penalty, self.presence_penalty)
         if self.temperature == 0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, row if self.seed is not None else None)
+            return ("greedy", *penalties)
+        return ("sample", self.temperature, self.top_p, *penalties, row if self.seed is not None else None)
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,8 @@ class Engine:
 
                 try:
                     generate_batch(self.mm, [rows[i].ids for i in running], slots, max_new_tokens=max(rows[i].params.max_tokens for i in running),
-                                   pad_id=self.pad_id, eos_ids=sorted(self.eos), temperature=p.temperature, top_p=p.top_p, seed=p.seed, on_token=on_token)
+                                   pad_id=self.pad_id, eos_ids=sorted(self.eos), temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+                                   frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, on_token=on_token)
                 finally:
                     for i in running:
                         if rows[i].adapter:

@@ -198,7 +198,8 @@ class Gateway:
 
     async def _complete(self, req: SamplingRequest, adapter: str | None, prompt, max_tokens: int, hits: list, kb_name: str | None, chat: bool,
                         route: Route | None = None):
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature or 0.0, top_p=req.top_p, stop=req.stops(), seed=req.seed)
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature or 0.0, top_p=req.top_p, stop=req.stops(), seed=req.seed,
+                                frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty)
         tag = adapter or self.base
         # `model: "auto"` answers with the model that answered (`name@vN`, or the base model's name).
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model if route is None else tag}

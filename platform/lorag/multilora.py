@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 MERGED = "merged"  # a layer plan: run on the layer's merged weight
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -433,8 +433,8 @@ def _mask(rows: list[int], layout: tuple[tuple[int, int], ...], like: torch.Tens
 
 def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: Sequence[int], *, max_new_tokens: int,
                    pad_id: int, eos_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int | None = None, gone: Callable[[int], bool] | None = None,
-                   on_token: Callable[[int, int], bool] | None = None) -> list[list[int]]:
+                   seed: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                   gone: Callable[[int], bool] | None = None, on_token: Callable[[int, int], bool] | None = None) -> list[list[int]]:
     """Generate for a batch whose rows use different adapters, in one `model.generate` call.
 
     Prompts are left-padded with `pad_id`. Sampling parameters are shared by the whole batch
@@ -445,6 +445,8 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
         prompts: token ids of each prompt (chat template already applied).
         eos_ids: stop tokens (default: the model's generation_config eos).
         seed: seeds torch's global RNG first (sampling only).
+        frequency_penalty, presence_penalty: OpenAI's penalties on tokens the row has generated
+            (`Penalties`); 0: none.
         gone: `gone(i)` is true once nobody waits for row i any more (a client that disconnected or
             timed out); checked after every token, such a row stops, and the call ends as soon as
             every row has stopped, instead of decoding for nobody up to `max_new_tokens`.
@@ -475,6 +477,8 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
     criteria = ([CallerGone(gone, order)] if gone is not None else []) + ([TokenWatch(on_token, order)] if on_token is not None else [])
     if criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
+    if frequency_penalty or presence_penalty:  # before temperature and top-p, which generate() adds after these
+        kwargs["logits_processor"] = LogitsProcessorList([Penalties(frequency_penalty, presence_penalty, width)])
     with mm.rows([slots[i] for i in order]), torch.inference_mode():
         out = mm.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                 pad_token_id=pad_id, eos_token_id=eos or None, **kwargs)
@@ -483,6 +487,22 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
         stop = next((j for j, t in enumerate(row) if t in eos), None)
         result[i] = row if stop is None else row[: stop + 1]
     return result
+
+
+class Penalties(LogitsProcessor):
+    """OpenAI's frequency and presence penalties: each token's logit is lowered by
+    `frequency * (times the row has generated it) + presence * (1 if it has at all)`; the prompt
+    (columns before `start`) does not count. Negative values favour repetition instead."""
+
+    def __init__(self, frequency: float, presence: float, start: int):
+        self.frequency, self.presence, self.start = frequency, presence, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.start :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 class CallerGone(StoppingCriteria):

@@ -60,8 +60,8 @@ class ChatMessage(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """Fields shared by chat and text completions. Other OpenAI fields (user, penalties of 0, ...)
-    are ignored; those lorag cannot honour (`UNSUPPORTED_FIELDS`) are refused when set."""
+    """Fields shared by chat and text completions. Other OpenAI fields (user, ...) are ignored;
+    those lorag cannot honour (`UNSUPPORTED_FIELDS`) are refused when set."""
 
     # strict: JSON types as OpenAI takes them (no "yes" for true, no "5" for 5; an integer is a valid number)
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -82,6 +82,8 @@ class SamplingRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="Sampling seed (the range torch.manual_seed takes).")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers a token's logit by this much per time the answer has used it (OpenAI's).")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers a token's logit by this much once the answer has used it (OpenAI's).")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
