@@ -1,6 +1,6 @@
 """The KubeRay manifests: valid as a strict API server would see them, wired to each other, and shipped fresh.
 
-KubeRay objects are checked against the CRDs' `openAPIV3Schema` in ../shared/kuberay-crds with
+KubeRay objects are checked against the CRDs' `openAPIV3Schema` in tests/kuberay-crds (KubeRay's own, copied in) with
 unknown fields rejected (`kubectl apply --validate=strict`), their CEL rules, and the operator's
 own admission rules for what lorag uses; core kinds against the Kubernetes JSON schemas that
 kubernetes-validate bundles (strict). The validator is itself tested on broken manifests.
@@ -20,7 +20,7 @@ from lorag import k8s
 from lorag.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+CRDS = REPO / "tests" / "kuberay-crds"
 QUICKSTART = "examples/quickstart/lorag.yaml"
 RENDER_CMD = f"lorag k8s render -c {QUICKSTART} -o k8s"
 K8S_VERSION = "1.33.0"
@@ -142,7 +142,7 @@ StrictValidator = jsonschema.validators.extend(
 @pytest.fixture(scope="module")
 def crds() -> list[dict]:
     if not CRDS.is_dir():
-        pytest.fail(f"no KubeRay CRDs at {CRDS}: the tests expect shared/kuberay-crds beside the repository")
+        pytest.fail(f"no KubeRay CRDs at {CRDS}: they ship with the repository (tests/kuberay-crds/README.md)")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # 60k lines: libyaml is 10x faster
     return [yaml.load(p.read_text(), Loader=loader) for p in sorted(CRDS.glob("ray.io_*.yaml"))]
 

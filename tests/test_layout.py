@@ -1,6 +1,7 @@
 """Layout rules: platform/ never shadows the stdlib, the library never imports jobs/ or serve/, entrypoints are thin."""
 
 import ast
+import re
 import subprocess
 import sys
 import sysconfig
@@ -56,3 +57,12 @@ def test_serve_config_points_at_the_builder_and_a_real_config():
     app = sc["applications"][0]
     assert app["import_path"] == "serve.app:app"
     assert (REPO / app["args"]["config"]).is_file()
+
+
+def test_nothing_reads_outside_the_repository():
+    """A plain clone passes alone: no test, script or Makefile target reaches ../shared (or any
+    neighbour of the checkout). `.ci/run` runs the suite from a clone with nothing beside it."""
+    files = subprocess.run(["git", "ls-files", "*.py", "Makefile", ".ci/*", "*.sh", "*.toml", "*.cfg"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    pattern = re.compile(r"""\.\./shared|parents?\b[^\n]*["']shared["']""")
+    offenders = [f for f in files if f != "tests/test_layout.py" and pattern.search((REPO / f).read_text(errors="replace"))]
+    assert not offenders, f"these read outside the repository (copy what they need in): {offenders}"

@@ -37,7 +37,7 @@ JOB_MODULES = {"train": "jobs.finetune", "ingest": "jobs.ingest", "eval": "jobs.
 # artifacts. Patterns are gitignore-style, relative to the project root.
 UPLOAD_EXCLUDES = [
     ".venv", "venv", ".git", ".lorag", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
-    ".ruff_cache", ".ipynb_checkpoints", "*.egg-info", "*.db", "/build", "/dist",
+    ".ruff_cache", ".ipynb_checkpoints", "*.egg-info", "*.db", "/build", "/dist", "/tests/kuberay-crds",
 ]
 # Path components that mean "not in the upload" for the config file itself.
 _EXCLUDED_DIRS = {".venv", "venv", ".git", ".lorag", "__pycache__", "build", "dist"}
