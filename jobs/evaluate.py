@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from lorag.config import load_config
+from lorag.errors import run_job
 from lorag.evaluation import evaluate, report_markdown, store_reports, write_report
 
 
@@ -38,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)  # a config or setup mistake is one line, not a traceback

@@ -11,6 +11,7 @@ import argparse
 from lorag.cli import train_summary
 from lorag.cluster import connect
 from lorag.config import load_config
+from lorag.errors import run_job
 from lorag.train import train_adapter
 
 
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)  # a config or setup mistake is one line, not a traceback

@@ -10,6 +10,7 @@ import argparse
 
 from lorag.cluster import connect
 from lorag.config import load_config
+from lorag.errors import run_job
 from lorag.data import ingest
 
 
@@ -35,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)  # a config or setup mistake is one line, not a traceback

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from lorag.cli import app
 
 runner = CliRunner()
-COMMANDS = ["quickstart", "ingest", "train", "serve", "ask", "eval", "adapters", "kb", "submit", "jobs", "deploy", "k8s"]
+COMMANDS = ["quickstart", "ingest", "train", "serve", "ask", "eval", "adapters", "kb", "submit", "jobs", "deploy", "k8s", "config"]
 
 
 def test_top_level_help_lists_every_command():
@@ -146,3 +146,54 @@ def test_kb_ingest_list_search_drop(tmp_path, tiny_model, model_cache):
     assert r.returncode == 0 and "dropped handbook" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([*kb, "search", "TW-E417", "--kb", "handbook", *cfg], capture_output=True, text=True)
     assert r.returncode == 1 and "run `lorag kb ingest` first" in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_serve_stops_on_sigterm_like_ctrl_c(tmp_path, tiny_model, model_cache):
+    """SIGTERM (systemd, Docker, Kubernetes) ends `lorag serve` as Ctrl-C does: the request in flight is
+    answered, lorag's Serve app is deleted, exit 0, and no stack dump (Ray's own handler prints one)."""
+    import signal
+    import threading
+    import time
+
+    import httpx
+    import yaml
+
+    from conftest import REPO, write_config
+
+    write_config(tmp_path, tiny_model, model_cache)
+    data = yaml.safe_load((tmp_path / "lorag.yaml").read_text())
+    data["knowledge_bases"], data["adapters"] = [], []  # the base model alone: this checks the stop, not retrieval
+    (tmp_path / "lorag.yaml").write_text(yaml.safe_dump(data))
+    url = f"http://127.0.0.1:{data['serve']['port']}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "LORAG_API_KEYS"))}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "lorag.cli", "serve", "-c", str(tmp_path / "lorag.yaml")], cwd=REPO, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "lorag is serving at" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, f"lorag serve did not come up:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        answer: dict = {}
+        body = {"model": httpx.get(f"{url}/v1/models").json()["data"][0]["id"], "messages": [{"role": "user", "content": "Count."}], "max_tokens": 400,
+                "temperature": 0, "retrieval": False}
+        asking = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)))
+        asking.start()
+        time.sleep(0.5)  # in flight
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        asking.join(timeout=60)
+        out = log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: stopping lorag's endpoint" in out, out[-3000:]
+    for dump in ("Traceback", "SIGTERM received"):
+        assert dump not in out, out[-3000:]
+    assert answer["r"].status_code == 200 and answer["r"].json()["usage"]["completion_tokens"] > 0, answer
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/v1/models", timeout=5)

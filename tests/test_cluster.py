@@ -305,3 +305,81 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
         except (OSError, ValueError):
             pass
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+CLUSTER_EXAMPLE = REPO / "examples" / "cluster" / "lorag.yaml"
+REMOTE = "http://head.example:8265"  # never contacted: check_for_cluster makes no request
+
+
+@pytest.mark.parametrize("config,overrides,kind,address,nodes,problems", [
+    # the laptop config: every output lies inside the uploaded project
+    ("examples/quickstart/lorag.yaml", [], "train", REMOTE, 1, ["storage: .lorag/quickstart is inside the project", "knowledge_bases.tidewell-handbook.uri: .lorag/quickstart/milvus.db"]),
+    ("examples/quickstart/lorag.yaml", [], "ingest", "http://127.0.0.1:8265", 1, ["knowledge_bases.tidewell-handbook.uri: .lorag/quickstart/milvus.db"]),
+    # the shipped cluster config passes everywhere, for every kind
+    ("examples/cluster/lorag.yaml", [], "ingest", REMOTE, 3, []),
+    ("examples/cluster/lorag.yaml", [], "train", REMOTE, 3, []),
+    ("examples/cluster/lorag.yaml", [], "deploy", REMOTE, None, []),
+    # an endpoint bound to loopback is refused for a remote cluster only
+    ("examples/cluster/lorag.yaml", ["serve.host=127.0.0.1"], "deploy", REMOTE, 1, ["serve.host: 127.0.0.1"]),
+    ("examples/cluster/lorag.yaml", ["serve.host=127.0.0.1"], "deploy", "http://127.0.0.1:8265", 1, []),
+    # inputs only this machine has: refused for a remote cluster, fine for one on this machine
+    ("examples/cluster/lorag.yaml", ["knowledge_bases.tidewell-handbook.sources=[/srv/docs]"], "ingest", REMOTE, 1, ["knowledge_bases.tidewell-handbook.sources: /srv/docs is on this machine only"]),
+    ("examples/cluster/lorag.yaml", ["knowledge_bases.tidewell-handbook.sources=[/srv/docs]"], "ingest", "http://127.0.0.1:8265", 1, []),
+    ("examples/cluster/lorag.yaml", ["base_model=/srv/models/llama"], "train", REMOTE, 1, ["base_model: /srv/models/llama is on this machine only"]),
+    # one node's disk on a cluster of several nodes
+    ("examples/cluster/lorag.yaml", ["knowledge_bases.tidewell-handbook.uri=/srv/kb.db", "storage=/srv/store"], "train", "http://127.0.0.1:8265", 2,
+     ["storage: /srv/store is on one node's disk, and the cluster at http://127.0.0.1:8265 has 2 nodes", "knowledge_bases.tidewell-handbook.uri: /srv/kb.db is on one node's disk"]),
+    ("examples/cluster/lorag.yaml", ["knowledge_bases.tidewell-handbook.uri=/srv/kb.db", "storage=/srv/store"], "train", "http://127.0.0.1:8265", 1, []),
+    # ingest writes no artifacts: local storage does not matter to it
+    ("examples/cluster/lorag.yaml", ["storage=/srv/store"], "ingest", REMOTE, 2, []),
+])
+def test_a_config_that_cannot_run_on_the_cluster_is_refused_before_upload(config, overrides, kind, address, nodes, problems):
+    from lorag.cluster import Cluster, check_for_cluster
+    from lorag.config import ConfigError, load_config
+
+    cfg = load_config(REPO / config, overrides)
+    if not problems:
+        check_for_cluster(cfg, REPO, Cluster(address), kind, None, nodes)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_for_cluster(cfg, REPO, Cluster(address), kind, None, nodes)
+    lines = str(e.value).splitlines()
+    assert "nothing was uploaded" in lines[0] and len(lines) == 1 + len(problems), str(e.value)
+    for line, problem in zip(lines[1:], problems):
+        assert line.strip().startswith(problem), str(e.value)
+
+
+@pytest.mark.slow
+def test_submit_refuses_the_laptop_config_before_uploading(head, tmp_path):
+    """The quickstart's outputs lie inside the project: `lorag submit` says so in one line (exit 2) and submits nothing."""
+    env = _client_env(tmp_path, RAY_AUTH_TOKEN=head.token)
+    before = _lorag("jobs", "list", "--address", head.address, env=env).stdout.count("lorag-ingest-")
+    r = _lorag("submit", "ingest", "-c", "examples/quickstart/lorag.yaml", "--address", head.address, env=env)
+    assert r.returncode == 2 and "knowledge_bases.tidewell-handbook.uri: .lorag/quickstart/milvus.db is inside the project" in r.stdout, r.stdout + r.stderr
+    assert "uploading" not in r.stdout and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert _lorag("jobs", "list", "--address", head.address, env=env).stdout.count("lorag-ingest-") == before, "nothing was submitted"
+
+
+def test_ray_try_again_later_is_retried_with_backoff_for_a_bounded_time():
+    from lorag.cluster import retry_later
+
+    calls = []
+
+    def flaky(fails: int, message: str):
+        def call():
+            calls.append(time.monotonic())
+            if len(calls) <= fails:
+                raise RuntimeError(message)
+            return "submitted"
+        return call
+
+    assert retry_later(flaky(2, "Request failed with status code 500: No available agent to submit job, please try again later."), within_s=5, first_wait_s=0.05) == "submitted"
+    assert len(calls) == 3 and calls[2] - calls[1] > calls[1] - calls[0] > 0.04, "waits grow between tries"
+    calls.clear()
+    with pytest.raises(RuntimeError, match="quota exceeded"):  # anything else: at once
+        retry_later(flaky(1, "quota exceeded"), within_s=5, first_wait_s=0.05)
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(RuntimeError, match="try again later"):  # bounded: the last answer after `within_s`
+        retry_later(flaky(100, "please try again later"), within_s=0.3, first_wait_s=0.05)
+    assert 2 <= len(calls) < 10

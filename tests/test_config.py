@@ -1,11 +1,14 @@
 """Config: every shipped YAML loads; every mistake names its field; overrides address list items by name."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lorag.config import ConfigError, apply_override, load_config
+from lorag.config import ConfigError, apply_override, load_config, reference, reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (REPO / "examples").rglob("lorag.yaml"))
@@ -41,6 +44,8 @@ BASE = {
     "mutate, expected",
     [
         (lambda d: d["adapters"][0]["lora"].update(rank=8), "adapters.0.lora.rank: unknown key"),
+        (lambda d: d["knowledge_bases"][0].update(chunkin={}), "knowledge_bases.0.chunkin: unknown key; did you mean `chunking`?"),
+        (lambda d: d["adapters"][0]["train"].update(raft={"distractor": 2}), "adapters.0.train.raft.distractor: unknown key; did you mean `distractors`?"),
         (lambda d: d["adapters"][0]["train"].update(zero_stage=5), "adapters.0.train.zero_stage"),
         (lambda d: d["adapters"][0]["lora"].update(r=0), "adapters.0.lora.r: Input should be greater than or equal to 1 (got 0)"),
         (lambda d: d["adapters"][0].update(knowledge_base="nope"), "adapters.0.knowledge_base: 'nope' is not a knowledge base"),
@@ -75,6 +80,7 @@ def test_every_problem_is_listed_at_once(tmp_path):
         load_config(_write(tmp_path, data))
     msg = str(e.value)
     assert "3 problem(s)" in msg and "base_modle" in msg and "serve.port" in msg and "serve.replicas" in msg, msg
+    assert "base_modle: unknown key; did you mean `base_model`?" in msg and msg.count("lorag config") == 1, msg
 
 
 @pytest.mark.parametrize("text, expected", [("a: [1,\n", "not valid YAML"), ("- 1\n- 2\n", "top level must be a mapping")])
@@ -118,6 +124,8 @@ def test_overrides_by_index_and_by_name(tmp_path):
         ("adapters.ghost.train.max_steps=1", "no list item 'ghost'"),
         ("serve.port.x=1", "is a value, not a section"),
         ("serve.port=abc", "serve.port: Input should be a valid integer"),
+        ("serve.prot=1", "override 'serve.prot=1': serve.prot: unknown key; did you mean `port`?"),
+        ("adapters.bot.trian.max_steps=1", "adapters.bot.trian: unknown key; did you mean `train`?"),
     ],
 )
 def test_bad_overrides(tmp_path, override, expected):
@@ -132,3 +140,71 @@ def test_apply_override_parses_yaml_values():
     apply_override(d, "a.c=[x, y]")
     apply_override(d, "a.b=true")
     assert d == {"a": {"b": True, "c": ["x", "y"]}}
+
+
+# -- the reference: `lorag config`, `lorag config --check`, docs/config.md ---------------------------
+
+CLI = [sys.executable, "-m", "lorag.cli", "config"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "100"}, timeout=120)
+
+
+def test_every_field_and_section_is_described():
+    sections = reference()
+    missing = [f.path for s in sections for f in s.fields if not f.description.strip()]
+    missing += [s.path or "(top level)" for s in sections if not s.doc]
+    assert not missing, f"give these a Field(description=...) (or a docstring, for a section): {missing}"
+
+
+def test_reference_walks_nested_models_lists_and_dicts():
+    fields = {f.path: f for s in reference() for f in s.fields}
+    assert {"knowledge_bases[].chunking.size", "adapters[].lora.target_modules", "adapters[].train.raft.cite", "serve.api_keys[].sha256"} <= set(fields)
+    assert (fields["adapters[].train.zero_stage"].type, fields["adapters[].train.zero_stage"].default) == ("0 | 1 | 2 | 3", "2")
+    assert fields["adapters[].lora.r"].type == "int (>= 1, <= 512)"
+    assert fields["cluster.env_vars"].type == "dict[str, str]" and fields["knowledge_bases[].name"].default == "required"
+    assert fields["k8s.gpu_workers.gpus"].default == "1", "a section's fields show the default its parent gives it"
+
+
+def test_lorag_config_prints_every_field_with_its_description():
+    r = _cli()
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = " ".join(r.stdout.split())  # descriptions are wrapped to the terminal
+    for path in ("adapters[].lora.target_modules", "adapters[].train.zero_stage", "k8s.storage", "knowledge_bases[].chunking.size"):
+        assert path in out, f"{path} missing from `lorag config`"
+    for f in (f for s in reference() for f in s.fields):
+        assert f"{f.path} {f.type}" in out and " ".join(f.description.split()) in out, f"{f.path}: path, type and description printed"
+
+
+def test_docs_config_md_is_current():
+    docs = REPO / "docs" / "config.md"
+    assert docs.is_file() and docs.read_text() == reference_markdown(), (
+        "docs/config.md differs from the config models: regenerate it with `lorag config --markdown > docs/config.md`"
+    )
+    r = _cli("--markdown")
+    assert r.returncode == 0 and r.stdout == reference_markdown(), r.stderr
+
+
+def test_check_a_valid_config():
+    r = _cli("--check", "examples/quickstart/lorag.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "examples/quickstart/lorag.yaml: valid (1 knowledge bases, 1 adapters)", r.stdout
+
+
+@pytest.mark.parametrize(
+    "key, override, expected",
+    [
+        ("chunkin", None, "knowledge_bases.0.chunkin: unknown key; did you mean `chunking`?"),
+        (None, "knowledge_bases.kb.chunkin.size=64", "override 'knowledge_bases.kb.chunkin.size=64': knowledge_bases.kb.chunkin: unknown key; did you mean `chunking`?"),
+    ],
+)
+def test_check_a_typo_is_a_field_error_with_a_suggestion(tmp_path, key, override, expected):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    if key:
+        data["knowledge_bases"][0][key] = {"size": 64}
+    r = _cli("--check", str(_write(tmp_path, data)), *(["--set", override] if override else []))
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert expected in " ".join(out.split()) and "`lorag config` or docs/config.md lists every field" in out, out
+    assert "Traceback" not in out, out

@@ -4,11 +4,16 @@ KubeRay objects are checked against the CRDs' `openAPIV3Schema` in tests/kuberay
 unknown fields rejected (`kubectl apply --validate=strict`), their CEL rules, and the operator's
 own admission rules for what lorag uses; core kinds against the Kubernetes JSON schemas that
 kubernetes-validate bundles (strict). The validator is itself tested on broken manifests.
+`lorag k8s apply`'s sequencing of RayJobs is tested as pure functions by table (`job_phase`,
+`next_action`) and its --dry-run through the real CLI; no test talks to a cluster.
 """
 
 import ast
 import copy
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -24,6 +29,7 @@ CRDS = REPO / "tests" / "kuberay-crds"
 QUICKSTART = "examples/quickstart/lorag.yaml"
 RENDER_CMD = f"lorag k8s render -c {QUICKSTART} -o k8s"
 K8S_VERSION = "1.33.0"
+BUCKET = "k8s.storage=s3://my-bucket/lorag"  # a real-looking bucket in place of the quickstart's placeholder
 CORE_KINDS = {"Namespace", "Secret", "ConfigMap", "Service", "StatefulSet"}
 
 
@@ -264,7 +270,7 @@ def validate(obj: dict, crd_validators) -> list[str]:
 
 def test_renders_every_object_in_the_configs_namespace(manifests, cfg):
     kinds = sorted(o["kind"] for o in objects(manifests))
-    assert kinds == sorted(["Namespace", "Secret", "ConfigMap", "ConfigMap", "Service", "StatefulSet", "RayCluster", "RayService", "RayJob", "RayJob"])
+    assert kinds == sorted(["Namespace", "Secret", "ConfigMap", "ConfigMap", "Service", "StatefulSet", "RayCluster", "RayService", "RayJob", "RayJob", "RayJob"])
     for o in objects(manifests):
         assert o["metadata"].get("namespace", o["metadata"]["name"]) == cfg.k8s.namespace, o["metadata"]
 
@@ -356,9 +362,14 @@ def test_rayservice_serves_the_exported_serve_config(manifests, cfg):
 
 
 def test_jobs_run_the_repo_entrypoints_on_their_own_cluster(manifests, cfg):
+    assert set(k8s.JOBS) == {"ingest", "finetune", "eval"}
     for job, module in k8s.JOBS.items():
         rj = one(manifests, "RayJob", f"lorag-{job}")
-        assert rj["spec"]["entrypoint"] == f"python -m {module} --config {k8s.CONFIG_PATH}"
+        command = f"python -m {module} --config {k8s.CONFIG_PATH}"
+        if job == "eval":  # the quickstart's set, where k8s/Dockerfile puts the project
+            command += f" --dataset {k8s.APP_DIR}/examples/quickstart/eval.jsonl"
+            assert (REPO / "examples/quickstart/eval.jsonl").is_file()
+        assert rj["spec"]["entrypoint"] == command
         assert (REPO / (module.replace(".", "/") + ".py")).is_file()
         assert rj["spec"]["activeDeadlineSeconds"] == cfg.k8s.job_deadline_s
         assert "clusterSelector" not in rj["spec"] and rj["spec"]["rayClusterSpec"]
@@ -447,6 +458,29 @@ def test_a_path_outside_the_project_root_is_a_clear_error(tmp_path):
         k8s.render(cfg, "lorag.yaml", root=REPO)
 
 
+def test_no_default_bucket_rendering_without_a_storage_uri_names_k8s_storage(tmp_path):
+    assert load_config(REPO / QUICKSTART, ["k8s.storage=null"]).k8s.storage is None
+    (tmp_path / "lorag.yaml").write_text(yaml.safe_dump({"storage": "artifacts"}))  # local storage, no k8s.storage
+    with pytest.raises(ConfigError, match=r"k8s\.storage: not set, and storage \(.*artifacts\) is not a URI.*--set k8s\.storage=s3://"):
+        k8s.render(load_config(tmp_path / "lorag.yaml"), "lorag.yaml", root=tmp_path)
+    (tmp_path / "lorag.yaml").write_text(yaml.safe_dump({"k8s": {"storage": "artifacts"}}))
+    with pytest.raises(ConfigError, match=r"k8s\.storage: must be a URI"):
+        load_config(tmp_path / "lorag.yaml")
+
+
+def test_the_eval_job_is_rendered_only_with_an_evaluation_set_inside_the_project(tmp_path):
+    m = k8s.render(load_config(REPO / QUICKSTART, ["k8s.eval_dataset=null"]), QUICKSTART, root=REPO)
+    assert "jobs/eval.yaml" not in m and [o["metadata"]["name"] for o in objects(m, "RayJob")] == ["lorag-ingest", "lorag-finetune"]
+    with pytest.raises(ValueError, match=r"no RayJob rendered for \['eval'\].*set k8s\.eval_dataset"):
+        k8s.plan(m, ["eval"])
+    with pytest.raises(ConfigError, match=r"k8s\.eval_dataset: .*missing\.jsonl is not a file.*relative to the project root"):
+        k8s.render(load_config(REPO / QUICKSTART, ["k8s.eval_dataset=examples/quickstart/missing.jsonl"]), QUICKSTART, root=REPO)
+    outside = tmp_path / "qa.jsonl"
+    outside.write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"k8s\.eval_dataset: .*qa\.jsonl is outside the project root"):
+        k8s.render(load_config(REPO / QUICKSTART, [f"k8s.eval_dataset={outside}"]), QUICKSTART, root=REPO)
+
+
 def test_a_milvus_server_uri_and_a_storage_uri_are_kept(tmp_path):
     (tmp_path / "lorag.yaml").write_text(yaml.safe_dump({
         "storage": "gs://bucket/x",
@@ -496,18 +530,170 @@ def test_dockerfile_matches_ray_and_the_render():
 # -- the cluster client ----------------------------------------------------------------------------
 
 
-def test_apply_and_status_without_a_kubeconfig_say_what_to_set(manifests, cfg, tmp_path, monkeypatch):
+def test_apply_and_status_without_a_kubeconfig_say_what_to_set(cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(RuntimeError, match="no kubeconfig file at .*missing-kubeconfig.*KUBECONFIG"):
-        k8s.apply(manifests)
+        k8s.apply(k8s.render(load_config(REPO / QUICKSTART, [BUCKET]), QUICKSTART, root=REPO))
     with pytest.raises(RuntimeError, match="kubeconfig"):
         k8s.status(cfg)
 
 
-def test_apply_rejects_an_unknown_job_before_connecting(manifests):
-    with pytest.raises(ValueError, match=r"unknown job\(s\) \['train'\]: choose from \['finetune', 'ingest'\]"):
-        k8s.apply(manifests, jobs=["train"])
+PLAN_MISTAKES = [
+    # (jobs, wait, config overrides, error, the message that names the fix)
+    (["train"], True, [BUCKET], ValueError, r"unknown job\(s\) \['train'\]: choose from \['eval', 'finetune', 'ingest'\]"),
+    (["ingest", "finetune", "ingest"], True, [BUCKET], ValueError, r"job\(s\) \['ingest'\] named more than once"),
+    (["ingest", "finetune"], False, [BUCKET], ValueError, r"--no-wait runs one job, not 2"),
+    (["eval"], True, [BUCKET, "k8s.eval_dataset=null"], ValueError, r"set k8s\.eval_dataset"),
+    ([], True, [], ConfigError, r"k8s\.storage: s3://replace-me-with-your-bucket/lorag is a placeholder: set it to your bucket"),
+]
+
+
+@pytest.mark.parametrize("jobs,wait,overrides,error,message", PLAN_MISTAKES, ids=[m[-1][:40] for m in PLAN_MISTAKES])
+def test_apply_refuses_mistakes_before_connecting(jobs, wait, overrides, error, message, monkeypatch):
+    # no kubeconfig: reaching the cluster client would raise RuntimeError instead of the mistake
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent/kubeconfig")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    m = k8s.render(load_config(REPO / QUICKSTART, overrides), QUICKSTART, root=REPO)
+    with pytest.raises(error, match=message):
+        k8s.plan(m, jobs, wait)
+    with pytest.raises(error, match=message):
+        k8s.apply(m, jobs, wait=wait)
+
+
+def test_plan_runs_the_jobs_in_the_order_asked_after_everything_else():
+    m = k8s.render(load_config(REPO / QUICKSTART, [BUCKET]), QUICKSTART, root=REPO)
+    steps = k8s.plan(m, ["finetune", "ingest"])
+    assert [(s.action, s.obj["kind"], s.obj["metadata"]["name"]) for s in steps] == [
+        ("apply", "Namespace", "lorag"),
+        ("check", "Secret", "lorag-secrets"),
+        ("check", "Secret", "lorag-storage"),  # k8s.storage_secret: every Ray pod's envFrom, never rendered
+        ("apply", "ConfigMap", "lorag-config"),
+        ("apply", "ConfigMap", "lorag-milvus"),
+        ("apply", "Service", "lorag-milvus"),
+        ("apply", "StatefulSet", "lorag-milvus"),
+        ("apply", "RayCluster", "lorag"),
+        ("apply", "RayService", "lorag-serve"),
+        ("run", "RayJob", "lorag-finetune"),
+        ("run", "RayJob", "lorag-ingest"),
+        ("skip", "RayJob", "lorag-eval"),
+    ]
+    assert "once lorag-finetune SUCCEEDED" in steps[-2].note
+    no_secret = k8s.plan(k8s.render(load_config(REPO / QUICKSTART, [BUCKET, "k8s.storage_secret=null"]), QUICKSTART, root=REPO))
+    assert [s.obj["metadata"]["name"] for s in no_secret if s.action == "check"] == ["lorag-secrets"]
+
+
+def rayjob(deployment=None, job=None, deleting=False):
+    status = {k: v for k, v in (("jobDeploymentStatus", deployment), ("jobStatus", job)) if v is not None}
+    meta = {"name": "lorag-x", **({"deletionTimestamp": "2026-12-04T10:00:00Z"} if deleting else {})}
+    return {"metadata": meta, **({"status": status} if status else {})}
+
+
+# KubeRay's RayJob states (ray-operator/apis/ray/v1/rayjob_types.go) -> what lorag makes of them
+PHASES = [
+    (None, "absent"),
+    (rayjob(), "active"),  # just created: no status yet
+    (rayjob("Initializing"), "active"),
+    (rayjob("Running", "PENDING"), "active"),
+    (rayjob("Running", "RUNNING"), "active"),
+    (rayjob("Running", "SUCCEEDED"), "active"),  # the submitter has not finished: not Complete yet
+    (rayjob("Waiting"), "active"),
+    (rayjob("Suspended"), "active"),
+    (rayjob("Retrying", "FAILED"), "active"),  # KubeRay runs it again (backoffLimit)
+    (rayjob("Complete", "SUCCEEDED"), "succeeded"),
+    (rayjob("Complete", "STOPPED"), "failed"),  # stopped by someone: its results are not there
+    (rayjob("Failed", "FAILED"), "failed"),
+    (rayjob("Failed"), "failed"),  # deadline exceeded or submission failed before the Ray job existed
+    (rayjob("ValidationFailed"), "failed"),
+    (rayjob("Complete", "SUCCEEDED", deleting=True), "deleting"),
+    (rayjob("Running", "RUNNING", deleting=True), "deleting"),
+]
+
+
+@pytest.mark.parametrize("obj,phase", PHASES, ids=[f"{phase}:{(o or {}).get('status', 'no status') if o else 'no object'}{' deleting' if o and 'deletionTimestamp' in o['metadata'] else ''}" for o, phase in PHASES])
+def test_job_phase(obj, phase):
+    assert k8s.job_phase(obj) == phase
+
+
+A, B = "lorag-ingest", "lorag-finetune"
+# (phases of A and B now, started by this run so far) -> the next action: A then B, B only once A succeeded
+NEXT = [
+    ({A: "absent", B: "absent"}, [], ("create", A)),
+    ({A: "active", B: "absent"}, [A], ("wait", A)),
+    ({A: "active", B: "absent"}, [], ("busy", A)),  # running from an earlier apply: never replaced while it runs
+    ({A: "succeeded", B: "absent"}, [], ("replace", A)),  # ended before this run: run it again
+    ({A: "failed", B: "absent"}, [], ("replace", A)),
+    ({A: "deleting", B: "absent"}, [], ("wait", A)),  # the replaced one is not gone yet
+    ({A: "succeeded", B: "absent"}, [A], ("create", B)),
+    ({A: "succeeded", B: "succeeded"}, [A], ("replace", B)),
+    ({A: "succeeded", B: "active"}, [A], ("busy", B)),
+    ({A: "failed", B: "absent"}, [A], ("failed", A)),  # B is never created
+    ({A: "failed", B: "succeeded"}, [A], ("failed", A)),
+    ({A: "absent", B: "absent"}, [A], ("vanished", A)),
+    ({A: "deleting", B: "absent"}, [A], ("vanished", A)),
+    ({A: "succeeded", B: "active"}, [A, B], ("wait", B)),
+    ({A: "succeeded", B: "failed"}, [A, B], ("failed", B)),
+    ({A: "absent", B: "succeeded"}, [A, B], ("vanished", A)),  # A deleted itself after B succeeded would need ttl < a poll
+    ({A: "succeeded", B: "succeeded"}, [A, B], ("done", None)),
+]
+
+
+@pytest.mark.parametrize("phases,started,expected", NEXT, ids=[f"{'+'.join(s) or 'none'}-{p[A]}-{p[B]}" for p, s, _ in NEXT])
+def test_next_action_runs_jobs_in_order_each_after_the_one_before_succeeded(phases, started, expected):
+    assert k8s.next_action([A, B], phases, started) == expected
+
+
+def test_next_action_with_no_jobs_is_done():
+    assert k8s.next_action([], {}, []) == ("done", None)
+
+
+def test_a_job_ttl_shorter_than_a_poll_is_refused():
+    with pytest.raises(ConfigError, match=r"k8s\.job_ttl_s: .*greater than or equal to 60"):
+        load_config(REPO / QUICKSTART, ["k8s.job_ttl_s=0"])
+
+
+def lorag(*args, kubeconfig):
+    """The real `lorag` command, in a subprocess, from the repository root, with no cluster configured."""
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    return subprocess.run([sys.executable, "-m", "lorag.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_prints_the_plan_in_order_and_touches_no_cluster(tmp_path):
+    r = lorag("k8s", "apply", "--dry-run", "-c", QUICKSTART, "--set", BUCKET, "--job", "ingest", "--job", "finetune", "--job", "eval",
+              kubeconfig=tmp_path / "missing-kubeconfig")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("dry run: nothing was sent to a cluster")
+    assert lines[1] == "apply Namespace lorag", "the namespace comes first: the Secrets live in it"
+    runs = [line.split()[2] for line in lines if line.startswith("run ")]
+    assert runs == ["lorag/lorag-ingest", "lorag/lorag-finetune", "lorag/lorag-eval"], r.stdout
+    assert "3 of 3, once lorag-finetune SUCCEEDED" in lines[-1]
+    assert any(line.startswith("check Secret lorag/lorag-secrets") for line in lines)
+    assert "kubeconfig" not in r.stdout + r.stderr.lower(), "a dry run must not look for a cluster"
+
+
+DRY_RUN_MISTAKES = [
+    # (arguments, exit code, the line that names the fix)
+    (["--job", "ingest"], 2, "k8s.storage: s3://replace-me-with-your-bucket/lorag is a placeholder"),
+    (["--set", BUCKET, "--job", "train"], 2, "unknown job(s) ['train']: choose from ['eval', 'finetune', 'ingest']"),
+    (["--set", BUCKET, "--job", "ingest", "--job", "finetune", "--no-wait"], 2, "--no-wait runs one job, not 2"),
+    (["--set", "k8s.storage=null", "--set", "storage=null"], 2, "k8s.storage: not set"),
+]
+
+
+@pytest.mark.parametrize("args,code,line", DRY_RUN_MISTAKES, ids=[m[-1][:40] for m in DRY_RUN_MISTAKES])
+def test_dry_run_mistakes_are_one_line_and_an_exit_code(tmp_path, args, code, line):
+    r = lorag("k8s", "apply", "--dry-run", "-c", QUICKSTART, *args, kubeconfig=tmp_path / "missing-kubeconfig")
+    out = r.stdout + r.stderr
+    assert r.returncode == code and line in out and "Traceback" not in out, out
+
+
+def test_render_without_a_storage_uri_names_k8s_storage_in_the_cli(tmp_path):
+    r = lorag("k8s", "render", "-c", QUICKSTART, "--set", "k8s.storage=null", "-o", str(tmp_path / "out"), kubeconfig=tmp_path / "none")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "k8s.storage: not set" in out and "Traceback" not in out, out
+    assert not (tmp_path / "out").exists(), "nothing is written when the render fails"
 
 
 def test_the_cli_renders_the_shipped_files_and_reports_cluster_problems(tmp_path, monkeypatch):
@@ -524,7 +710,7 @@ def test_the_cli_renders_the_shipped_files_and_reports_cluster_problems(tmp_path
 
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    r = runner.invoke(app, ["k8s", "apply", "-c", QUICKSTART, "--job", "ingest"])
+    r = runner.invoke(app, ["k8s", "apply", "-c", QUICKSTART, "--set", BUCKET, "--job", "ingest"])
     assert r.exit_code == 1 and "KUBECONFIG" in r.output and "Traceback" not in r.output, r.output
     r = runner.invoke(app, ["k8s", "status", "-c", QUICKSTART])
     assert r.exit_code == 1 and "kubeconfig" in r.output, r.output

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorag.config import LoragConfig
+from lorag.config import ConfigError, LoragConfig
 from lorag.schemas import APIError
 
 
@@ -49,7 +49,11 @@ def api_keys(cfg: LoragConfig) -> frozenset[str]:
         return frozenset()
     keys = os.environ.get(cfg.serve.api_keys_env, "").split(",")
     if cfg.serve.api_keys_file:
-        keys += Path(cfg.serve.api_keys_file).read_text().splitlines()
+        try:
+            keys += Path(cfg.serve.api_keys_file).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"serve.api_keys_file: cannot read {cfg.serve.api_keys_file} ({e.strerror or e}): fix the path, "
+                              f"or leave it unset and give the keys in ${cfg.serve.api_keys_env}") from None
     found = frozenset(k.strip() for k in keys if k.strip() and not k.strip().startswith("#"))
     if problem := auth_problem(cfg, found):
         raise RuntimeError(problem)

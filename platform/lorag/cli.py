@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,10 @@ console = Console(highlight=False, soft_wrap=True)
 
 ConfigOpt = typer.Option(Path("lorag.yaml"), "--config", "-c", help="The lorag.yaml to use.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config value, e.g. --set serve.port=8001 or --set adapters.support-bot.train.max_steps=5 (repeatable).")
-AddressOpt = typer.Option(None, "--address", help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray instance).")
+# Commands that run Ray in this process (ingest, train, serve) take no cluster address: `--address` is a
+# cluster's dashboard URL, for the commands that send work there (submit, jobs, deploy). Given one anyway,
+# they say which command to use instead. To join a cluster in-process from one of its nodes: RAY_ADDRESS=auto.
+AddressOpt = typer.Option(None, "--address", hidden=True)
 
 
 VERBOSE = False  # --verbose: Ray's own logs in the terminal too
@@ -52,11 +56,19 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show R
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _connect(address: Optional[str] = None) -> None:
-    """Start or join Ray for an interactive command: its logs go to files unless --verbose."""
+def _connect(command: str = "", address: Optional[str] = None) -> None:
+    """Start (or, with RAY_ADDRESS=auto or a GCS address, join) Ray in this process for an interactive
+    command: its logs go to files unless --verbose. A cluster's `--address` is refused with the command to use."""
     from lorag.cluster import ray_logs_dir
 
-    connect(address, log_to_driver=VERBOSE)
+    if address is not None:
+        remote = {"ingest": "submit ingest", "kb ingest": "submit ingest", "train": "submit train", "serve": "deploy"}[command]
+        _fail(f"`lorag {command}` runs Ray in this process and takes no --address: to run it on the cluster at {address}, use "
+              f"`lorag {remote} -c CONFIG --address {address}` (there --address is the dashboard URL, http://HOST:8265); to join a "
+              "cluster in-process from one of its nodes, set RAY_ADDRESS=auto", 2)
+    connect(None, log_to_driver=VERBOSE)
+    # After ray.init, which installs a handler that dumps a stack on SIGTERM: stop like Ctrl-C instead.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if not VERBOSE and (logs := ray_logs_dir()):
         console.print(f"[dim]Ray's logs: {logs} (--verbose shows them here)[/dim]")
 
@@ -84,7 +96,7 @@ def ingest(
     """Build or refresh knowledge bases: read, chunk, embed (Ray Data) and upsert into Milvus. Re-running adds nothing new."""
     cfg = _load(config, set_)
     _check_names(cfg.knowledge_base, kb)
-    _connect(address)
+    _connect("ingest", address)
     _ingest_all(cfg, kb)
 
 
@@ -98,7 +110,7 @@ def train(
     """Train LoRA adapters on Ray Train with DeepSpeed; each run saves a new version in the adapter store."""
     cfg = _load(config, set_)
     _check_names(cfg.adapter, adapter)
-    _connect(address)
+    _connect("train", address)
     _train_all(cfg, adapter)
 
 
@@ -109,19 +121,23 @@ def serve(
     address: Optional[str] = AddressOpt,
     export: Optional[Path] = typer.Option(None, "--export", help="Write a Ray Serve config file (for `serve deploy` / `serve run`) for this config to PATH and exit, without serving."),
 ) -> None:
-    """Run the OpenAI-compatible endpoint (Ray Serve) until interrupted with Ctrl-C, or --export its Serve config."""
+    """Run the OpenAI-compatible endpoint (Ray Serve) until Ctrl-C or SIGTERM, or --export its Serve config.
+
+    On Ctrl-C or SIGTERM (what systemd, Docker and Kubernetes send) it stops taking requests, lets the
+    ones in flight finish (Ray Serve's graceful shutdown, up to 20 s a replica), deletes lorag's Serve app and exits 0."""
     cfg = _load(config, set_)
     if export is not None:
         _export_serve_config(cfg, config, export)
         return
-    _connect(address)
-    url = _start_serve(cfg)
-    console.print(f"lorag is serving at [bold]{url}/v1[/bold] (models: {url}/v1/models). Ctrl-C stops it.")
+    _check_serving(cfg)
+    _connect("serve", address)
     try:
+        url = _start_serve(cfg)
+        console.print(f"lorag is serving at [bold]{url}/v1[/bold] (models: {url}/v1/models). Ctrl-C stops it.")
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as e:
+        console.print(f"\n{'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}: stopping lorag's endpoint (requests in flight finish first)")
     finally:
         _stop_serve()
 
@@ -299,7 +315,10 @@ def kb_ingest(
     address: Optional[str] = AddressOpt,
 ) -> None:
     """Read, parse, chunk, embed (Ray Data) and upsert into Milvus. Unchanged documents are skipped, changed ones replaced, deleted ones removed."""
-    ingest(config, kb, set_, address)
+    cfg = _load(config, set_)
+    _check_names(cfg.knowledge_base, kb)
+    _connect("kb ingest", address)
+    _ingest_all(cfg, kb)
 
 
 @kb_app.command("list")
@@ -516,52 +535,108 @@ def k8s_render(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the manifests into (an earlier render there is replaced)."),
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Write the KubeRay manifests for CONFIG into DIR: RayCluster, RayJobs for ingest and fine-tuning, RayService, Milvus
-    standalone, the cluster's lorag.yaml as a ConfigMap, and a Secret template. Run it from the project root (the image's contents)."""
+    """Write the KubeRay manifests for CONFIG into DIR: RayCluster, RayJobs for ingest, fine-tuning and evaluation, RayService,
+    Milvus standalone, the cluster's lorag.yaml as a ConfigMap, and a Secret template. Run it from the project root (the image's
+    contents). Needs a storage URI for the pods: `storage` or `k8s.storage`."""
+    from rich.markup import escape
+
     from lorag import k8s
 
     cfg = _load(config, set_)
     try:
         written = k8s.write(k8s.render(cfg, str(config)), out, str(config))
     except ConfigError as e:
-        _fail(str(e))
+        _fail(escape(str(e)), 2)
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {escape(str(path))}")
 
 
 @k8s_app.command("apply")
 def k8s_apply(
     config: Path = ConfigOpt,
-    job: Optional[list[str]] = typer.Option(None, "--job", help="Also run this RayJob: ingest or finetune (repeatable)."),
+    job: Optional[list[str]] = typer.Option(
+        None, "--job",
+        help="Then run this RayJob: ingest, finetune or eval (repeatable: they run in the order given, each once the one before "
+        "SUCCEEDED). A finished or failed RayJob of that name is deleted and run again.",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be applied, checked and run, in order, after the same checks, and contact no cluster."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for each --job to end, exit 1 if one failed; --no-wait starts a single job and returns."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="Seconds to wait for each job to end (default: k8s.job_deadline_s, after which KubeRay fails it, plus 10 minutes)."),
     set_: Optional[list[str]] = SetOpt,
     kubeconfig: Optional[str] = KubeconfigOpt,
     context: Optional[str] = ContextOpt,
 ) -> None:
-    """Server-side apply the rendered manifests to the cluster of the current kube context. The Secret must already exist
-    (`kubectl create secret ...`, the command is printed if not); RayJobs run only when named with --job."""
+    """Server-side apply the rendered manifests to the cluster of the current kube context, then run the --job RayJobs in order.
+    The Secrets must already exist (`kubectl create secret ...`, the command is printed if not); RayJobs run only when named with --job."""
+    from rich.markup import escape
+
     from lorag import k8s
 
     cfg = _load(config, set_)
     try:
-        applied = k8s.apply(k8s.render(cfg, str(config)), jobs=job or (), kubeconfig=kubeconfig, context=context)
-    except (ConfigError, ValueError, RuntimeError) as e:
-        _fail(str(e))
-    for line in applied:
-        console.print(line)
+        manifests = k8s.render(cfg, str(config))
+        if dry_run:
+            steps = k8s.plan(manifests, job or (), wait)
+        else:
+            k8s.apply(manifests, job or (), kubeconfig, context, wait=wait, timeout_s=timeout, echo=lambda line: console.print(escape(line)))
+    except (ConfigError, ValueError) as e:
+        _fail(escape(str(e)), 2)
+    except RuntimeError as e:
+        _fail(escape(str(e)))
+    if dry_run:
+        console.print("dry run: nothing was sent to a cluster. In order:")
+        for step in steps:
+            console.print(escape(str(step)))
 
 
 @k8s_app.command("status")
 def k8s_status(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt, kubeconfig: Optional[str] = KubeconfigOpt, context: Optional[str] = ContextOpt) -> None:
     """The state and conditions of the config's RayCluster, RayJobs and RayService."""
+    from rich.markup import escape
+
     from lorag import k8s
 
     cfg = _load(config, set_)
     try:
         states = k8s.status(cfg, kubeconfig=kubeconfig, context=context)
     except RuntimeError as e:
-        _fail(str(e))
+        _fail(escape(str(e)))
     for state in states:
-        console.print(str(state))
+        console.print(escape(str(state)))
+
+
+@app.command("config")
+def config_(
+    check: Optional[Path] = typer.Option(None, "--check", metavar="FILE", help="Validate FILE (with any --set) as every command loads it: one line and exit 0 if valid, else each problem by field path and exit 2."),
+    set_: Optional[list[str]] = SetOpt,
+    markdown: bool = typer.Option(False, "--markdown", help="Print the reference as Markdown: `lorag config --markdown > docs/config.md` regenerates the docs."),
+) -> None:
+    """Every lorag.yaml field with its path, type, default and description; or --check FILE to validate a config.
+
+    `knowledge_bases[].chunking.size` is `size` under `chunking` of each knowledge base; --set names the item instead: --set knowledge_bases.handbook.chunking.size=256 (or its index).
+    """
+    import textwrap
+
+    from rich.text import Text
+
+    from lorag.config import reference, reference_markdown
+
+    if check is not None:
+        if markdown:
+            _fail("--check and --markdown do not combine", 2)
+        cfg = _load(check, set_)
+        console.print(f"{check}: valid ({len(cfg.knowledge_bases)} knowledge bases, {len(cfg.adapters)} adapters)", markup=False)
+        return
+    if set_:
+        _fail("--set applies to a config: use it with --check FILE", 2)
+    if markdown:
+        typer.echo(reference_markdown(), nl=False)
+        return
+    for section in reference():
+        console.print(Text.assemble("\n", (section.path or "top level", "bold"), f"  {section.doc}"))
+        for f in section.fields:
+            console.print(Text.assemble("  ", (f.path, "cyan"), f"  {f.type}  ", ("required", "bold") if f.default == "required" else f"= {f.default}"))
+            console.print(Text(textwrap.fill(f.description, max(console.width, 60), initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False), style="dim"))
 
 
 # -- a running Ray cluster: submit jobs, follow them, deploy the endpoint ------------------------
@@ -591,7 +666,7 @@ def submit(
     """Run a train, ingest or eval job on a running Ray cluster (Ray Jobs), with this project uploaded as its working_dir."""
     from rich.markup import escape
 
-    from lorag.cluster import ClusterError, cluster, job_client, outputs_inside, project_paths, submit_job
+    from lorag.cluster import ClusterError, check_for_cluster, cluster, cluster_nodes, job_client, project_paths, submit_job
 
     cfg = _load(config, set_)
     misplaced = adapter if kind is JobKind.ingest else kb
@@ -607,11 +682,7 @@ def submit(
         root, _ = project_paths(config)
         target = cluster(address, token, cfg)
         client = job_client(target)
-        for rel in outputs_inside(cfg, root):
-            console.print(
-                f"[yellow]note:[/yellow] {rel} is inside the project, so on the cluster it is written into Ray's temporary copy of the "
-                "project and lost with the session: point `storage:` (and knowledge bases' `uri:`) at storage the cluster keeps"
-            )
+        check_for_cluster(cfg, root, target, kind.value, names, cluster_nodes(target))  # a ConfigError: one line per field, exit 2, nothing uploaded
         console.print(f"uploading {root} to {target.address}")
         sub = submit_job(client, target, kind.value, cfg, config, names, set_, dataset)
     except ClusterError as e:
@@ -702,11 +773,12 @@ def deploy(
 
     The replicas read the config file in the upload as it is (so there is no --set), and get this machine's API keys (serve.api_keys_env, serve.api_keys_file) through the deployment's environment.
     """
-    from lorag.cluster import ClusterError, cluster, deploy_app
+    from lorag.cluster import ClusterError, check_for_cluster, cluster, cluster_nodes, deploy_app, project_paths
 
     cfg = _load(config, None)
     try:
         target = cluster(address, token, cfg)
+        check_for_cluster(cfg, project_paths(config)[0], target, "deploy", nodes=cluster_nodes(target))
         r = deploy_app(target, cfg, config, timeout, progress=lambda line: console.print(line))
     except ClusterError as e:
         _fail(str(e))
@@ -838,6 +910,20 @@ def _export_serve_config(cfg: LoragConfig, config: Path, out: Path) -> None:
     console.print(f"wrote {out}")
 
 
+def _check_serving(cfg: LoragConfig) -> None:
+    """What the replicas will need, checked here before Ray starts, so a mistake is one line now and
+    not a replica that fails later: the API keys, each Milvus server, the adapter store."""
+    from lorag.adapters import AdapterStore
+    from lorag.auth import api_keys
+    from lorag.milvus import MilvusStore, is_lite
+
+    api_keys(cfg)  # the replicas read the same variables
+    for kb in cfg.knowledge_bases:
+        if not is_lite(cfg.milvus_uri(kb)):  # a Lite file belongs to one process: its owner actor opens it
+            MilvusStore(cfg.milvus_uri(kb), kb.token).close()
+    AdapterStore(cfg.adapter_store).names()
+
+
 def _start_serve(cfg: LoragConfig) -> str:
     from ray import serve
 
@@ -863,7 +949,8 @@ def _stop_serve() -> None:
     Serve controller as a failed task in the terminal."""
     from ray import serve
 
-    serve.delete("lorag")
+    if "lorag" in serve.status().applications:  # not yet there when stopped while starting
+        serve.delete("lorag")
 
 
 def _ask(url: str, model: str, question: str, max_tokens: int, retrieval: bool, api_key: Optional[str] = None) -> dict:
@@ -889,11 +976,32 @@ def _print_answer(body: dict, indent: str = "") -> None:
         console.print(f"{indent}  [{s['index']}] {display_path(s['source'])} (chars {s['start']}-{s['end']}, score {s['score']:.2f}) - {s['title']}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so every cleanup path runs the same."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    """The `lorag` command: a mistake a user can fix is one `error:` line (lorag.errors), never a traceback."""
+    from lorag.errors import explain
+
     try:
         app()
+    except Terminated:
+        sys.exit(0)  # stopped as asked (SIGTERM), after the command's own cleanup
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:
+        known = explain(e)
+        if known is None:
+            raise
+        from rich.markup import escape
+
+        console.print(f"[red]error:[/red] {escape(known[0])}")
+        sys.exit(known[1])
 
 
 if __name__ == "__main__":

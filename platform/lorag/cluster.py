@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,6 +116,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     # "local" always starts a private instance: never join another process's Ray by accident
     # (two demos on one machine would otherwise share, and replace, each other's Serve apps).
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address.startswith(("http://", "https://")):
+        # A dashboard URL (what `lorag submit`, `jobs` and `deploy` use): ray.init cannot join through it.
+        print(f"note: RAY_ADDRESS={address} is a Ray dashboard URL, which `lorag submit`, `lorag jobs` and `lorag deploy` use; "
+              "this command runs on a local Ray instead (to send it to that cluster: `lorag submit ...`; to join a cluster "
+              "from one of its nodes: RAY_ADDRESS=auto)", file=sys.stderr, flush=True)
+        os.environ.pop("RAY_ADDRESS")  # Ray's own libraries read it too
+        address = "local"
     if address != "local":
         _check_token()
     kwargs = {"address": address, "ignore_reinit_error": True, "log_to_driver": log_to_driver}
@@ -308,11 +316,26 @@ def submit_job(
     entrypoint = job_entrypoint(kind, rel, names, overrides, data_rel)
     job_id = f"lorag-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     with cluster_errors(target):
-        client.submit_job(
+        retry_later(lambda: client.submit_job(
             entrypoint=entrypoint, submission_id=job_id, runtime_env=project_runtime_env(cfg, root),
             metadata={"lorag": kind, "config": rel},
-        )
+        ))
     return Submission(job_id, entrypoint, root)
+
+
+def retry_later(call: Callable[[], Any], within_s: float = 90, first_wait_s: float = 1.0) -> Any:
+    """`call()`, again with backoff (1, 2, 4, ... 10 s) while Ray answers "try again later" (a head
+    that has just started has no job agent yet), for at most `within_s`; other errors at once."""
+    deadline, wait = time.monotonic() + within_s, first_wait_s
+    while True:
+        try:
+            return call()
+        except RuntimeError as e:
+            text = str(e).lower()
+            if "try again later" not in text and "no available agent" not in text or time.monotonic() + wait > deadline:
+                raise
+        time.sleep(wait)
+        wait = min(wait * 2, 10)
 
 
 def job_entrypoint(kind: str, config_rel: str, names: list[str] | None = None, overrides: list[str] | None = None, dataset_rel: str | None = None) -> str:
@@ -407,15 +430,86 @@ def project_runtime_env(cfg: LoragConfig, root: Path) -> dict[str, Any]:
     return renv
 
 
-def outputs_inside(cfg: LoragConfig, root: Path) -> list[str]:
-    """Local output paths of `cfg` inside `root`: on a cluster they land in Ray's temporary copy
-    of the project and are lost with the session."""
-    paths = [cfg.storage or cfg.workdir] + [cfg.milvus_uri(kb) for kb in cfg.knowledge_bases]
-    inside = []
-    for p in dict.fromkeys(paths):
-        if "://" not in p and Path(p).resolve().is_relative_to(root):
-            inside.append(Path(p).resolve().relative_to(root).as_posix())
-    return inside
+def check_for_cluster(cfg: LoragConfig, root: Path, target: Cluster, kind: str, names: list[str] | None = None, nodes: int | None = None) -> None:
+    """Refuse, before anything is uploaded, a config that cannot work on the cluster at `target`.
+
+    The job (or app) runs in Ray's copy of `root`, on the cluster's nodes. So: no output inside the
+    project (it would land in that copy and vanish with the session); on a cluster that is not this
+    machine, no input outside the project (documents, datasets, model directories: only the
+    driver's disk has them) and no endpoint bound to loopback; on a cluster of several nodes, no
+    local storage or Milvus Lite file (one node's disk).
+
+    Args:
+        cfg: the config as the job will load it.
+        root: the project that is uploaded.
+        target: the cluster (its address tells whether it is this machine).
+        kind: `ingest`, `train`, `eval` or `deploy`: what the run reads and writes.
+        names: only these knowledge bases (ingest) or adapters (train, eval).
+        nodes: the cluster's live nodes (`cluster_nodes`), None if unknown.
+
+    Raises:
+        ConfigError: one line per problem, each naming the field to change.
+    """
+    from lorag.config import ConfigError
+
+    here = _is_loopback(target.address)
+    ads = [] if kind == "ingest" else [cfg.adapter(n) for n in names] if names else list(cfg.adapters)
+    if kind == "ingest":
+        kbs = [cfg.knowledge_base(n) for n in names] if names else list(cfg.knowledge_bases)
+    elif kind == "train":  # training reads the knowledge bases its adapters are bound to (RAFT, sourced prompts)
+        kbs = [cfg.knowledge_base(n) for n in dict.fromkeys(ad.knowledge_base for ad in ads if ad.knowledge_base)]
+    else:
+        kbs = list(cfg.knowledge_bases)
+    outputs = [(f"knowledge_bases.{kb.name}.uri", cfg.milvus_uri(kb), "a Milvus server (uri: http://HOST:19530)") for kb in kbs]
+    if kind != "ingest":
+        outputs.insert(0, ("storage", cfg.storage_root, "a URI the cluster keeps (storage: s3://BUCKET/lorag)"))
+    inputs = [(f"knowledge_bases.{kb.name}.sources", src) for kb in kbs for src in kb.sources]
+    inputs += [(f"adapters.{ad.name}.dataset", ad.dataset) for ad in ads if ad.dataset]
+    inputs += [(field, ref) for field, ref in (("base_model", cfg.base_model), ("embedder", cfg.embedder)) if os.path.isabs(ref)]
+    problems = []
+    for field, location, fix in outputs:
+        if "://" in location:
+            continue
+        path = Path(location).resolve()
+        if path.is_relative_to(root):
+            problems.append(f"{field}: {path.relative_to(root)} is inside the project, so on the cluster it is written into Ray's "
+                            f"temporary copy of the project and lost with the session: use {fix}")
+        elif nodes is not None and nodes > 1:
+            problems.append(f"{field}: {location} is on one node's disk, and the cluster at {target.address} has {nodes} nodes: use {fix}")
+    for field, location in inputs:
+        if not here and "://" not in str(location) and not Path(location).resolve().is_relative_to(root):
+            problems.append(f"{field}: {location} is on this machine only, outside the project that is uploaded: "
+                            f"move it into {root} (or use an s3:// location the cluster reads)")
+    if kind == "deploy" and not here and cfg.serve.host in ("127.0.0.1", "localhost", "::1"):
+        problems.append(f"serve.host: {cfg.serve.host} would take requests only from inside the head node of {target.address}: "
+                        "set serve.host: 0.0.0.0 (API keys are then required)")
+    if problems:
+        raise ConfigError(f"this config cannot run on the cluster at {target.address} as it is (nothing was uploaded):\n  " + "\n  ".join(problems))
+
+
+def cluster_nodes(target: Cluster) -> int | None:
+    """How many nodes of the cluster are alive (the dashboard's state API), or None if it does not say."""
+    import httpx
+
+    try:
+        r = httpx.get(f"{target.address}/api/v0/nodes", params={"limit": 1000}, headers=target.headers, timeout=10)
+        rows = r.json()["data"]["result"]["result"]
+        return sum(1 for n in rows if n.get("state") == "ALIVE")
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # -- the Serve application ----------------------------------------------------------------------
@@ -468,7 +562,7 @@ def deploy_app(
         client._upload_working_dir_if_needed(renv)
         renv.pop("excludes", None)
         app["runtime_env"] = renv
-        client.deploy_applications(sc)
+        retry_later(lambda: client.deploy_applications(sc))
         progress(f"deploying application {app['name']!r} ({rel})")
         deadline = time.monotonic() + timeout_s
         seen = None

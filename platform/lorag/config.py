@@ -1,9 +1,9 @@
 """The one lorag configuration: a pydantic model tree loaded from a single `lorag.yaml`.
 
 The CLI, the Ray Job entrypoints, the Serve app builder and (later) the k8s renderer all read a
-`LoragConfig`. Each field is documented once, in its `Field(description=...)`; `lorag --help`
-and the YAML comments point back here. Unknown keys are rejected so a typo never silently
-becomes a default.
+`LoragConfig`. Each field is documented once, in its `Field(description=...)`; `lorag config`
+prints them all and renders docs/config.md from them. Unknown keys are rejected (with the closest
+field name) so a typo never silently becomes a default.
 
 Relative paths in the file are resolved against the file's own directory, so a job started from
 any working directory (or a Ray worker on another node with the same checkout) sees the same
@@ -12,15 +12,19 @@ files.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import json
 import os
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+FIELDS_HINT = "`lorag config` or docs/config.md lists every field"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
@@ -351,23 +355,35 @@ class K8sConfig(_Strict):
     storage_class: str | None = Field(None, description="StorageClass of the Milvus volume (default: the cluster's).")
     milvus_cpu: str = Field("2", description="CPU request and limit of the Milvus pod.")
     milvus_memory: str = Field("8Gi", description="Memory request and limit of the Milvus pod.")
-    storage: str = Field(
-        "s3://lorag-artifacts/lorag",
+    storage: str | None = Field(
+        None,
         description="Artifact storage in the cluster (adapter store, checkpoints) when the config's own `storage` is not a URI: "
-        "a pyarrow filesystem URI every pod reaches (s3://bucket/prefix, gs://bucket/prefix).",
+        "a pyarrow filesystem URI every pod reaches (s3://bucket/prefix, gs://bucket/prefix). No default bucket: rendering "
+        "fails until one of the two is a URI. `lorag k8s apply` refuses a value containing 'replace-me' (the quickstart's placeholder).",
     )
     storage_secret: str | None = Field(
         None,
         description="A Secret whose keys become environment variables of every Ray pod: storage credentials such as "
         "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL. None: the nodes' own identity (IRSA, workload identity).",
     )
+    eval_dataset: str | None = Field(
+        None,
+        description="The evaluation set (JSONL) of the RayJob lorag-eval (`python -m jobs.evaluate --dataset`): a path inside the "
+        "project, relative to the project root (the directory `lorag k8s render` runs in, which k8s/Dockerfile copies into the "
+        "image), as `lorag submit eval --dataset` takes it. None: no eval RayJob is rendered.",
+    )
     job_deadline_s: int = Field(6 * 3600, ge=60, description="RayJob activeDeadlineSeconds: a job still running after this is stopped.")
-    job_ttl_s: int = Field(24 * 3600, ge=0, description="A finished RayJob (succeeded or failed) deletes itself after this many seconds; until then `lorag k8s status` shows it and running it again needs `kubectl delete rayjob`.")
+    job_ttl_s: int = Field(
+        24 * 3600,
+        ge=60,
+        description="A finished RayJob (succeeded or failed) deletes itself after this many seconds; until then `lorag k8s status` "
+        "shows it and `kubectl logs job/<name>` its logs. At least 60, so `lorag k8s apply` sees how a job it waits for ended.",
+    )
 
     @field_validator("storage")
     @classmethod
-    def _storage_is_uri(cls, v: str) -> str:
-        if not _is_remote(v):
+    def _storage_is_uri(cls, v: str | None) -> str | None:
+        if v is not None and not _is_remote(v):
             raise ValueError(f"must be a URI that every pod reaches, such as s3://bucket/prefix or gs://bucket/prefix (got {v!r})")
         return v
 
@@ -503,6 +519,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(data).__name__}")
     for item in overrides or []:
         apply_override(data, item)
+        parts = item.partition("=")[0].split(".")
+        if miss := _first_unknown(parts):
+            depth, model = miss
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])}: {_unknown_key(parts[depth], model)} ({FIELDS_HINT})")
     cfg = parse_config(data, source=str(path))
     return resolve_paths(cfg, path.parent.resolve())
 
@@ -512,15 +532,19 @@ def parse_config(data: dict[str, Any], source: str = "config") -> LoragConfig:
     try:
         return LoragConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"{source}: {e.error_count()} problem(s):"]
+        lines, hint = [f"{source}: {e.error_count()} problem(s):"], False
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (check spelling; see `lorag config --help` for the fields)"
+                miss = _first_unknown(err["loc"])
+                msg = _unknown_key(err["loc"][-1], miss[1] if miss else None)
+                hint = True
             elif "input" in err and not isinstance(err["input"], (dict, list)):
                 msg = f"{msg} (got {err['input']!r})"
             lines.append(f"  {loc}: {msg}")
+        if hint:
+            lines.append(f"  ({FIELDS_HINT})")
         raise ConfigError("\n".join(lines)) from None
 
 
@@ -551,6 +575,28 @@ def apply_override(data: dict[str, Any], item: str) -> None:
                 node = node.setdefault(part, {})
         else:
             raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])} is a value, not a section")
+
+
+def _first_unknown(path: Sequence[str | int]) -> tuple[int, type[BaseModel]] | None:
+    """Where a key path (list items by index or name) leaves the model tree: the index of the first key that is
+    no field, and the model it is missing from. None when each key is a field, up to a plain value."""
+    model, item_next = LoragConfig, False
+    for depth, part in enumerate(path):
+        if item_next:  # the index or name of a list item
+            item_next = False
+            continue
+        if part not in model.model_fields:
+            return depth, model
+        if (sub := _submodel(model.model_fields[part].annotation)) is None:
+            return None
+        model, item_next = sub[0], bool(sub[1])
+    return None
+
+
+def _unknown_key(key: str | int, model: type[BaseModel] | None) -> str:
+    """'unknown key', with the closest field name of `model` when one is close."""
+    close = difflib.get_close_matches(str(key), list(model.model_fields), n=1) if model else []
+    return f"unknown key; did you mean `{close[0]}`?" if close else "unknown key"
 
 
 def _list_index(items: list, part: str, key: str) -> int:
@@ -609,3 +655,112 @@ def join_uri(root: str, *parts: str) -> str:
 def dump_config(cfg: LoragConfig) -> str:
     """The resolved config as YAML, as stored next to every artifact."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# -- reference ----------------------------------------------------------------------------------
+
+
+class ConfigField(NamedTuple):
+    """One field of the reference, as `lorag config` and docs/config.md show it."""
+
+    path: str  # dotted, `[]` for each list item: knowledge_bases[].chunking.size
+    type: str
+    default: str  # as JSON (valid YAML); "required" when there is none
+    description: str
+
+
+class ConfigSection(NamedTuple):
+    """One model of the tree: its path, its docstring and its own fields (sections below it come after it)."""
+
+    path: str  # "" for the top level
+    doc: str
+    fields: list[ConfigField]
+
+
+def reference(model: type[BaseModel] = LoragConfig, path: str = "", defaults: BaseModel | None = None) -> list[ConfigSection]:
+    """Every section of the config tree, parents first, each with its fields' paths, types, defaults and descriptions.
+
+    Args:
+        model, path: the section to start from and its path with a trailing dot (the whole tree by default).
+        defaults: the section's default when its parent sets one (k8s.gpu_workers), so its fields show what applies.
+    """
+    fields, below = [], []
+    for name, f in model.model_fields.items():
+        if defaults is not None:
+            value = getattr(defaults, name)
+        else:
+            value = None if f.is_required() else f.get_default(call_default_factory=True)
+        fields.append(ConfigField(f"{path}{name}", _type_name(f.annotation) + _bounds(f), _default(value, f.is_required()), f.description or ""))
+        if sub := _submodel(f.annotation):
+            below += reference(sub[0], f"{path}{name}{sub[1]}.", value if isinstance(value, BaseModel) else None)
+    return [ConfigSection(path.rstrip("."), " ".join((model.__doc__ or "").split()), fields), *below]
+
+
+def reference_markdown() -> str:
+    """docs/config.md: the reference as one Markdown table per section."""
+    out = [
+        "# lorag.yaml reference",
+        "",
+        "_Generated from the models in `platform/lorag/config.py` by `lorag config --markdown > docs/config.md`; do not edit "
+        "by hand (change a `Field(description=...)` and regenerate)._",
+        "",
+        "Paths are YAML nesting; `[]` stands for each item of a list, so `knowledge_bases[].chunking.size` is `size` under "
+        "`chunking` of every knowledge base. On the command line `--set` addresses a list item by index or name: "
+        "`--set knowledge_bases.handbook.chunking.size=256`. Defaults are JSON (which is YAML). Unknown keys are rejected.",
+    ]
+    for section in reference():
+        out += ["", f"## `{section.path}`" if section.path else "## Top level", "", _md(section.doc), ""]
+        out += ["| Field | Type | Default | Description |", "|---|---|---|---|"]
+        out += [f"| `{f.path}` | `{_md(f.type, code=True)}` | `{_md(f.default, code=True)}` | {_md(f.description)} |" for f in section.fields]
+    return "\n".join(out) + "\n"
+
+
+def _submodel(annotation: Any) -> tuple[type[BaseModel], str] | None:
+    """The model a field holds, and how its items are addressed: "" (one), "[]" (a list), ".<key>" (a dict)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, ""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return next(filter(None, map(_submodel, args)), None)
+    item = args[-1] if origin in (list, dict) and args else None
+    if isinstance(item, type) and issubclass(item, BaseModel):
+        return item, "[]" if origin is list else ".<key>"
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type in YAML's words: `int | null`, `"rrf" | "scores"`, `list[section]`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(map(_type_name, args))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(map(_type_name, args))}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(f: Any) -> str:
+    """A field's constraints (ge, le, pattern, ...) as ` (>= 1, <= 512)`, or ""."""
+    ops = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "min length"), ("pattern", "pattern"))
+    found = [f"{op} {getattr(m, attr)}" for m in f.metadata for attr, op in ops if getattr(m, attr, None) is not None]
+    return f" ({', '.join(found)})" if found else ""
+
+
+def _default(value: Any, required: bool) -> str:
+    """A default as JSON, which is also YAML."""
+    if required:
+        return "required"
+    if isinstance(value, BaseModel):  # a section: what differs from its fields' own defaults
+        value = value.model_dump(mode="json", exclude_defaults=True)
+    return json.dumps(value)
+
+
+def _md(text: str, code: bool = False) -> str:
+    """Text for a Markdown table cell: pipes escaped, and '<' outside code spans too (else <workdir> reads as HTML)."""
+    parts = text.replace("|", "\\|").split("`")
+    return "`".join(p if code or i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))

@@ -33,6 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
+from lorag.errors import MILVUS_HINT
+
 ACTOR_NAMESPACE = "lorag"
 TEXT_MAX = 16384
 SOURCE_MAX = 2048
@@ -85,7 +87,7 @@ class MilvusStore:
         try:
             self.client = MilvusClient(uri=uri, token=token or "", timeout=30)
         except Exception as e:  # pymilvus raises its own types (and grpc's) for an unreachable server
-            raise ConnectionError(f"cannot reach Milvus at {uri}: {e}") from e
+            raise ConnectionError(f"cannot reach Milvus at {uri}: {e}; {MILVUS_HINT}") from e
         self.version = str(self.client.get_server_version())
         self._loaded: dict[str, set[str]] = {}  # collection -> its field names, once loaded
         # Full text scored in this process (`Bm25Index`): on Milvus Lite, whose own BM25 is pure Python over

@@ -20,6 +20,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from lorag.errors import AWS_HINT
+
 
 def is_uri(location: str | os.PathLike) -> bool:
     """A filesystem URI (`s3://...`, `file:///...`) rather than a plain local path."""
@@ -46,7 +48,8 @@ def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
             return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
         return pyarrow.fs.FileSystem.from_uri(location)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as e:
-        raise ValueError(f"cannot open storage location {location!r}: {e}") from e
+        hint = f". {AWS_HINT}" if location.startswith("s3://") else ""
+        raise ValueError(f"cannot open storage location {location!r}: {e}{hint}") from e
 
 
 def join(location: str, *parts: str) -> str:
