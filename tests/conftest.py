@@ -151,3 +151,25 @@ def write_config(root: Path, tiny_model: Path, model_cache: Path, overrides: lis
 def make_config(tmp_path, tiny_model, model_cache):
     """`make_config(overrides)` writes and loads a test lorag.yaml in tmp_path."""
     return lambda overrides=None: write_config(tmp_path, tiny_model, model_cache, overrides)
+
+
+def readme_block(after: str) -> list[str]:
+    """The non-empty lines of the first ```bash block after the line `after` in README.md."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(after):]
+    block = section[section.index("```bash\n") + 8:]
+    return [line for line in block[:block.index("```")].splitlines() if line.strip()]
+
+
+def project_copy(dest: Path) -> Path:
+    """A copy of the project's tracked files at `dest` (the CRD schemas left out), with `.venv` linked to this
+    checkout's, so the docs' `.venv/bin/lorag` lines run there as written and anything they write stays there."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    for f in files:
+        if f and not f.startswith("tests/kuberay-crds/") and (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+    (dest / ".venv").symlink_to(REPO / ".venv")
+    return dest

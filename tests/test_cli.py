@@ -8,6 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from conftest import free_port
 from lorag.cli import app
 
 runner = CliRunner()
@@ -197,3 +198,57 @@ def test_serve_stops_on_sigterm_like_ctrl_c(tmp_path, tiny_model, model_cache):
     assert answer["r"].status_code == 200 and answer["r"].json()["usage"]["completion_tokens"] > 0, answer
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/v1/models", timeout=5)
+
+
+@pytest.mark.slow
+def test_the_readmes_step_by_step_block_runs_as_written(tmp_path, tiny_model):
+    """README's "The same steps one by one" block, each line as written from a copy of the project: ingest,
+    train, serve (in the background, "in one terminal"), ask. The copied quickstart config gets the tiny
+    model (for time) and a free port, which the ask line gets as --url; its workdir stays in the copy."""
+    import shlex
+    import signal
+    import time
+
+    from conftest import project_copy, readme_block
+
+    lines = readme_block("The same steps one by one")
+    assert [shlex.split(line)[1] for line in lines] == ["ingest", "train", "serve", "ask"], lines
+    project = project_copy(tmp_path / "project")
+    port = free_port()
+    config = project / "examples" / "quickstart" / "lorag.yaml"
+    text = config.read_text()
+    assert "base_model: smollm2-135m-instruct" in text and "  port: 8000" in text
+    config.write_text(text.replace("base_model: smollm2-135m-instruct", f"base_model: {tiny_model}").replace("  port: 8000", f"  port: {port}"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "LORAG_API_KEYS"))} | {"COLUMNS": "200"}
+    server = None
+    try:
+        for line in lines:
+            words = shlex.split(line.split("#")[0])
+            if words[1] == "serve":
+                log = open(tmp_path / "serve.log", "w")
+                server = subprocess.Popen(words, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                deadline = time.monotonic() + 300
+                while "lorag is serving at" not in (tmp_path / "serve.log").read_text():
+                    assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                    time.sleep(1)
+                continue
+            if words[1] == "ask":
+                words += ["--url", f"http://127.0.0.1:{port}"]
+            r = subprocess.run(words, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, f"{line}\n{(r.stdout + r.stderr)[-4000:]}"
+            if words[1] == "ingest":
+                assert "tidewell-handbook: 8 documents" in r.stdout, r.stdout[-3000:]
+            if words[1] == "train":
+                assert "tidewell-support v1: train loss" in r.stdout and "in 10 steps" in r.stdout, r.stdout[-3000:]
+            if words[1] == "ask":
+                assert "[1] 05-error-codes.md" in r.stdout, r.stdout[-3000:]  # the page with TW-E417, cited under the answer
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+    assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert (project / ".lorag" / "quickstart" / "adapters" / "tidewell-support" / "v1" / "adapter_model.safetensors").is_file()

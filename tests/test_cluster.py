@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, free_port, write_config
+from conftest import REPO, free_port, project_copy, readme_block, write_config
 from lorag.cluster import ClusterError, cluster, job_entrypoint, project_paths, project_runtime_env
 from lorag.config import parse_config
 
@@ -296,14 +296,6 @@ def test_ray_try_again_later_is_retried_with_backoff_for_a_bounded_time():
 # -- the README's cluster block, as written ----------------------------------------------------
 
 
-def readme_cluster_block() -> list[str]:
-    """The shell lines of the first ```bash block under README.md's "## Run on a Ray cluster"."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Run on a Ray cluster"):]
-    block = section[section.index("```bash\n") + 8:]
-    return [line for line in block[:block.index("```")].splitlines() if line.strip()]
-
-
 @pytest.mark.slow
 def test_the_readmes_cluster_block_runs_as_written(head, s3, tmp_path, tiny_model):
     """Every line of the README's cluster block, run from a copy of the project with only HOST, the bucket,
@@ -315,15 +307,9 @@ def test_the_readmes_cluster_block_runs_as_written(head, s3, tmp_path, tiny_mode
 
     from lorag.milvus import local_server
 
-    lines = readme_cluster_block()
+    lines = readme_block("## Run on a Ray cluster")
     assert any("lorag submit ingest" in line for line in lines) and any("lorag deploy" in line for line in lines), lines
-    project = tmp_path / "project"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
-    for f in files:
-        if f and not f.startswith("tests/kuberay-crds/") and (REPO / f).is_file():
-            (project / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, project / f)
-    (project / ".venv").symlink_to(REPO / ".venv")  # the README runs .venv/bin/lorag from the project root
+    project = project_copy(tmp_path / "project")
     port = free_port()
     bucket = s3.removeprefix("s3://")
     with local_server(tmp_path / "milvus") as milvus_uri:

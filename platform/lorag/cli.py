@@ -986,7 +986,9 @@ def _on_sigterm(signum, frame) -> None:
 
 def main() -> None:
     """The `lorag` command: a mistake a user can fix is one `error:` line (lorag.errors), never a traceback."""
-    from lorag.errors import explain
+    from rich.markup import escape
+
+    from lorag.errors import exit_if_known
 
     try:
         app()
@@ -995,13 +997,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:
-        known = explain(e)
-        if known is None:
-            raise
-        from rich.markup import escape
-
-        console.print(f"[red]error:[/red] {escape(known[0])}")
-        sys.exit(known[1])
+        exit_if_known(e, lambda line: console.print(f"[red]error:[/red] {escape(line)}"))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,16 @@ def _first_lines(e: BaseException, limit: int = 6) -> str:
     return "\n".join(lines[:limit]) or type(e).__name__
 
 
+def exit_if_known(e: Exception, report: Callable[[str], None]) -> None:
+    """In an `except` block: for a known mistake, `report` its line and exit with its code; else
+    re-raise the error being handled (a bug keeps its traceback)."""
+    known = explain(e)
+    if known is None:
+        raise
+    report(known[0])
+    sys.exit(known[1])
+
+
 def run_job(main: Callable[[], None]) -> None:
     """Run a Ray Job entrypoint's `main`: a known mistake is one `error:` line on stderr and exit
     2 (config) or 1, never a traceback in the job's logs."""
@@ -77,8 +87,4 @@ def run_job(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:
-        known = explain(e)
-        if known is None:
-            raise
-        print(f"error: {known[0]}", file=sys.stderr, flush=True)
-        sys.exit(known[1])
+        exit_if_known(e, lambda line: print(f"error: {line}", file=sys.stderr, flush=True))
