@@ -107,6 +107,23 @@ def test_a_store_in_s3_saves_lists_tags_fetches_verified_and_removes(s3, tmp_pat
         assert store.versions("bot") == [2] and store.tags("bot") == {}
 
 
+def test_a_local_store_fetches_a_verified_copy_and_refuses_a_file_damaged_on_disk(tmp_path, peft_dir):
+    """A local store is checked as a remote one is: `fetch` copies the version into the node cache
+    and checks every file against the sha256 recorded at save time, so a file damaged on disk
+    (a flipped byte here) is refused with the file named, instead of being loaded."""
+    store = AdapterStore(tmp_path / "store")
+    store.save("bot", peft_dir, {})
+    (peft_dir / "adapter_model.safetensors").write_bytes(b"weights-2")
+    store.save("bot", peft_dir, {})
+    (tmp_path / "store" / "bot" / "v2" / "adapter_model.safetensors").write_bytes(b"weights-3")  # same size, one byte off
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors.*sha256"):
+        store.fetch("bot", 2, cache)
+    local = store.fetch("bot", 1, cache)
+    assert local.is_relative_to(cache) and (local / "adapter_model.safetensors").read_bytes() == b"weights", "a verified copy in the node cache"
+    assert store.fetch("bot", 1, cache) == local, "a second fetch reuses the verified copy"
+
+
 # -- store safety: numbers never reused, foreign entries skipped, removals seen as "not found", no secrets --------
 
 

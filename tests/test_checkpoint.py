@@ -276,3 +276,58 @@ def _safetensors_header(path: Path) -> dict:
     end = max((t["data_offsets"][1] for t in header.values()), default=0)
     assert 8 + n + end == len(data), f"{path.name}: the tensors do not fill the file"
     return header
+
+
+def _edit_state(directory: Path, change) -> None:
+    """Change state.json with `change(state)` and re-record its sha256, as someone who can write the checkpoint could."""
+    import hashlib
+
+    state = json.loads((directory / "state.json").read_text())
+    change(state)
+    (directory / "state.json").write_text(json.dumps(state))
+    files = json.loads((directory / "manifest.json").read_text())["files"]
+    _edit_manifest(directory, files={**files, "state.json": hashlib.sha256((directory / "state.json").read_bytes()).hexdigest()})
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda s: s["engine"].update(module=None), "engine.module is not a field resume restores"),
+        (lambda s: s["engine"].update(optimizer={"lr": 1}), "engine.optimizer is not a field resume restores"),
+        (lambda s: s.update(loss_scale={"__class__": 1}), "loss_scale.__class__ is not a field resume restores"),
+        (lambda s: s.update(hook="x"), "'hook' is not a field resume restores"),
+        (lambda s: s["engine"].update(global_steps="7"), "engine.global_steps has the wrong type (str)"),
+        (lambda s: s["engine"].pop("micro_steps"), "engine.micro_steps is missing"),
+        (lambda s: s["optimizer"].update(lr="0.1"), "optimizer.lr has the wrong type (str)"),
+        (lambda s: s.update(scheduler=[1]), "scheduler is not an object"),
+    ],
+)
+def test_resume_applies_only_the_fields_it_saved(runs, tmp_path, change, expected):
+    """state.json sets attributes of the engine on resume: a field lorag does not write (or one of
+    another type) is refused, naming it, before anything is loaded, even with a matching sha256."""
+    from lorag.checkpoint import verify
+
+    out, _ = runs
+    ckpt = shutil.copytree(out / "zero2-fp32", tmp_path / "ckpt")
+    verify(ckpt, WORLD)
+    _edit_state(ckpt, change)
+    with pytest.raises(ValueError) as e:
+        verify(ckpt, WORLD)
+    assert "state.json: " in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def test_scheduler_state_loads_only_the_live_schedulers_keys(tmp_path):
+    """LambdaLR's load_state_dict sets every key it gets as an attribute: only keys of the live
+    scheduler's own state, of the same kind, are passed on."""
+    import torch
+
+    from lorag.checkpoint import _scheduler_state
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=0.1), lambda s: 1.0)
+    saved = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    assert _scheduler_state(tmp_path, saved, scheduler) == saved
+    assert _scheduler_state(tmp_path, None, scheduler) is None and _scheduler_state(tmp_path, saved, None) is None
+    with pytest.raises(ValueError, match=r"scheduler\.optimizer is not a field of this LR scheduler \(LambdaLR"):
+        _scheduler_state(tmp_path, {**saved, "optimizer": {}}, scheduler)
+    with pytest.raises(ValueError, match=r"scheduler\.last_epoch is a str, this LR scheduler's is a number"):
+        _scheduler_state(tmp_path, {**saved, "last_epoch": "3"}, scheduler)

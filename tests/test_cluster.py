@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from hashlib import sha256
 from pathlib import Path
 
 import httpx
@@ -79,6 +80,95 @@ def test_job_command_and_runtime_env():
     assert renv["working_dir"] == str(REPO) and renv["pip"] == ["rich"]
     assert renv["env_vars"] == {"PYTHONPATH": f"platform{os.pathsep}extra", "A": "1"}
     assert {".venv", ".lorag", ".git", "__pycache__", "*.db"} <= set(renv["excludes"])
+
+
+def test_runtime_env_refuses_env_vars_named_like_credentials():
+    from lorag.config import ConfigError
+
+    cfg = parse_config({"cluster": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "aws-s3cret", "HF_TOKEN": "hf-t0ken", "AWS_ENDPOINT_URL": "http://minio:9000"}}})
+    with pytest.raises(ConfigError) as e:
+        project_runtime_env(cfg, REPO)
+    lines = str(e.value).splitlines()
+    assert "nothing was uploaded" in lines[0] and len(lines) == 3, str(e.value)
+    assert lines[1].strip().startswith("cluster.env_vars.AWS_SECRET_ACCESS_KEY: its value would be sent in plain text") and "HF_TOKEN" in lines[2]
+    assert "aws-s3cret" not in str(e.value) and "hf-t0ken" not in str(e.value)
+
+
+def test_deploy_ships_key_digests_and_the_gateway_accepts_the_keys(monkeypatch, tiny_model, model_cache):
+    """The app's runtime_env (what Ray shows at /api/serve/applications/ and logs on every node) holds only
+    sha256 digests of this machine's keys; a replica that gets that environment answers the keys, over
+    real HTTP through the real app, and refuses the digests themselves as keys."""
+    import json
+    import threading
+
+    import uvicorn
+
+    from lorag.cluster import deploy_runtime_env
+    from lorag.engine import Engine
+    from lorag.gateway import Gateway, base_name, build_api
+
+    keys = ["sk-deploy-one-1234", "sk-deploy-two-5678"]
+    monkeypatch.setenv("LORAG_API_KEYS", ",".join(keys))
+    cfg = parse_config({"base_model": str(tiny_model), "cache_dir": str(model_cache), "serve": {"host": "0.0.0.0", "max_tokens": 2}})
+    renv = deploy_runtime_env(cfg, REPO)
+    shipped = renv["env_vars"]["LORAG_API_KEYS"]
+    assert not [k for k in keys if k in json.dumps(renv)], f"a key in plain text in the runtime_env: {renv['env_vars']}"
+    assert sorted(shipped.split(",")) == sorted("sha256:" + sha256(k.encode()).hexdigest() for k in keys)
+
+    monkeypatch.setenv("LORAG_API_KEYS", shipped)  # the replica's environment: the runtime_env's env_vars
+    engine = Engine(cfg, str(tiny_model))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_api(Gateway(cfg, engine, engine.prompts)), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        for key in keys:
+            r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            assert r.status_code == 200, r.text
+        body = {"model": base_name(cfg), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {keys[0]}"}, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"], r.text
+        for wrong in ["sk-deploy-three", shipped.split(",")[0], shipped.split(",")[0].removeprefix("sha256:"), None]:
+            headers = {"Authorization": f"Bearer {wrong}"} if wrong else {}
+            assert httpx.get(f"{url}/v1/models", headers=headers, timeout=30).status_code == 401, f"{wrong!r} must not be a key"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.close()
+
+
+SECRET_SETS = [
+    # (--set, the field the one line names)
+    ("knowledge_bases.tidewell-handbook.token=root:pa55word", "knowledge_bases.tidewell-handbook.token"),
+    ("cluster.env_vars.AWS_SECRET_ACCESS_KEY=aws-s3cret", "cluster.env_vars.AWS_SECRET_ACCESS_KEY"),
+    ("cluster.env_vars={HF_TOKEN: hf-t0ken, AWS_ENDPOINT_URL: 'http://minio:9000'}", "cluster.env_vars.HF_TOKEN"),
+    ("knowledge_bases.tidewell-handbook.uri=http://root:pa55word@milvus:19530", "knowledge_bases.tidewell-handbook.uri"),
+    ("storage=s3://AKIAEXAMPLE:s3cret@bucket/lorag", "storage"),
+]
+
+
+@pytest.mark.parametrize("override,field", SECRET_SETS, ids=[f for _, f in SECRET_SETS])
+def test_submit_refuses_a_credential_in_set_before_contacting_the_cluster(tmp_path, override, field):
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens: the refusal must come first
+    r = _lorag("submit", "ingest", "-c", "examples/cluster/lorag.yaml", "--address", address, "--set", override, env=_client_env(tmp_path))
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert f"--set {field}: a credential on the command line is sent in plain text in the job's entrypoint" in " ".join(out.split()), out
+    assert "LORAG_MILVUS_TOKEN" in out and "uploading" not in out and "cannot reach" not in out and "Traceback" not in out, out
+    secret = override.partition("=")[2]
+    assert not [s for s in re.findall(r"[\w-]*(?:pa55|s3cret|t0ken)[\w-]*", secret) if s in out], f"the error repeats the secret: {out}"
+
+
+def test_set_values_that_are_no_credentials_pass():
+    from lorag.cluster import secret_problems
+
+    cfg = parse_config({})
+    assert secret_problems(cfg, ["storage=s3://bucket/lorag", "knowledge_bases.kb.uri=http://milvus:19530", "knowledge_bases.kb.token=null",
+                                 "cluster.env_vars.AWS_ENDPOINT_URL=http://minio:9000", "serve.api_keys=[{sha256: " + "a" * 64 + "}]"]) == []
 
 
 def test_submit_without_a_cluster_says_so(tmp_path):

@@ -256,3 +256,93 @@ def test_embedding_actor_threads_follow_the_config(ray_session, embedder_path):
     probe = Probe.remote()  # one actor (each costs a process, torch and the model): Ray's default first, then the override
     assert ray_session.get(probe.load.remote(None)) == (1, (1, 384))
     assert ray_session.get(probe.load.remote(2)) == (2, (1, 384))
+
+
+def _take_lock(store, collection: str, thief: dict) -> None:
+    """Take `collection`'s ingest lock from whoever holds it, as an ingest that judged it stale would."""
+    holder = store.lock(collection, thief)
+    assert holder and holder["token"] != thief["token"], f"premise: the lock is held by someone else: {holder}"
+    store.unlock(collection, holder["token"])
+    assert store.lock(collection, thief) is None, "the thief holds the lock"
+
+
+def test_a_lock_taken_away_is_lost_loudly(tmp_path):
+    """The renewal that finds another holder marks the lease lost: `check` raises from then on, and
+    so does the end of the block, whose own release leaves the new holder's lock alone."""
+    import time
+
+    from lorag.milvus import LockLost, MilvusStore, StoreHandle, ingest_lock
+
+    milvus = MilvusStore(str(tmp_path / "kb.db"))
+    store = StoreHandle(store=milvus)
+    try:
+        with pytest.raises(LockLost, match=r"knowledge base 'kb': this ingest lost its lock '_lorag_lock_\w+' at .*then run it again"):
+            with ingest_lock(store, "kb_c", "kb", renew_every=0.05) as lease:
+                lease.check()  # held: no error
+                _take_lock(store, "kb_c", {"token": "thief"})
+                deadline = time.time() + 60
+                while not lease.lost and time.time() < deadline:
+                    time.sleep(0.05)
+                assert lease.lost, "a renewal must find the lock held by another"
+                with pytest.raises(LockLost):
+                    lease.check()
+        assert store.lock("kb_c", {"token": "probe"})["token"] == "thief", "the new holder's lock is left alone"
+    finally:
+        milvus.close()
+
+
+@pytest.mark.slow
+def test_an_ingest_whose_lock_is_taken_stops_before_deleting(ray_session, make_config, embedder_path):
+    """Another ingest takes the lock while this one writes (as one would after judging it stale):
+    this ingest stops with LockLost instead of pruning, so the chunks of a deleted document, which
+    the other ingest may still need, stay; the other's lock stays too."""
+    from lorag.data import ingest
+    from lorag.milvus import LockLost, open_store
+
+    cfg = make_config()
+    kb = cfg.knowledge_base("handbook")
+    ingest(cfg, "handbook")
+    store = open_store(cfg.milvus_uri(kb), kb.token)
+    before = set(store.document_index(kb.collection))
+    corpus = Path(kb.sources[0])
+    (corpus / "08-firmware.md").unlink()
+    overview = corpus / "01-overview.md"
+    overview.write_text(overview.read_text() + "\n\nAdded later: the T4 ships in a recycled cardboard box.\n")
+    thief = {"token": "thief", "kb": kb.name, "host": "elsewhere", "pid": 1, "since": 0.0}
+
+    def take_once(written, done, total):
+        if store.lock(kb.collection, {"token": "probe"}).get("token") != "thief":
+            _take_lock(store, kb.collection, thief)
+
+    with pytest.raises(LockLost, match="'handbook': this ingest lost its lock"):
+        ingest(cfg, "handbook", progress=take_once)
+    assert set(store.document_index(kb.collection)) == before, "nothing was pruned after the lock was lost"
+    assert store.lock(kb.collection, {"token": "probe"})["token"] == "thief"
+    store.unlock(kb.collection, "thief")
+    assert ingest(cfg, "handbook").chunks_removed > 0, "with the lock free again, the next ingest prunes the deleted document"
+
+
+ADAPTER = {"role": "system", "content": "Be a pirate."}
+CLIENT = {"role": "system", "content": "Be brief."}
+USER = {"role": "user", "content": "q"}
+
+
+@pytest.mark.parametrize(
+    "messages, system_prompt, mode, expected",
+    [
+        ([USER], None, "follow", [USER]),
+        ([], "Be a pirate.", "follow", []),
+        ([USER], "Be a pirate.", "follow", [ADAPTER, USER]),
+        ([USER], "Be a pirate.", "replace", [ADAPTER, USER]),
+        ([CLIENT, USER], "Be a pirate.", "follow", [{"role": "system", "content": "Be a pirate.\n\nBe brief."}, USER]),
+        ([CLIENT, USER], "Be a pirate.", "replace", [CLIENT, USER]),
+        ([ADAPTER, USER], "Be a pirate.", "follow", [ADAPTER, USER]),  # the same prompt is not repeated
+        ([USER, CLIENT], "Be a pirate.", "follow", [ADAPTER, USER, CLIENT]),  # a later system message stays where it is
+        ([CLIENT, USER], None, "follow", [CLIENT, USER]),
+    ],
+)
+def test_with_system_table(messages, system_prompt, mode, expected):
+    """The adapter's system prompt and a conversation's own (`serve.client_system_message`)."""
+    from lorag.prompts import with_system
+
+    assert with_system(messages, system_prompt, mode) == expected

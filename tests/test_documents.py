@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from lorag.documents import (
     DOC_SUFFIXES,
@@ -696,6 +698,187 @@ def test_sources_at_s3_uris_are_found_and_read(s3):
             f.write(data)
     assert find_documents([f"{s3}/docs/"]) == [f"{s3}/docs/a.md", f"{s3}/docs/sub/b.txt"], "a directory: every document under it"
     assert find_documents([f"{s3}/docs/*.md", f"{s3}/other/c.md"]) == [f"{s3}/docs/a.md", f"{s3}/other/c.md"]
-    assert read_document(f"{s3}/docs/sub/b.txt") == b"B"
+    assert read_document(f"{s3}/docs/sub/b.txt") == b"B" == read_document(f"{s3}/docs/sub/b.txt", max_bytes=1)
+    with pytest.raises(DocumentError, match="larger than 2 bytes"):
+        read_document(f"{s3}/docs/a.md", max_bytes=2)
     with pytest.raises(FileNotFoundError, match="match no file"):
         find_documents([f"{s3}/nothing/"])
+
+
+# ---- hostile documents: linear time, bounded size, files inside their roots --------------------------
+
+
+def heading_by_its_regex(line: str) -> str:
+    """The title a Markdown heading line had under the former regex definition (quadratic in a run of spaces)."""
+    import re
+
+    m = re.fullmatch(r"(#{1,6})[ \t]+(.+?)\s*", line)
+    return re.sub(r"(?:^|[ \t]+)#+$", "", m[2]).strip()[:500] if m else ""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["#", "##", "#######", " ", "\t", "x", "C#", "é", "\u00a0", "\x0b", "\r", "`", "~", "¶"]), max_size=24).map("".join))
+def test_markdown_headings_keep_their_former_definition(line):
+    """The heading parser takes time linear in the line and finds exactly the headings and titles
+    the former regex did (whose lazy title before trailing whitespace was quadratic)."""
+    [chunk] = chunk_text(line + "\n\nbody", 10_000, 0)
+    assert chunk.section == heading_by_its_regex(line)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["¶", "🔗", " ", "#", "x", "\u200b", "\t", "é", "\n"]), max_size=16).map("".join))
+def test_html_permalink_marks_keep_their_former_definition(words):
+    """Permalink marks after a heading (¶, 🔗, " #") are stripped as the former, quadratic, regex did."""
+    import re
+
+    from lorag.webpage import parse_html
+
+    title = re.sub(r"(?:\s*[¶🔗])+$|\s+#+$", "", " ".join(words.replace("\u200b", "").split()))
+    assert parse_html(f"<h2>{words}</h2>")[0] == (f"## {title}" if title else "")
+
+
+MARKDOWN_PIECES = ["#", "##", "###### ", " ", "\t", "\n", "\n\n", "x", "word ", "```", "~~~", "`", "¶", "é", "\r", "-", "* ", ">", "|", "[a](b)"]
+HTML_PIECES = ["<p>", "</p>", "<b>", "</b>", "<h2>", "</h2>", "<h1>", "</h1>", "<pre>", "</pre>", "<div class='body'>", "</div>", "<main>",
+               "<a ", "<a href='x'>", "</a>", "<!--", "-->", "<!", "<?", "</", "<", ">", "&amp;", "&", "&#", "¶", "🔗", " ", "\n", "x", "word",
+               "#", "<script>", "</script>", "<br>", "<li>", "<td>", "<![CDATA[", "]]>", "\u200b", "'", '"', "=", "<nav>"]
+
+
+def stretched(pieces: list[str]):
+    """Documents of any length from one shape: `(head, unit) ... tail`, each unit repeated n times."""
+    text = st.lists(st.sampled_from(pieces), max_size=4).map("".join)
+    unit = st.lists(st.sampled_from(pieces), min_size=1, max_size=4).map("".join)
+    return st.tuples(st.lists(st.tuples(text, unit), min_size=1, max_size=3), text)
+
+
+def cpu_seconds(fn, repeat: int) -> float:
+    """Least CPU time of this thread over `repeat` calls of `fn` (others' load and the collector left out)."""
+    import gc
+    import time
+
+    best = float("inf")
+    for _ in range(repeat):
+        gc.disable()
+        try:
+            t = time.thread_time()
+            fn()
+            best = min(best, time.thread_time() - t)
+        finally:
+            gc.enable()
+    return best
+
+
+def assert_linear(suffix: str, shape) -> None:
+    """The chunker's time per byte of a document of `shape` stays flat from 4 KiB to 1 MiB.
+
+    Each 4x step may cost at most 2.5x more per byte, and 1 MiB at most 4x more per byte than
+    64 KiB (time quadratic in the size costs 4x per step and 16x; linear costs 1x, and about 1.3x
+    where a larger working set misses the caches). A step fails early, before a quadratic shape
+    reaches sizes that would take minutes. 2 ms of slack absorbs the timer on tiny inputs.
+    """
+    segments, tail = shape
+    fixed = sum(len(head) for head, _ in segments) + len(tail)
+    per_unit = sum(len(unit) for _, unit in segments)
+    chunker = DocumentChunker("kb", 800, 100)
+    per_byte = {}
+    for size in (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20):
+        n = max(1, (size - fixed) // per_unit)
+        data = ("".join(head + unit * n for head, unit in segments) + tail).encode()
+        seconds = cpu_seconds(lambda: chunker({"path": f"/d/doc{suffix}", "bytes": data}), repeat=2 if size <= 64 << 10 else 1)
+        per_byte[size] = (seconds, len(data))
+        if len(per_byte) > 1:
+            (t0, n0), (t1, n1) = list(per_byte.values())[-2:]
+            assert t1 <= 2.5 * t0 * n1 / n0 + 0.002, f"{shape}: {n0} bytes took {t0:.3f} s, {n1} bytes {t1:.3f} s (super-linear)"
+    (t0, n0), (t1, n1) = per_byte[64 << 10], per_byte[1 << 20]
+    assert t1 <= 4 * t0 * n1 / n0 + 0.002, f"{shape}: {n0} bytes took {t0:.3f} s, {n1} bytes {t1:.3f} s (super-linear)"
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@example(shape=([("# x", " ")], "y"))  # issue 25: a heading with a long run of spaces
+@given(shape=stretched(MARKDOWN_PIECES))
+def test_markdown_is_chunked_in_linear_time(shape):
+    assert_linear(".md", shape)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@example(shape=([("<h2>", "¶")], "x</h2>"))  # issue 25: a heading of permalink marks that is not only marks
+@example(shape=([("", "<p>"), ("", "</b>")], ""))  # issue 25: end tags of elements none of which is open
+@example(shape=([("", "<!--x>")], ""))  # a comment never closed (Python without the fix of gh-135462 re-scanned the rest for each)
+@example(shape=([("<h1>", "word ")], ""))  # a first heading that holds the page: its title was in every chunk's passage
+@given(shape=stretched(HTML_PIECES))
+def test_html_is_chunked_in_linear_time(shape):
+    assert_linear(".html", shape)
+
+
+def test_a_record_with_a_long_title_is_chunked_in_linear_time():
+    assert_linear(".jsonl", ([('{"title": "', "x"), ('", "text": "', "word ")], '"}'))
+
+
+def test_only_regular_files_inside_the_source_root_are_documents(tmp_path):
+    """`corpus/leak.txt -> /proc/self/environ` was ingested and served verbatim, and a link to
+    /dev/zero read until memory ran out: a link that leaves its source root, a FIFO, a device and a
+    broken link are left out and named with the reason; a link inside the root is a document."""
+    import os
+
+    corpus, outside = tmp_path / "corpus", tmp_path / "private"
+    (corpus / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.md").write_text("AWS_SECRET_ACCESS_KEY=do-not-index")
+    (corpus / "a.md").write_text("# A")
+    (corpus / "sub" / "b.md").write_text("# B")
+    (corpus / "inner.md").symlink_to(corpus / "sub" / "b.md")  # inside the root: fine
+    (corpus / "leak.txt").symlink_to(outside / "secret.md")
+    (corpus / "up.md").symlink_to("../private/secret.md")
+    (corpus / "zero.txt").symlink_to("/dev/zero")
+    (corpus / "gone.md").symlink_to(corpus / "missing.md")
+    os.mkfifo(corpus / "pipe.md")
+    (corpus / "linked").symlink_to(outside, target_is_directory=True)  # a directory link: walked only by a ** pattern
+
+    refused: list[tuple[str, str]] = []
+    found = find_documents([str(corpus)], refused)
+    assert found == [str(corpus / n) for n in ("a.md", "inner.md", "sub/b.md")]
+    reasons = {Path(p).name: r for p, r in refused}
+    assert set(reasons) == {"leak.txt", "up.md", "zero.txt", "gone.md", "pipe.md"}, reasons
+    assert reasons["leak.txt"].startswith(f"resolves to {os.path.realpath(outside / 'secret.md')}, outside its source root {os.path.realpath(corpus)}")
+    assert "outside its source root" in reasons["up.md"] and "outside its source root" in reasons["zero.txt"]
+    assert reasons["pipe.md"].startswith("not a regular file") and "No such file" in reasons["gone.md"]
+
+    refused = []
+    assert find_documents([str(corpus / "**" / "*.md")], refused) == found, "a pattern's root is its fixed head"
+    assert {Path(p).name for p, _ in refused} == {"up.md", "gone.md", "pipe.md", "secret.md"}, "the link to a directory outside is followed, then refused"
+    assert find_documents([str(corpus / "linked" / "secret.md")]) == [str(corpus / "linked" / "secret.md")], \
+        "a file named in sources is a document of its own directory (the config names it)"
+    with pytest.raises(FileNotFoundError, match=r"no documents .*left out: .*zero.txt \(resolves to /dev/zero"):
+        find_documents([str(corpus / "zero.txt")])
+
+
+def test_reading_stops_at_the_size_limit_and_at_special_files(tmp_path):
+    from lorag.documents import read_document
+
+    big = tmp_path / "big.md"
+    big.write_bytes(b"x" * 1001)
+    assert read_document(str(big), 1001) == b"x" * 1001 and read_document(str(big)) == b"x" * 1001
+    with pytest.raises(DocumentError, match=r"larger than 1000 bytes: not read \(raise the knowledge base's max_source_bytes"):
+        read_document(str(big), 1000)
+    (tmp_path / "zero.md").symlink_to("/dev/zero")
+    with pytest.raises(DocumentError, match="not a regular file"):
+        read_document(str(tmp_path / "zero.md"), 1000)
+    import os
+
+    os.mkfifo(tmp_path / "pipe.md")  # opened without waiting for a writer
+    with pytest.raises(DocumentError, match="not a regular file"):
+        read_document(str(tmp_path / "pipe.md"), 1000)
+
+
+def test_a_document_too_large_to_read_becomes_an_error_row(tmp_path):
+    """The ingest's read stage (`lorag.data.read_sources`) puts the read error in the row; the
+    chunker reports it like a parse failure."""
+    from lorag.data import _read_row
+
+    (tmp_path / "big.md").write_text("# Big\n\n" + "word " * 400)
+    row = _read_row({"path": str(tmp_path / "big.md")}, max_bytes=1000)
+    assert row["bytes"] == b"" and "max_source_bytes" in row["error"]
+    [out] = DocumentChunker("kb", 100, 10)(row)
+    assert {k: type(v) for k, v in out.items()} == ROW_TYPES
+    assert out["error"].startswith("DocumentError: larger than 1000 bytes") and out["chunk_index"] == -1 and out["source"] == str(tmp_path / "big.md")
+    rows = DocumentChunker("kb", 100, 10)(_read_row({"path": str(tmp_path / "big.md")}, max_bytes=10_000))
+    assert len(rows) > 5 and not any(r["error"] for r in rows), "under the limit it is chunked as before"

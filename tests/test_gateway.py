@@ -310,3 +310,84 @@ def test_model_auto_routes_to_the_nearest_adapter_and_its_knowledge_base_or_the_
     r = ask("My Tidewell T4 status LED blinks red, which error is it?", KITCHEN)  # the key may use kitchen, not tidewell nor the base
     assert r.status_code == 403 and "no adapter this API key may use fits" in r.json()["error"]["message"], r.text
     assert ask("What is a good way to bake bread at home?", KITCHEN).json()["model"].startswith("kitchen@v"), "auto picks among the key's adapters"
+
+
+GHOSTLY = "sk-fresh-and-ghost"  # may use `fresh` and a `ghost` that is not in the store, and no knowledge base
+PIRATE_PROMPT = "Talk like a pirate."
+
+
+@pytest.fixture(scope="module")
+def twins(app, tiny_model):
+    """Two gateways over one engine, one store (`fresh` and `pirate`, whose system prompt is
+    PIRATE_PROMPT) and the handbook of `app`: the `kb` field allowed, a key that may see no
+    knowledge base, and `serve.client_system_message` follow (the default) and replace.
+    Yields (follow url, replace url)."""
+    import yaml
+
+    from lorag.adapters import AdapterStore
+    from lorag.config import load_config
+    from lorag.engine import Engine
+    from lorag.gateway import Gateway, build_api
+
+    _, cfg, root, _ = app
+    data = yaml.safe_load((root / "lorag.yaml").read_text())
+    data["storage"] = str(root / "twins-store")
+    data["knowledge_bases"][0]["uri"] = cfg.milvus_uri(cfg.knowledge_bases[0])  # the handbook `app` ingested
+    data["serve"].update(allow_kb_override=True, api_keys=[{"sha256": sha(GHOSTLY), "models": ["fresh", "ghost"], "knowledge_bases": []}])
+    (root / "twins-follow.yaml").write_text(yaml.safe_dump(data))
+    data["serve"]["client_system_message"] = "replace"
+    (root / "twins-replace.yaml").write_text(yaml.safe_dump(data))
+    follow, replace = load_config(root / "twins-follow.yaml"), load_config(root / "twins-replace.yaml")
+    assert follow.serve.client_system_message == "follow", "the default keeps the adapter's system prompt first"
+    store = AdapterStore(follow.adapter_store)
+    save_adapter(store, "fresh", tiny_model, root, 7, follow.base_model)
+    save_adapter(store, "pirate", tiny_model, root, 8, follow.base_model, system_prompt=PIRATE_PROMPT)
+    engine = Engine(follow, str(tiny_model))
+    servers = [Server(build_api(Gateway(c, engine, engine.prompts))) for c in (follow, replace)]
+    yield servers[0].url, servers[1].url
+    for s in servers:
+        s.close()
+    engine.close()
+
+
+def test_a_scoped_keys_404_names_only_the_models_it_may_use(app, twins):
+    url, *_ = app
+    r = chat(url, SCOPED, model="fresh@v9")
+    assert r.status_code == 404 and r.json()["error"]["message"].endswith("Available: ['fresh']"), r.text
+    assert "support" in chat(url, KEY, model="fresh@v9").json()["error"]["message"], "an unscoped key still sees every model"
+    r = chat(twins[0], GHOSTLY, model="ghost")  # in the key's scope, not in the store
+    message = r.json()["error"]["message"]
+    assert r.status_code == 404 and "pirate" not in message and message.endswith("Available: ['fresh']"), r.text
+
+
+def test_an_unknown_and_a_forbidden_knowledge_base_look_alike_to_a_key_that_may_not_read_them(twins):
+    url, _ = twins
+    forbidden, unknown = (chat(url, GHOSTLY, model="fresh", kb=kb) for kb in ("handbook", "no-such-kb"))
+    assert forbidden.status_code == unknown.status_code == 403, (forbidden.text, unknown.text)
+    assert forbidden.json()["error"] == {**unknown.json()["error"], "message": unknown.json()["error"]["message"].replace("no-such-kb", "handbook")}
+    r = chat(url, GHOSTLY, model="fresh", kb="handbook", retrieval=False)
+    assert r.status_code == 403, "naming a knowledge base the key may not read is refused, retrieval or not"
+    assert chat(url, KEY, model="fresh", kb="no-such-kb").json()["error"]["code"] == "kb_not_found", "a key that may read everything learns it is missing"
+    assert chat(url, KEY, model="fresh", kb="handbook", max_tokens=1).status_code == 200
+
+
+def test_a_client_system_message_follows_the_adapters_unless_the_config_lets_it_replace_it(twins, tiny_model):
+    """The prompt's length in tokens (`usage.prompt_tokens`) shows which system message the model got."""
+    from lorag.models import PromptEncoder
+
+    encoder = PromptEncoder(tiny_model)
+    user = {"role": "user", "content": "Where is the treasure?"}
+    client = {"role": "system", "content": "Answer in one short sentence, politely."}
+
+    def prompt_tokens(url, messages):
+        r = chat(url, KEY, model="pirate", messages=messages, retrieval=False, max_tokens=1)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    expect = lambda *msgs: len(encoder.encode(list(msgs)))  # noqa: E731
+    adapter_first = expect({"role": "system", "content": f"{PIRATE_PROMPT}\n\n{client['content']}"}, user)
+    follow, replace = twins
+    assert prompt_tokens(follow, [client, user]) == adapter_first, "follow: the adapter's system prompt first, the client's after it"
+    assert prompt_tokens(replace, [client, user]) == expect(client, user), "replace: the client's system message alone"
+    for url in twins:  # no system message of its own: the adapter's, either way
+        assert prompt_tokens(url, [user]) == expect({"role": "system", "content": PIRATE_PROMPT}, user)

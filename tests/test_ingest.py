@@ -321,6 +321,44 @@ def test_an_empty_source_root_is_refused_not_pruned(ray_session, tmp_path, model
 
 
 @pytest.mark.slow
+def test_files_out_of_the_root_and_oversized_documents_are_reported_not_read(ray_session, tmp_path, model_cache, embedder_path):
+    """Issue 25: `corpus/leak.txt -> /proc/self/environ` was ingested and served, and no size
+    limit held. A link out of the source root is reported and never read, and chunks it left from
+    before are removed; a document over max_source_bytes is reported and keeps its last good
+    chunks. (FIFOs and devices: test_documents; a link to /dev/zero would exhaust memory here.)"""
+    from lorag.data import ingest
+    from lorag.milvus import open_store
+
+    corpus, private = tmp_path / "corpus", tmp_path / "private"
+    write_doc(corpus / "a.md", "Alpha", 3)
+    write_doc(corpus / "big.md", "Big", 6)
+    write_doc(corpus / "turns.md", "Turns", 3)  # a regular file now, a link out of the root later
+    write_doc(private / "secret.md", "Secret", 3)
+    (corpus / "leak.md").symlink_to(private / "secret.md")
+    cfg = write_kb_config(tmp_path, model_cache, [{"name": "guarded", "sources": ["corpus/"]}])
+    kb = cfg.knowledge_base("guarded")
+    store = open_store(cfg.milvus_uri(kb))
+
+    first = ingest(cfg, "guarded")
+    assert [(Path(p).name, r.split(",")[0]) for p, r in first.failed] == [("leak.md", f"resolves to {os.path.realpath(private / 'secret.md')}")]
+    assert first.documents == 4 and stored(store, kb) == expected(cfg, "guarded", embedder_path)
+    big_chunks = stored(store, kb)[str(corpus / "big.md")]
+
+    (corpus / "turns.md").unlink()
+    (corpus / "turns.md").symlink_to(private / "secret.md")
+    write_doc(corpus / "big.md", "Big revised", 12)
+    cfg = write_kb_config(tmp_path, model_cache, [{"name": "guarded", "sources": ["corpus/"], "max_source_bytes": (corpus / "big.md").stat().st_size - 1}])
+    second = ingest(cfg, "guarded")
+    failed = {Path(p).name: r for p, r in second.failed}
+    assert set(failed) == {"leak.md", "turns.md", "big.md"}, second.failed
+    assert "max_source_bytes" in failed["big.md"] and "outside its source root" in failed["turns.md"]
+    assert second.documents == 4 and second.skipped == 1
+    docs = store.documents(kb.collection)
+    assert docs[str(corpus / "big.md")]["count"] == big_chunks, "the oversized document keeps the chunks of its last good ingest"
+    assert set(docs) == {str(corpus / "a.md"), str(corpus / "big.md")}, "the link out of the root is not read, and its old chunks are gone"
+
+
+@pytest.mark.slow
 def test_a_second_ingest_of_a_running_knowledge_base_is_refused(ray_session, tmp_path, model_cache, embedder_path):
     """Two ingests of one knowledge base at once: the second is refused with a message naming the
     first, the first finishes, and the collection holds every chunk exactly once."""

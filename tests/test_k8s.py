@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from lorag import k8s
-from lorag.config import ConfigError, load_config
+from lorag.config import ConfigError, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO / "tests" / "kuberay-crds"
@@ -30,7 +30,7 @@ QUICKSTART = "examples/quickstart/lorag.yaml"
 RENDER_CMD = f"lorag k8s render -c {QUICKSTART} -o k8s"
 K8S_VERSION = "1.33.0"
 BUCKET = "k8s.storage=s3://my-bucket/lorag"  # a real-looking bucket in place of the quickstart's placeholder
-CORE_KINDS = {"Namespace", "Secret", "ConfigMap", "Service", "StatefulSet"}
+CORE_KINDS = {"Namespace", "Secret", "ConfigMap", "Service", "StatefulSet", "NetworkPolicy"}
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +270,7 @@ def validate(obj: dict, crd_validators) -> list[str]:
 
 def test_renders_every_object_in_the_configs_namespace(manifests, cfg):
     kinds = sorted(o["kind"] for o in objects(manifests))
-    assert kinds == sorted(["Namespace", "Secret", "ConfigMap", "ConfigMap", "Service", "StatefulSet", "RayCluster", "RayService", "RayJob", "RayJob", "RayJob"])
+    assert kinds == sorted(["Namespace", "Secret", "ConfigMap", "ConfigMap", "Service", "NetworkPolicy", "StatefulSet", "RayCluster", "RayService", "RayJob", "RayJob", "RayJob"])
     for o in objects(manifests):
         assert o["metadata"].get("namespace", o["metadata"]["name"]) == cfg.k8s.namespace, o["metadata"]
 
@@ -310,6 +310,10 @@ BROKEN = [
     ("StatefulSet", "unknown field", lambda o: o["spec"].update(replica=1)),
     ("Service", "wrong type", lambda o: o["spec"]["ports"][0].update(port="many")),
     ("Secret", "unknown field", lambda o: o.update(strngData={})),
+    ("NetworkPolicy", "unknown field", lambda o: o["spec"].update(ingres=[])),
+    ("NetworkPolicy", "wrong type", lambda o: o["spec"].update(ingress={"from": []})),
+    ("StatefulSet", "unknown securityContext field", lambda o: o["spec"]["template"]["spec"]["securityContext"].update(runAsRoot=False)),
+    ("RayJob", "unknown field in the submitter pod", lambda o: o["spec"]["submitterPodTemplate"]["spec"].update(automountToken=False)),
 ]
 
 
@@ -380,7 +384,7 @@ def test_jobs_run_the_repo_entrypoints_on_their_own_cluster(manifests, cfg):
 def test_every_ray_pod_mounts_the_config_and_gets_the_token(manifests):
     secret = one(manifests, "Secret")
     cm = one(manifests, "ConfigMap", k8s.CONFIG_MAP)
-    assert set(secret["stringData"]) == {k8s.TOKEN_KEY, k8s.API_KEYS_KEY}
+    assert set(secret["stringData"]) == {k8s.TOKEN_KEY, k8s.API_KEYS_KEY, k8s.MILVUS_PASSWORD_KEY}
     assert "replace" in " ".join(secret["metadata"]["annotations"].values()).lower()
     for obj in objects(manifests):
         if obj["apiVersion"] != "ray.io/v1":
@@ -403,6 +407,187 @@ def test_api_keys_reach_the_serve_replicas_from_the_secret(manifests, cfg):
         assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
 
 
+# -- secrets and pod security ----------------------------------------------------------------------
+
+SECRETS = {  # the renderer's environment: what a laptop that runs `lorag k8s render` typically holds
+    "LORAG_MILVUS_TOKEN": "root:milvus-pa55-from-env",
+    "LORAG_API_KEYS": "sk-live-from-env-1,sk-live-from-env-2",
+    "AWS_SECRET_ACCESS_KEY": "aws-s3cret-from-env",
+    "RAY_AUTH_TOKEN": "ray-token-from-env",
+}
+
+
+def all_pods(manifests):
+    """(where, pod spec, is a Ray head) for every pod template rendered: Ray heads and workers, RayJob submitters, Milvus."""
+    for obj in objects(manifests):
+        name = f"{obj['kind']} {obj['metadata']['name']}"
+        if obj["kind"] == "StatefulSet":
+            yield name, obj["spec"]["template"]["spec"], False
+        if obj["apiVersion"] != "ray.io/v1":
+            continue
+        for where, cs in cluster_specs(obj):
+            yield f"{name} {where} head", cs["headGroupSpec"]["template"]["spec"], True
+            yield from ((f"{name} {where} {g['groupName']}", g["template"]["spec"], False) for g in cs["workerGroupSpecs"])
+        if obj["kind"] == "RayJob":
+            yield f"{name} submitter", obj["spec"]["submitterPodTemplate"]["spec"], False
+
+
+def test_no_secret_of_the_renderers_environment_reaches_a_manifest_or_the_output(tmp_path):
+    """Every secret the renderer's environment holds, and the Milvus token it would give the config, stays out of every
+    rendered file and out of what render and apply --dry-run print; non-secret env_vars are still rendered."""
+    env = {**os.environ, **SECRETS}
+    out = tmp_path / "out"
+    sets = ["--set", BUCKET, "--set", "cluster.env_vars={AWS_ENDPOINT_URL: 'http://minio:9000', HF_HUB_OFFLINE: '1'}"]
+    r = lorag("k8s", "render", "-c", QUICKSTART, *sets, "-o", str(out), kubeconfig=tmp_path / "none", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dry = lorag("k8s", "apply", "--dry-run", "-c", QUICKSTART, *sets, "--job", "ingest", kubeconfig=tmp_path / "none", env=env)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    texts = {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.yaml")}
+    texts |= {"render output": r.stdout + r.stderr, "dry-run output": dry.stdout + dry.stderr}
+    assert len(texts) == 11, sorted(texts)
+    secrets = [s for value in SECRETS.values() for s in [value, *value.split(",")]]
+    leaks = sorted({(name, s) for name, text in texts.items() for s in secrets if s in text})
+    assert not leaks, f"secrets in plain text in the render: {leaks}"
+    cm = yaml.safe_load(yaml.safe_load(texts["10-config.yaml"])["data"]["lorag.yaml"])
+    assert all("token" not in kb for kb in cm["knowledge_bases"]), "not even token: null, which would override the pods' $LORAG_MILVUS_TOKEN"
+    assert "value: http://minio:9000" in texts["30-raycluster.yaml"], "env_vars that are no credentials are rendered as they are"
+
+
+SECRET_CONFIG = {  # each secret a user might write into the config, and where the render error must point
+    "storage": "s3://AKIAEXAMPLE:st0rage-s3cret@bucket/lorag",
+    "knowledge_bases": [{"name": "kb", "sources": ["docs/"], "token": "root:kb-t0ken-in-file"},
+                        {"name": "ext", "sources": ["docs/"], "uri": "http://root:uri-pa55@milvus.example:19530"}],
+    "serve": {"api_keys_file": "keys.txt"},
+    "cluster": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "aws-s3cret-in-file", "HF_TOKEN": "hf-t0ken-in-file", "AWS_ENDPOINT_URL": "http://minio:9000"}},
+}
+
+
+def test_secrets_written_in_the_config_are_refused_by_field_and_never_echoed(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "keys.txt").write_text("sk-in-keys-file\n")
+    (tmp_path / "lorag.yaml").write_text(yaml.safe_dump(SECRET_CONFIG))
+    with pytest.raises(ConfigError) as e:
+        k8s.render(load_config(tmp_path / "lorag.yaml"), "lorag.yaml", root=tmp_path)
+    message = str(e.value)
+    secrets = ("st0rage-s3cret", "kb-t0ken-in-file", "uri-pa55", "sk-in-keys-file", "aws-s3cret-in-file", "hf-t0ken-in-file")
+    for field in ("storage: the URI holds a password", "knowledge_bases.0.token: would be written in plain text into ConfigMap lorag-config",
+                  "knowledge_bases.1.uri: the URI holds a password", "serve.api_keys_file:",
+                  "cluster.env_vars.AWS_SECRET_ACCESS_KEY: its value would be written in plain text into every Ray pod spec",
+                  "cluster.env_vars.HF_TOKEN:"):
+        assert f"  {field}" in message, message
+    assert "AWS_ENDPOINT_URL" not in message and "k8s.storage_secret" in message and "$LORAG_MILVUS_TOKEN" in message, message
+    assert not [s for s in secrets if s in message], "the error repeats a secret"
+
+    r = lorag("k8s", "render", "-c", str(tmp_path / "lorag.yaml"), "-o", str(tmp_path / "out"), kubeconfig=tmp_path / "none", cwd=tmp_path)
+    assert r.returncode == 2 and "knowledge_bases.0.token" in r.stdout and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "out").exists(), "nothing is written"
+    assert not [s for s in secrets if s in r.stdout + r.stderr], "the error repeats a secret"
+
+
+def test_a_token_from_the_environment_is_taken_not_refused(tmp_path, monkeypatch):
+    """The renderer's own $LORAG_MILVUS_TOKEN stays in its environment (Milvus clients read it there): not in the loaded
+    config, its dumps or a manifest; a token written in the config is refused."""
+    monkeypatch.setenv(k8s.MILVUS_TOKEN_ENV, SECRETS["LORAG_MILVUS_TOKEN"])
+    cfg = load_config(REPO / QUICKSTART)
+    assert cfg.knowledge_bases[0].token is None and SECRETS["LORAG_MILVUS_TOKEN"] not in dump_config(cfg)
+    assert k8s.cluster_config(cfg, REPO).knowledge_bases[0].token is None
+    assert SECRETS["LORAG_MILVUS_TOKEN"] not in str(k8s.render(cfg, QUICKSTART, root=REPO))
+    with pytest.raises(ConfigError, match=r"knowledge_bases\.0\.token: would be written"):
+        k8s.render(load_config(REPO / QUICKSTART, ["knowledge_bases.0.token=root:another"]), QUICKSTART, root=REPO)
+
+
+def test_milvus_needs_a_login_and_lorag_gets_its_token_from_the_same_secret(manifests, tmp_path, monkeypatch):
+    secret = one(manifests, "Secret")
+    ref = {"name": secret["metadata"]["name"], "key": k8s.MILVUS_PASSWORD_KEY}
+    assert ref["key"] in secret["stringData"]
+    milvus = one(manifests, "StatefulSet", k8s.MILVUS)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in milvus["env"]}
+    assert env["COMMON_SECURITY_AUTHORIZATIONENABLED"]["value"] == "true", "common.security.authorizationEnabled: clients must log in"
+    assert env["COMMON_SECURITY_DEFAULTROOTPASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+
+    password = "pw-from-the-secret"
+    for obj in objects(manifests):
+        for pod in (ray_pods(obj) if obj["apiVersion"] == "ray.io/v1" else []):
+            c = pod["containers"][0]
+            assert all("value" not in e or not re.search("KEY|SECRET|TOKEN|PASSWORD", e["name"]) or "$(" in e["value"] for e in c["env"]), c["env"]
+            # the pod's environment as the kubelet builds it: secretKeyRefs resolved, $(VAR) of earlier entries expanded
+            seen: dict[str, str] = {}
+            for e in c["env"]:
+                if "valueFrom" in e:
+                    seen[e["name"]] = password if e["valueFrom"]["secretKeyRef"] == ref else "other"
+                else:
+                    seen[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: seen[m.group(1)], e["value"])
+            assert seen[k8s.MILVUS_TOKEN_ENV] == f"root:{password}", c["env"]
+    # the ConfigMap's config names no token, so lorag's Milvus client (MilvusStore) takes that environment variable
+    (tmp_path / "lorag.yaml").write_text(one(manifests, "ConfigMap", k8s.CONFIG_MAP)["data"]["lorag.yaml"])
+    assert [kb.token for kb in load_config(tmp_path / "lorag.yaml").knowledge_bases] == [None]
+
+
+def test_without_a_knowledge_base_on_the_in_cluster_milvus_the_pods_get_no_milvus_token(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "lorag.yaml").write_text(yaml.safe_dump({
+        "storage": "s3://bucket/x", "k8s": {"storage_secret": "creds"},
+        "knowledge_bases": [{"name": "kb", "sources": ["docs/"], "uri": "http://milvus.example:19530"}]}))
+    m = k8s.render(load_config(tmp_path / "lorag.yaml"), "lorag.yaml", root=tmp_path)
+    for pod in ray_pods(one(m, "RayCluster")):
+        names = {e["name"] for e in pod["containers"][0]["env"]}
+        assert k8s.MILVUS_TOKEN_ENV not in names, "another Milvus's token comes from k8s.storage_secret (envFrom): env would shadow it"
+        assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "creds"}}]
+
+
+def test_only_the_ray_pods_reach_milvus(manifests):
+    policy = one(manifests, "NetworkPolicy", k8s.MILVUS)
+    sts = one(manifests, "StatefulSet", k8s.MILVUS)
+    matches = lambda selector, labels: selector["matchLabels"].items() <= labels.items()  # noqa: E731
+    assert matches(policy["spec"]["podSelector"], sts["spec"]["template"]["metadata"]["labels"]), "the policy must select the Milvus pod"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}, "only pods of this namespace, by label: no namespaceSelector or ipBlock"
+    assert rule["ports"] == [{"protocol": "TCP", "port": k8s.MILVUS_PORT}]
+    ray_templates = [g["template"] for obj in objects(manifests) if obj["apiVersion"] == "ray.io/v1" for _, cs in cluster_specs(obj)
+                     for g in [cs["headGroupSpec"], *cs["workerGroupSpecs"]]]
+    assert len(ray_templates) == 15, len(ray_templates)  # RayCluster, RayService and 3 RayJobs: a head and 2 groups each
+    for template in ray_templates:
+        assert matches(peer["podSelector"], template["metadata"]["labels"]), "every Ray pod must reach Milvus"
+    others = [sts["spec"]["template"]] + [o["spec"]["submitterPodTemplate"] for o in objects(manifests, "RayJob")]
+    for template in others:
+        assert not matches(peer["podSelector"], template["metadata"]["labels"]), template["metadata"]
+
+
+def test_every_pod_runs_unprivileged_and_only_ray_heads_mount_a_service_account_token(manifests):
+    pods = list(all_pods(manifests))
+    assert len(pods) == 1 + 15 + 3, [w for w, _, _ in pods]
+    for where, pod, head in pods:
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] > 0 and sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for c in pod["containers"]:
+            assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}, f"{where}: {c['name']}"
+        if head:  # KubeRay's autoscaler sidecar lists and patches pods with the head's service account
+            assert "automountServiceAccountToken" not in pod, where
+        else:
+            assert pod["automountServiceAccountToken"] is False, where
+    for obj in objects(manifests):
+        for where, cs in (cluster_specs(obj) if obj["apiVersion"] == "ray.io/v1" else []):
+            assert cs["enableInTreeAutoscaling"] and cs["autoscalerOptions"]["securityContext"] == k8s.CONTAINER_SECURITY, where
+
+
+@pytest.mark.parametrize("memory,limit", [("16Gi", "8Gi"), ("48Gi", "24Gi"), ("3Gi", "1536Mi"), ("1500Mi", "750Mi"), ("10G", "4768Mi"), ("1e9", "476Mi"), ("2.5Gi", "1280Mi")])
+def test_dshm_takes_at_most_half_of_a_ray_pods_memory(memory, limit):
+    m = k8s.render(load_config(REPO / QUICKSTART, [f"k8s.head_memory={memory}"]), QUICKSTART, root=REPO)
+    head = one(m, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    assert {v["name"]: v for v in head["volumes"]}["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": limit}
+    for obj in objects(m):
+        for pod in (ray_pods(obj) if obj["apiVersion"] == "ray.io/v1" else []):
+            shm = {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]
+            assert shm["sizeLimit"] in (limit, "8Gi", "24Gi"), (obj["metadata"]["name"], shm)  # the head's, the CPU and GPU groups'
+
+
+def test_a_memory_that_is_no_quantity_names_its_field():
+    with pytest.raises(ConfigError, match=r"k8s\.gpu_workers\.memory: '48 GB' is not a Kubernetes memory quantity"):
+        k8s.render(load_config(REPO / QUICKSTART, ["k8s.gpu_workers.memory=48 GB"]), QUICKSTART, root=REPO)
+
+
 def test_cluster_config_points_at_milvus_storage_and_the_image(manifests, cfg, tmp_path):
     path = tmp_path / "lorag.yaml"
     path.write_text(one(manifests, "ConfigMap", k8s.CONFIG_MAP)["data"]["lorag.yaml"])
@@ -423,7 +608,7 @@ def test_milvus_is_standalone_2_5_or_later_with_a_volume(manifests, cfg):
     c = sts["spec"]["template"]["spec"]["containers"][0]
     major, minor = map(int, re.search(r":v?(\d+)\.(\d+)", c["image"]).groups())
     assert (major, minor) >= (2, 5), f"{c['image']}: BM25 in Milvus needs 2.5 or later"
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["ETCD_USE_EMBED"] == "true" and env["COMMON_STORAGETYPE"] == "local"
     claim = sts["spec"]["volumeClaimTemplates"][0]
     assert claim["spec"]["resources"]["requests"]["storage"] == cfg.k8s.milvus_storage
@@ -571,6 +756,7 @@ def test_plan_runs_the_jobs_in_the_order_asked_after_everything_else():
         ("apply", "ConfigMap", "lorag-config"),
         ("apply", "ConfigMap", "lorag-milvus"),
         ("apply", "Service", "lorag-milvus"),
+        ("apply", "NetworkPolicy", "lorag-milvus"),  # before Milvus starts: it is never open to every pod
         ("apply", "StatefulSet", "lorag-milvus"),
         ("apply", "RayCluster", "lorag"),
         ("apply", "RayService", "lorag-serve"),
@@ -652,11 +838,11 @@ def test_a_job_ttl_shorter_than_a_poll_is_refused():
         load_config(REPO / QUICKSTART, ["k8s.job_ttl_s=0"])
 
 
-def lorag(*args, kubeconfig):
+def lorag(*args, kubeconfig, env=None, cwd=REPO):
     """The real `lorag` command, in a subprocess, from the repository root, with no cluster configured."""
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    env = {**(env or os.environ), "KUBECONFIG": str(kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
-    return subprocess.run([sys.executable, "-m", "lorag.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "lorag.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_dry_run_prints_the_plan_in_order_and_touches_no_cluster(tmp_path):

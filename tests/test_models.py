@@ -51,3 +51,41 @@ def test_missing_models_fail_with_the_fix(ref, expected, model_cache, monkeypatc
 def test_directory_without_checkpoint_is_rejected(tmp_path, model_cache):
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         resolve_model(str(tmp_path), model_cache)
+
+
+def test_a_published_model_carries_its_manifest_and_is_fetched_only_verified(s3, tiny_model, tmp_path):
+    """`node_ref` publishes a local checkpoint to `<storage>/models/<content hash>/` with a manifest
+    of every file's sha256; another node's fetch checks each file against it, refuses a corrupt
+    file (which never appears in its cache) and refuses a model directory that has no manifest."""
+    import hashlib
+    import json
+    import os
+
+    import boto3
+
+    from lorag import storage
+    from lorag.models import MANIFEST, node_ref
+
+    location = node_ref(str(tiny_model), s3, tmp_path / "driver")
+    assert location.startswith(f"{s3}/models/"), location
+    fs, root = storage.filesystem(location)
+    manifest = json.loads(storage.read_bytes(fs, f"{root}/{MANIFEST}"))
+    local = {p.relative_to(tiny_model).as_posix(): storage.file_sha256(p) for p in tiny_model.rglob("*") if p.is_file()}
+    assert manifest == local, "the manifest lists every file of the checkpoint with its sha256"
+
+    fetched = resolve_model(location, tmp_path / "node1")
+    assert {p.relative_to(fetched).as_posix(): storage.file_sha256(p) for p in fetched.rglob("*") if p.is_file() and p.name != ".lorag-fetched.json"} == local
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    bucket, prefix = root.split("/", 1)
+    weights = bytearray(client.get_object(Bucket=bucket, Key=f"{prefix}/model.safetensors")["Body"].read())
+    weights[len(weights) // 2] ^= 1
+    client.put_object(Bucket=bucket, Key=f"{prefix}/model.safetensors", Body=bytes(weights))
+    with pytest.raises(ValueError, match=rf"model\.safetensors has sha256 {hashlib.sha256(weights).hexdigest()}, not the {local['model.safetensors']}"):
+        resolve_model(location, tmp_path / "node2")
+    assert not list((tmp_path / "node2").rglob("model.safetensors*")), "the corrupt file never appears in the cache"
+
+    client.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+    with pytest.raises(ModelNotFoundError, match=rf"has no {MANIFEST} .*set the model to the local checkpoint directory"):
+        resolve_model(location, tmp_path / "node3")
+    assert not list((tmp_path / "node3").rglob("*.safetensors")), "nothing is fetched unverified"

@@ -360,3 +360,135 @@ def test_mixed_batch_on_a_gpu_in_bfloat16_follows_each_row_alone(adapters, tiny_
         got = logits(mm.model, ids).float().cpu()
     reference = logits(PeftModel.from_pretrained(load_causal_lm(tiny_model), str(adapters["b"])), ids.cpu())
     torch.testing.assert_close(got, reference, atol=0.05, rtol=0.05)
+
+
+# -- failures stay with their rows: sampling that cannot produce NaN, adapters that fail closed -------
+
+
+def overflowing_adapter(base_path, out, scale=1e25):
+    """A PEFT adapter whose weights are finite but so large that the model's activations overflow
+    (as a diverged training run leaves them): its rows' scores turn NaN."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(base_path, out, seed=5, r=4, target_modules=["q_proj", "v_proj"])
+    weights = load_file(out / "adapter_model.safetensors")
+    save_file({k: v * scale for k, v in weights.items()}, out / "adapter_model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-9, 0.005])
+def test_temperatures_below_the_floor_decode_greedily(mm, temperature):
+    """Dividing float32 logits by 1e-40 overflows to inf and softmax turns it into NaN, which made
+    torch.multinomial raise for the whole batch; below MIN_TEMPERATURE a row decodes greedily."""
+    prompts, rows = [[5, 6, 7], [8, 9]], [0, 0]
+    greedy = generate_batch(mm, prompts, rows, max_new_tokens=6, pad_id=2, eos_ids=[2])
+    assert generate_batch(mm, prompts, rows, max_new_tokens=6, pad_id=2, eos_ids=[2], temperature=temperature, seed=1) == greedy
+    from lorag.schemas import MIN_TEMPERATURE
+
+    assert temperature < MIN_TEMPERATURE
+    sampled = generate_batch(mm, prompts, rows, max_new_tokens=6, pad_id=2, eos_ids=[2], temperature=MIN_TEMPERATURE, seed=1)
+    assert [len(r) for r in sampled] == [6, 6], "at the floor itself the row samples, with finite scores"
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-0.5), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=1.0, top_p=0.0), "top_p"), (dict(temperature=1.0, top_p=float("nan")), "top_p"), (dict(temperature=1.0, top_p=1.5), "top_p"),
+    (dict(frequency_penalty=float("inf")), "frequency_penalty"), (dict(presence_penalty=float("nan")), "presence_penalty"),
+])
+def test_sampling_parameters_that_could_make_nan_are_refused_before_generating(mm, bad, field):
+    with pytest.raises(ValueError, match=rf"{field}=.*must be a finite number"):
+        generate_batch(mm, [[5, 6, 7]], [0], max_new_tokens=2, pad_id=2, eos_ids=[2], **bad)
+
+
+def test_a_row_whose_scores_turn_nan_ends_alone_and_the_others_are_unchanged(adapters, mm, tiny_model, tmp_path):
+    """An adapter that overflows the model gives NaN scores: greedy decoding used to pick garbage
+    and sampling to raise for every row. Now that row is reported once and ends; the rows beside
+    it (another adapter, the base model) generate exactly what they generate alone."""
+    huge, a = mm.load("huge", overflowing_adapter(tiny_model, tmp_path / "huge")), mm.load("a", adapters["a"])
+    prompts, rows = [[5, 6, 7], [5, 6, 7, 8], [8, 9]], [a, huge, 0]
+    for sampling in ({}, {"temperature": 0.7, "seed": 3}):
+        failed = []
+        out = generate_batch(mm, prompts, rows, max_new_tokens=6, pad_id=2, eos_ids=[2], on_error=failed.append, **sampling)
+        assert failed == [1], f"only the overflowing row fails ({sampling})"
+        assert out[1] == [2], "it ends at once, on the stop token it was given"
+        if not sampling:
+            for i in (0, 2):
+                assert out[i] == generate_batch(mm, [prompts[i]], [rows[i]], max_new_tokens=6, pad_id=2, eos_ids=[2])[0], f"row {i} unchanged"
+        else:
+            assert len(out[0]) == len(out[2]) == 6
+    with pytest.raises(FloatingPointError, match=r"rows \[1\] got NaN or infinite scores"):
+        generate_batch(mm, prompts, rows, max_new_tokens=3, pad_id=2, eos_ids=[2])
+
+
+def _bad_adapter(kind, good, out):
+    """A PEFT directory copied from `good` with one thing broken (as a bad disk, a bad tool, or a diverged run leaves it)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    config = json.loads((good / "adapter_config.json").read_text())
+    weights = load_file(good / "adapter_model.safetensors")
+    key = sorted(k for k in weights if "lora_A" in k)[0]
+    if kind == "corrupt":
+        (out / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json" + bytes(range(40)))
+    elif kind == "truncated":
+        (out / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes()[:-100])
+    elif kind == "1-D tensor":
+        weights[key] = weights[key].flatten()
+    elif kind == "rank 0":
+        weights[key], weights[key.replace("lora_A", "lora_B")] = weights[key][:0], weights[key.replace("lora_A", "lora_B")][:, :0]
+    elif kind == "NaN weights":
+        weights[key][0, 0] = float("nan")
+    elif kind == "integer weights":
+        weights[key] = weights[key].to(torch.int32)
+    elif kind == "config not an object":
+        config = [config]
+    elif kind == "alpha not a number":
+        config["lora_alpha"] = "sixteen"
+    elif kind == "alpha_pattern not an object":
+        config["alpha_pattern"] = ["q_proj"]
+    elif kind == "alpha overflows":
+        config["lora_alpha"] = 1e308
+    if not (out / "adapter_model.safetensors").exists():
+        save_file(weights, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+BAD_ADAPTERS = [
+    ("corrupt", "adapter_model.safetensors is not a readable safetensors file"),
+    ("truncated", "adapter_model.safetensors is not a readable safetensors file"),
+    ("1-D tensor", r"has shape \[\d+\], not a matrix"),
+    ("rank 0", r"has shape \[(0, \d+|\d+, 0)\], not a matrix"),
+    ("NaN weights", "is NaN or infinite in places"),
+    ("integer weights", "is not floating point"),
+    ("config not an object", "adapter_config.json must hold a JSON object"),
+    ("alpha not a number", "lora_alpha='sixteen': not a finite number"),
+    ("alpha_pattern not an object", r"alpha_pattern=\['q_proj'\]: not a JSON object"),
+    ("alpha overflows", "overflows; lower lora_alpha"),
+]
+
+
+@pytest.mark.parametrize("kind, message", BAD_ADAPTERS, ids=[k for k, _ in BAD_ADAPTERS])
+def test_malformed_adapter_files_are_a_value_error_naming_the_problem(adapters, mm, tmp_path, kind, message):
+    """Every way an adapter's files can be broken is one ValueError that says what is wrong (never
+    a SafetensorError, IndexError or AttributeError from deep inside), and takes no slot."""
+    bad = _bad_adapter(kind, adapters["a"], tmp_path / "bad")
+    with pytest.raises(ValueError, match=message):
+        mm.load("bad", bad)
+    assert mm.slots == {}
+
+
+def test_a_load_that_fails_while_copying_leaves_the_slot_empty(adapters, mm):
+    """A slot never holds half an adapter: a copy that fails midway (here a tensor with no data, as
+    an out-of-memory error would) leaves the slot zero and free, and the next adapter takes it."""
+    from lorag.multilora import LoraWeights
+
+    good = LoraWeights.load(adapters["b"])
+    names = sorted(good.modules)
+    a, b = good.modules[names[-1]]
+    half = LoraWeights(good.path, None, {**good.modules, names[-1]: (a.to("meta"), b)})
+    with pytest.raises(NotImplementedError):
+        mm.load("half", half)
+    assert mm.slots == {}
+    assert all(not layer.pairs and not layer.lora_A.any() and not layer.lora_B.any() for layer in mm.layers.values()), "no layer keeps part of it"
+    assert mm.load("a", adapters["a"]) == 1

@@ -297,3 +297,35 @@ def test_milvus_lite_bm25_and_lorag_index_score_alike(tmp_path):
                 assert [h["id"] for h in ours if round(h["score"], 4) not in tied] == [h["id"] for h in native if round(h["score"], 4) not in tied], query
     finally:
         store.close()
+
+
+def test_the_stem_cache_is_bounded_in_bytes_not_entries():
+    """Long distinct tokens (a base64 blob, a minified file) are few entries but many bytes: the
+    cache holds at most its byte bound of them, measured by Python's allocator, and every stem,
+    before and after the cache starts over, is Snowball's."""
+    import random
+    import string
+    import tracemalloc
+
+    import snowballstemmer
+
+    from lorag.retrieval import StemCache
+
+    rng = random.Random(0)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=500)) + "ing" for _ in range(300)]  # 165 KB of stems
+    words += ["running", "fixtures", "running"]
+    bound = 64 << 10
+    cache = StemCache(max_bytes=bound)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for w in words:
+            cache(w)  # what stays allocated is what the cache keeps
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert cache.size <= bound and held < 1.5 * bound, f"the cache holds {held / 1024:.0f} KiB, over its {bound // 1024} KiB bound"
+    reference = snowballstemmer.stemmer("english")
+    stems = [cache(w) for w in words]
+    assert stems == [reference.stemWord(w) for w in words] and stems[-3:] == ["run", "fixtur", "run"]
+    assert StemCache(max_bytes=1000)("x" * 5000) == "x" * 5000, "a word over the whole bound is stemmed, not kept"

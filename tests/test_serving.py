@@ -441,3 +441,55 @@ def test_an_endpoint_beyond_loopback_needs_keys_or_an_explicit_auth_none(monkeyp
     else:
         with pytest.raises(RuntimeError, match=re.escape(problem)):
             api_keys(cfg)
+
+
+def test_a_bad_request_or_adapter_fails_alone_in_its_batch_and_the_replica_stays_healthy(ray_session, served, tmp_path, tiny_model):
+    """Four requests in one batch of a replica: a temperature of 1e-40 (NaN after softmax, which
+    made torch raise), an adapter whose weights overflow the model (NaN scores), and one whose
+    safetensors file is corrupt (it used to escape as SafetensorError and stay pinned) used to
+    answer every request of the batch with a 500. Now the tiny temperature is greedy, each bad
+    adapter gets its own clear error, the good request beside them its 200, and the replica stays
+    healthy and keeps answering."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from ray import serve
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from lorag.adapters import AdapterStore
+    from lorag.serving import build_app
+
+    _, cfg = served
+    store = AdapterStore(cfg.adapter_store)
+    for name, seed in (("overflow", 11), ("broken", 12)):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.save_pretrained(tmp_path / name)
+        weights = tmp_path / name / "adapter_model.safetensors"
+        if name == "overflow":
+            save_file({k: v * 1e25 for k, v in load_file(weights).items()}, weights)
+        else:
+            weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header" + b"\x00" * 64)
+        store.save(name, tmp_path / name, {"base_model": cfg.base_model})
+    # One replica whose batch runs when it holds all four requests (or 5 s after the last arrives).
+    batched = cfg.model_copy(deep=True)
+    batched.serve.max_batch_size, batched.serve.batch_wait_ms = 4, 5000
+    serve.run(build_app(batched), name="contained", route_prefix="/contained")
+    url = f"http://127.0.0.1:{cfg.serve.port}/contained"
+    base = cfg.base_model.rsplit("/", 1)[-1]
+    asks = [("support", 0.7), ("overflow", 0.7), ("broken", 0.7), (base, 1e-40)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+            support, overflow, broken, tiny = pool.map(lambda a: chat(url, model=a[0], temperature=a[1], max_tokens=4, retrieval=False), asks)
+        assert support.status_code == 200 and support.json()["choices"][0]["message"]["content"] is not None, support.text
+        assert tiny.status_code == 200, f"temperature 1e-40 decodes greedily: {tiny.text}"
+        assert overflow.status_code == 500 and overflow.json()["error"]["code"] == "generation_failed", overflow.text
+        assert "overflow@v1" in overflow.json()["error"]["message"] and "NaN or infinite" in overflow.json()["error"]["message"], overflow.text
+        assert broken.status_code == 400 and broken.json()["error"]["code"] == "adapter_unavailable", broken.text
+        assert "broken@v1 cannot be loaded" in broken.json()["error"]["message"] and "not a readable safetensors file" in broken.json()["error"]["message"], broken.text
+        assert str(cfg.adapter_store) not in broken.text and str(cfg.model_cache) not in broken.text, "no server path in the error"
+        assert serve.status().applications["contained"].deployments["Generator"].status == "HEALTHY"
+        again = chat(url, model="support", max_tokens=2, retrieval=False)
+        assert again.status_code == 200, f"the replica keeps serving: {again.text}"
+    finally:
+        serve.delete("contained")

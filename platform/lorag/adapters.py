@@ -201,9 +201,10 @@ class AdapterStore:
     def fetch(self, name: str, version: str | int | None, cache_dir: str | os.PathLike) -> Path:
         """A local directory with version `version` of `name`, for loading its weights.
 
-        A local store is read in place. From a remote store the version is copied into this
-        node's cache (`<cache_dir>/fetched/<content hash>/`) and every file checked against the
-        sha256 recorded when it was saved.
+        The version is copied into this node's cache (`<cache_dir>/fetched/<content hash>/`,
+        `storage.fetch_dir`) and every file checked against the sha256 recorded when it was saved,
+        from a local store as from a remote one: a file damaged on disk is refused here, not
+        loaded. The copy is made once per content; later fetches return it.
 
         Raises:
             AdapterNotFoundError, ValueError: as `resolve`; AdapterNotFoundError also when the
@@ -211,10 +212,6 @@ class AdapterStore:
         """
         number = self.resolve_number(name, version)
         location = self.location(name, number)
-        if self.local:
-            if not os.path.isfile(os.path.join(location, "lorag.json")):
-                raise self._gone(name, number)
-            return Path(location)
         expected = self.metadata(name, number).get("files")
         try:
             return storage.fetch_dir(location, cache_dir, expected)

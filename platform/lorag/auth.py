@@ -2,7 +2,9 @@
 
 Keys come from three places: `serve.api_keys_env` (comma-separated) and `serve.api_keys_file` (one
 per line) give keys that may use everything; `serve.api_keys` entries give keys (by their sha256,
-so the config holds no secret) limited to some models and knowledge bases. A request outside its
+so the config holds no secret) limited to some models and knowledge bases. An entry of the first
+two may be a key's digest, `sha256:<64 hex>`, instead of the key: `lorag deploy` sends the replicas
+only digests, so no key travels or is stored in plain text on the cluster. A request outside its
 key's scope is a 403; a missing or wrong key a 401. An endpoint on a host beyond loopback refuses
 to start without keys unless the config says `auth: none`.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +39,14 @@ class Scope:
 
 
 EVERYTHING = Scope()
+DIGEST_PREFIX = "sha256:"
+_DIGEST = re.compile(r"sha256:[0-9a-fA-F]{64}")
 
 
 def api_keys(cfg: LoragConfig) -> frozenset[str]:
     """The unscoped keys: `api_keys_env` (comma-separated) and `api_keys_file` (one per line), as
-    this process sees them (a replica gets them through its deployment's environment).
+    this process sees them (a replica gets them through its deployment's environment); each a key
+    or a key's digest (`as_digest`).
 
     Raises:
         RuntimeError: keys are missing where the config requires them (`auth_problem`).
@@ -68,7 +74,7 @@ def key_scopes(cfg: LoragConfig) -> dict[str, Scope]:
     """
     if cfg.serve.auth == "none":
         return {}
-    scopes = {digest(k): EVERYTHING for k in api_keys(cfg)}
+    scopes = {as_digest(k)[len(DIGEST_PREFIX):].lower(): EVERYTHING for k in api_keys(cfg)}
     for entry in cfg.serve.api_keys:
         scopes.setdefault(entry.sha256, Scope(
             frozenset(entry.models) if entry.models is not None else None,
@@ -94,6 +100,12 @@ def authorize(scopes: dict[str, Scope], header: str | None) -> Scope:
 
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def as_digest(key: str) -> str:
+    """`sha256:<hex>` of a key (a digest stays as it is): what the endpoint needs to accept the key,
+    and nothing that can be sent as one."""
+    return key if _DIGEST.fullmatch(key) else DIGEST_PREFIX + digest(key)
 
 
 def auth_problem(cfg: LoragConfig, keys: frozenset[str]) -> str | None:

@@ -28,8 +28,10 @@ or sharding. The world size must still match on resume: each rank's data shard a
 
 `load_state` checks everything before it changes anything: the manifest, every file's sha256
 (each rank checks every file, so all ranks fail alike instead of one hanging in a collective),
-the world size, and the parameter names and shapes against the model. A mismatch or a corrupt
-file raises a `ValueError` that names the file and what is wrong.
+the world size, that `state.json` holds only the fields resume restores (it sets engine,
+scheduler and loss-scaler attributes from them, never one the file names), and the parameter
+names and shapes against the model. A mismatch or a corrupt file raises a `ValueError` that
+names the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 _LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # dynamic fp16 loss scaling
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+_STATE_FIELDS = ("step", "extra", "optimizer", "scheduler", "engine", "loss_scale")  # what state.json holds, and all resume reads
 
 
 def _rng_file(rank: int) -> str:
@@ -159,7 +162,8 @@ def load_state(engine, directory: str | Path, rank: int, world: int) -> dict[str
     manifest = verify(directory, world)
     params = _trainable(engine)
     _check_params(directory / MANIFEST, manifest["params"], {name: _shape(p) for name, p in params.items()})
-    state = _read_json(directory / STATE)
+    state = _read_json(directory / STATE)  # its fields were checked by `verify`
+    scheduler_state = _scheduler_state(directory / STATE, state["scheduler"], engine.lr_scheduler)
     opt = state["optimizer"]
     stateful = [name for name in params if name not in opt["without_state"]]
     with safe_open(directory / WEIGHTS, framework="pt") as f:
@@ -184,19 +188,22 @@ def load_state(engine, directory: str | Path, rank: int, world: int) -> dict[str
             _set_full(engine, params[name], None if masters is None else masters[name], moments[f"{key}.{name}"], rank, key)
     for group, lr in zip(base.param_groups, opt["lr"]):
         group["lr"] = lr  # the scheduler sets it after each step, but the first resumed step reads it before that
-    if engine.lr_scheduler is not None and state["scheduler"] is not None:
-        engine.lr_scheduler.load_state_dict({**engine.lr_scheduler.state_dict(), **state["scheduler"]})
-    for key, value in state["engine"].items():
-        setattr(engine, key, value)
+    if scheduler_state is not None:
+        engine.lr_scheduler.load_state_dict({**engine.lr_scheduler.state_dict(), **scheduler_state})
+    for key in _ENGINE_COUNTERS:  # known fields only: never an attribute named by the file
+        setattr(engine, key, state["engine"][key])
     scaler = _loss_scaler(engine)
-    for key, value in (state["loss_scale"] or {}).items() if scaler is not None else ():
-        setattr(scaler, key, value)
+    saved_scale = state["loss_scale"] or {}
+    for key in _LOSS_SCALE_FIELDS if scaler is not None else ():
+        if key in saved_scale:
+            setattr(scaler, key, saved_scale[key])
     _restore_rng(directory / _rng_file(rank), *rng)
     return {**state["extra"], "step": state["step"]}
 
 
 def verify(directory: str | Path, world: int) -> dict[str, Any]:
-    """Check a checkpoint directory without loading it: manifest, every file's sha256, world size.
+    """Check a checkpoint directory without loading it: manifest, every file's sha256, world size,
+    and that `state.json` holds only the fields resume restores (`_check_state`).
 
     Returns:
         The manifest.
@@ -230,6 +237,7 @@ def verify(directory: str | Path, world: int) -> dict[str, Any]:
         digest = _sha256(path)
         if digest != files[name]:
             raise ValueError(f"{path}: sha256 {digest} does not match {files[name]} in {MANIFEST}; the file is corrupt or was changed")
+    _check_state(directory / STATE, _read_json(directory / STATE))
     return manifest
 
 
@@ -418,6 +426,62 @@ def _check_tensors(where: Path, f, expected: dict[str, list[int]]) -> None:
         sl = f.get_slice(name)
         if list(sl.get_shape()) != list(shape) or sl.get_dtype() != "F32":
             raise ValueError(f"{where}: {name} is {sl.get_dtype()} {sl.get_shape()}, expected F32 {shape}")
+
+
+def _check_state(where: Path, state: Any) -> None:
+    """Refuse a `state.json` holding anything but the fields `save_state` writes, with their JSON
+    types: resume sets attributes of the engine, its scheduler and its loss scaler from this file,
+    so it applies known fields only (the LR scheduler's keys are checked against the live
+    scheduler by `_scheduler_state`)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: not a JSON object")
+    problems = [f"{k!r} is not a field resume restores" for k in sorted(set(state) - set(_STATE_FIELDS))]
+    problems += [f"{k!r} is missing" for k in _STATE_FIELDS if k not in state]
+    number = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+    integer = (lambda v: isinstance(v, int) and not isinstance(v, bool))  # noqa: E731
+    strings = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))  # noqa: E731
+    shapes = {  # field -> {key: check}, every key required unless the field is `loss_scale`
+        "optimizer": {"step": integer, "keys": strings, "without_state": strings, "lr": lambda v: isinstance(v, list) and all(map(number, v))},
+        "engine": {k: integer for k in _ENGINE_COUNTERS},
+        "loss_scale": {k: number for k in _LOSS_SCALE_FIELDS},
+    }
+    for field, checks in shapes.items():
+        value = state.get(field)
+        if field == "loss_scale" and value is None:
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{field} is not an object")
+            continue
+        problems += [f"{field}.{k} is not a field resume restores (it restores {field}.{{{', '.join(checks)}}})" for k in sorted(set(value) - set(checks))]
+        problems += [f"{field}.{k} is missing" for k in checks if k not in value and field != "loss_scale"]
+        problems += [f"{field}.{k} has the wrong type ({type(value[k]).__name__})" for k, ok in checks.items() if k in value and not ok(value[k])]
+    if "step" in state and not integer(state["step"]):
+        problems.append(f"step has the wrong type ({type(state['step']).__name__})")
+    if "extra" in state and not isinstance(state["extra"], dict):
+        problems.append("extra is not an object")
+    if state.get("scheduler") is not None and not isinstance(state["scheduler"], dict):
+        problems.append("scheduler is not an object")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems) + " (this lorag did not write it, or it was edited: start a new run, or resume from another checkpoint)")
+
+
+def _scheduler_state(where: Path, saved: dict[str, Any] | None, scheduler) -> dict[str, Any] | None:
+    """The saved LR scheduler state to load into `scheduler`: only keys its own `state_dict` has
+    (LambdaLR's `load_state_dict` sets every key it is given as an attribute), each of the same JSON
+    kind. None when there is nothing to load.
+
+    Raises:
+        ValueError: a key the scheduler does not have, or a value of another kind (names the key).
+    """
+    if scheduler is None or saved is None:
+        return None
+    live = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    kind = (lambda v: "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else "list" if isinstance(v, (list, tuple)) else type(v).__name__)  # noqa: E731
+    problems = [f"scheduler.{k} is not a field of this LR scheduler ({type(scheduler).__name__}: {sorted(live)})" for k in sorted(set(saved) - set(live))]
+    problems += [f"scheduler.{k} is a {kind(saved[k])}, this LR scheduler's is a {kind(live[k])}" for k in sorted(set(saved) & set(live)) if kind(saved[k]) != kind(live[k])]
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    return saved
 
 
 def _read_json(path: Path) -> Any:

@@ -666,9 +666,11 @@ def submit(
     """Run a train, ingest or eval job on a running Ray cluster (Ray Jobs), with this project uploaded as its working_dir."""
     from rich.markup import escape
 
-    from lorag.cluster import ClusterError, check_for_cluster, cluster, cluster_nodes, job_client, project_paths, submit_job
+    from lorag.cluster import ClusterError, check_for_cluster, cluster, cluster_nodes, job_client, project_paths, secret_problems, submit_job
 
     cfg = _load(config, set_)
+    if problems := secret_problems(cfg, set_):  # --set values and env_vars travel in plain text: refuse before contacting the cluster
+        _fail("this job would send credentials in plain text (nothing was uploaded):\n  " + "\n  ".join(problems), 2)
     misplaced = adapter if kind is JobKind.ingest else kb
     if misplaced:
         _fail("--adapter goes with `submit train` and `submit eval`, --kb with `submit ingest`", 2)
@@ -771,7 +773,7 @@ def deploy(
 ) -> None:
     """Deploy the endpoint to a running Ray cluster (Serve REST API) with this project uploaded, and wait until it is RUNNING.
 
-    The replicas read the config file in the upload as it is (so there is no --set), and get this machine's API keys (serve.api_keys_env, serve.api_keys_file) through the deployment's environment.
+    The replicas read the config file in the upload as it is (so there is no --set), and get the sha256 digests of this machine's API keys (serve.api_keys_env, serve.api_keys_file) through the deployment's environment: never the keys.
     """
     from lorag.cluster import ClusterError, check_for_cluster, cluster, cluster_nodes, deploy_app, project_paths
 
@@ -780,6 +782,8 @@ def deploy(
         target = cluster(address, token, cfg)
         check_for_cluster(cfg, project_paths(config)[0], target, "deploy", nodes=cluster_nodes(target))
         r = deploy_app(target, cfg, config, timeout, progress=lambda line: console.print(line))
+    except ConfigError as e:  # cluster.env_vars naming a credential: nothing was sent
+        _fail(str(e), 2)
     except ClusterError as e:
         _fail(str(e))
     if r.status == "RUNNING":

@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -46,6 +47,8 @@ _EXCLUDED_DIRS = {".venv", "venv", ".git", ".lorag", "__pycache__", "build", "di
 PROJECT_PYTHONPATH = "platform"
 TOKEN_HELP = "pass --token, set RAY_AUTH_TOKEN, or copy the head's ~/.ray/auth_token to this machine"
 _TERMINAL_APP_STATES = {"RUNNING", "DEPLOY_FAILED", "UNHEALTHY"}
+# Environment variables by these names hold credentials: never in a runtime_env, entrypoint or pod spec.
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSW(OR)?D|CREDENTIAL", re.IGNORECASE)
 
 
 class ClusterError(RuntimeError):
@@ -421,12 +424,83 @@ def project_paths(config_path: Path) -> tuple[Path, str]:
 
 def project_runtime_env(cfg: LoragConfig, root: Path) -> dict[str, Any]:
     """The runtime_env of a job or app: the project as working_dir (uploaded), lorag on PYTHONPATH,
-    `cluster.pip` and `cluster.env_vars`."""
+    `cluster.pip` and `cluster.env_vars`.
+
+    Raises:
+        ConfigError: `cluster.env_vars` names a credential (`secret_problems`).
+    """
+    from lorag.config import ConfigError
+
+    if problems := secret_problems(cfg):
+        raise ConfigError("this config would send credentials in plain text (nothing was uploaded):\n  " + "\n  ".join(problems))
     env_vars = dict(cfg.cluster.env_vars)
     env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_PYTHONPATH, env_vars.get("PYTHONPATH")) if p)
     renv: dict[str, Any] = {"working_dir": str(root), "excludes": list(UPLOAD_EXCLUDES), "env_vars": env_vars}
     if cfg.cluster.pip:
         renv["pip"] = list(cfg.cluster.pip)
+    return renv
+
+
+def secret_problems(cfg: LoragConfig, overrides: list[str] | None = None) -> list[str]:
+    """Credentials that would travel in plain text to a cluster, one line per field with the fix.
+
+    `cluster.env_vars` go into every job's and the app's runtime_env, and `--set` values into the
+    job's entrypoint: Ray shows both to every holder of the cluster's token and logs them on its
+    nodes. A credential is an env var whose name says KEY, SECRET, TOKEN, PASSWORD or CREDENTIAL,
+    a `token` or `password` field, or a URL with a password in it. The lines never hold the values.
+    """
+    from urllib.parse import urlsplit
+
+    import yaml
+
+    fix = "set it in the environment of the cluster's nodes instead (on Kubernetes: a Secret; a Milvus token as LORAG_MILVUS_TOKEN)"
+
+    def secrets(path: list[str], value: Any) -> Iterator[str]:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from secrets([*path, str(k)], v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                yield from secrets([*path, str(i)], v)
+        elif value is not None and value != "" and not isinstance(value, bool):
+            env_var = path[:2] == ["cluster", "env_vars"] and len(path) == 3 and SECRET_NAME.search(path[2])
+            url = isinstance(value, str) and "://" in value and urlsplit(value).password
+            if path[-1] in ("token", "password") or env_var or url:
+                yield ".".join(path)
+
+    given = []  # the fields --set gives credentials to
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        given += secrets(key.split("."), value)
+    problems = [f"--set {field}: a credential on the command line is sent in plain text in the job's entrypoint: remove it, and {fix}" for field in given]
+    return problems + [f"cluster.env_vars.{name}: its value would be sent in plain text in the runtime_env: remove it, and {fix}"
+                       for name in sorted(cfg.cluster.env_vars) if SECRET_NAME.search(name) and f"cluster.env_vars.{name}" not in given]
+
+
+def deploy_runtime_env(cfg: LoragConfig, root: Path) -> dict[str, Any]:
+    """The app's runtime_env: `project_runtime_env`, plus this machine's API keys (`serve.api_keys_env`,
+    `serve.api_keys_file`) as their digests under `serve.api_keys_env`, where the replicas read them.
+
+    Only `sha256:<hex>` digests travel (`lorag.auth.as_digest`): the gateway compares digests, so
+    it accepts the keys while Ray's Serve config and runtime_env logs hold nothing a client could send.
+
+    Raises:
+        ConfigError: as `project_runtime_env`.
+        ClusterError: the config requires API keys and this machine has none.
+    """
+    from lorag.auth import api_keys, as_digest
+
+    renv = project_runtime_env(cfg, root)
+    try:
+        keys = api_keys(cfg)  # as this machine sees them; refuses here if the config requires keys and there are none
+    except (RuntimeError, OSError) as e:
+        raise ClusterError(str(e)) from None
+    if keys:
+        renv["env_vars"][cfg.serve.api_keys_env] = ",".join(sorted(as_digest(k) for k in keys))
     return renv
 
 
@@ -521,10 +595,10 @@ def deploy_app(
 ) -> DeployResult:
     """Deploy the lorag Serve app to a running cluster and wait until it runs or fails.
 
-    The app is `lorag.serving.serve_config` plus a runtime_env: the uploaded project as working_dir
-    (a gcs:// URI, as the Serve REST API requires), PYTHONPATH for lorag, `cluster.env_vars`, and
-    the API keys of this machine (`serve.api_keys_env` and `serve.api_keys_file`) under
-    `serve.api_keys_env`, which is where the replicas read them.
+    The app is `lorag.serving.serve_config` plus `deploy_runtime_env`: the uploaded project as
+    working_dir (a gcs:// URI, as the Serve REST API requires), PYTHONPATH for lorag,
+    `cluster.env_vars`, and the sha256 digests of this machine's API keys (`serve.api_keys_env` and
+    `serve.api_keys_file`) under `serve.api_keys_env`, which is where the replicas read them.
 
     Args:
         target: the cluster.
@@ -538,22 +612,17 @@ def deploy_app(
         timeout), its message, and the endpoint's URL.
 
     Raises:
-        ClusterError: unreachable, auth, a config outside the project, or the deploy refused.
+        ConfigError: `cluster.env_vars` names a credential (nothing is sent).
+        ClusterError: unreachable, auth, a config outside the project, no API key where the config
+            requires one, or the deploy refused.
     """
-    from lorag.auth import api_keys
     from lorag.serving import serve_config
 
     root, rel = project_paths(config_path)
+    renv = deploy_runtime_env(cfg, root)  # before contacting the cluster: credentials and missing keys are refused here
     client = serve_client(target)
     sc = serve_config(cfg, rel)
     app = sc["applications"][0]
-    renv = project_runtime_env(cfg, root)
-    try:
-        keys = sorted(api_keys(cfg))  # as this machine sees them; refuses here if the config requires keys and there are none
-    except (RuntimeError, OSError) as e:
-        raise ClusterError(str(e)) from None
-    if keys:
-        renv["env_vars"][cfg.serve.api_keys_env] = ",".join(keys)
     with cluster_errors(target):
         before = _app_details(client, app["name"]).get("last_deployed_time_s")
         progress(f"uploading {root} (working_dir)")

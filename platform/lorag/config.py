@@ -90,7 +90,7 @@ class KnowledgeBaseConfig(_Strict):
     text_field: str = Field("text", description="JSONL sources: the field holding each record's text (one record = one document).")
     title_field: str = Field("title", description="JSONL sources: the field holding each record's title (default: file name and line).")
     uri: str | None = Field(None, description="Milvus URI: a local file path for Milvus Lite (default `<workdir>/milvus.db`) or http://host:19530 for a server.")
-    token: str | None = Field(None, description="Milvus server token ('user:password'); unused for Milvus Lite.")
+    token: str | None = Field(None, description="Milvus server token ('user:password'); unused for Milvus Lite. Default: $LORAG_MILVUS_TOKEN of the process that opens the knowledge base (on a Ray cluster: set it in its nodes' environment), so that no file holds it; `lorag submit` refuses a token given with --set, `lorag k8s render` one written in the config. On Kubernetes every Ray pod gets LORAG_MILVUS_TOKEN=root:<milvus_root_password> from Secret lorag-secrets.")
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Chunk size and overlap.")
     top_k: int = Field(3, ge=1, le=50, description="Chunks retrieved per question. More gives the model more evidence and a longer prompt.")
     search: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused).")
@@ -108,6 +108,10 @@ class KnowledgeBaseConfig(_Strict):
     stall_timeout_s: float = Field(
         300.0, gt=0, description="An ingest whose pipeline moves no batch for this long fails with an error naming the stalled stage "
         "(e.g. no CPU or GPU free for the embedder) instead of waiting forever. Raise it for very slow documents or a cluster that scales up slowly.",
+    )
+    max_source_bytes: int = Field(
+        50_000_000, ge=1, description="A source document larger than this many bytes is not read: the ingest reports it as failed "
+        "(its chunks from earlier ingests stay) and indexes the rest. Bounds the memory and time one document can take.",
     )
     embed_threads: int | None = Field(
         None, ge=1,
@@ -299,6 +303,12 @@ class ServeConfig(_Strict):
         description="Let a request name another knowledge base in its `kb` field (within its key's scope). Off: a request retrieves only "
         "from its adapter's own knowledge base, so no caller can read a knowledge base through another adapter.",
     )
+    client_system_message: Literal["follow", "replace"] = Field(
+        "follow",
+        description="A request's own system message, for an adapter with a system_prompt. follow: the adapter's system prompt stays "
+        "first and the client's follows it, in one system message. replace: the client's replaces the adapter's (a caller can then "
+        "undo what the adapter was told and trained with).",
+    )
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "ServeConfig":
@@ -314,8 +324,9 @@ class ClusterConfig(_Strict):
     pip: list[str] = Field(default_factory=list, description="Extra pip packages for submitted jobs (runtime_env pip). The cluster's image or venv should already hold lorag's dependencies; this is for additions.")
     env_vars: dict[str, str] = Field(
         default_factory=dict,
-        description="Environment variables for submitted jobs and the deployed app (e.g. AWS_ENDPOINT_URL for an S3-compatible store). "
-        "They are visible in the job's metadata: put credentials in the cluster's secrets or the nodes' environment instead.",
+        description="Environment variables for submitted jobs, the deployed app and the rendered Ray pods (e.g. AWS_ENDPOINT_URL for an "
+        "S3-compatible store). Their values travel in plain text (runtime_env, pod specs), so names that say KEY, SECRET, TOKEN, PASSWORD "
+        "or CREDENTIAL are refused: put credentials in the nodes' environment, or on Kubernetes in the Secret of k8s.storage_secret.",
     )
 
 
@@ -340,7 +351,7 @@ class K8sConfig(_Strict):
     """Kubernetes under KubeRay (`lorag k8s render`): the images, sizes and namespace of the rendered manifests."""
 
     namespace: str = Field("lorag", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", description="Namespace of every rendered object (a DNS label: lowercase letters, digits, '-').")
-    image: str = Field("lorag:0.1.0", description="The lorag image (built from k8s/Dockerfile) for Ray heads, workers and jobs.")
+    image: str = Field("lorag:0.1.0", description="The lorag image (built from k8s/Dockerfile) for Ray heads, workers and jobs; its pods run as uid 1000, gid 100 (rayproject/ray's `ray` user), without privilege escalation or capabilities.")
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field("IfNotPresent", description="Pull policy of the lorag image.")
     ray_version: str = Field("2.60.0", description="Ray version in the image (KubeRay `rayVersion`; token auth needs 2.52 or later). Keep it equal to the Ray of k8s/Dockerfile's base image.")
     head_cpu: str = Field("2", description="CPU of the Ray head pod (it runs no training or serving work).")
@@ -350,7 +361,7 @@ class K8sConfig(_Strict):
         default_factory=lambda: WorkerGroupConfig(replicas=0, min_replicas=0, max_replicas=2, cpu="8", memory="48Gi", gpus=1),
         description="GPU worker group: training and generator replicas (scaled from zero by the autoscaler).",
     )
-    milvus_image: str = Field("milvusdb/milvus:v2.5.4", description="Milvus standalone image (2.5 or later runs BM25 inside Milvus).")
+    milvus_image: str = Field("milvusdb/milvus:v2.5.4", description="Milvus standalone image (2.5 or later runs BM25 inside Milvus). It runs as uid 1000 in group 0, with authentication on: root's password comes from Secret lorag-secrets (milvus_root_password), and only the Ray pods may connect.")
     milvus_storage: str = Field("20Gi", description="Size of the Milvus data volume.")
     storage_class: str | None = Field(None, description="StorageClass of the Milvus volume (default: the cluster's).")
     milvus_cpu: str = Field("2", description="CPU request and limit of the Milvus pod.")
@@ -364,7 +375,8 @@ class K8sConfig(_Strict):
     storage_secret: str | None = Field(
         None,
         description="A Secret whose keys become environment variables of every Ray pod: storage credentials such as "
-        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL. None: the nodes' own identity (IRSA, workload identity).",
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, and any other credential the jobs need (never cluster.env_vars, "
+        "which are rendered in plain text). None: the nodes' own identity (IRSA, workload identity).",
     )
     eval_dataset: str | None = Field(
         None,

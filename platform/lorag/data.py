@@ -6,7 +6,10 @@ actor pool, one GPU each when the cluster has GPUs) -> upsert into Milvus, strea
 writing overlaps embedding. It is incremental: chunk ids hash knowledge base, source, chunk index
 and content, writes are upserts, documents whose bytes (and indexing settings) are unchanged and
 fully stored are skipped, changed documents replace their chunks, deleted documents lose theirs,
-and a document that fails to parse is reported and skipped (its old chunks stay).
+and a document that fails to parse, or is larger than `max_source_bytes`, is reported and skipped
+(its old chunks stay). Only regular files inside a source's root are read: a symlink that leaves
+it, a FIFO or a device is reported and never opened (`lorag.documents.find_documents`; chunks
+such a file left in the store are removed, as a deleted document's).
 
 It always finishes or fails: the stages are sized from the CPUs and GPUs Ray has free, so the
 chunker and every embedder fit at once (fractions of a CPU on a 1-core machine), and a pipeline
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorag.documents import DocumentChunker, document_hash, find_documents, read_document
+from lorag.documents import DocumentChunker, DocumentError, document_hash, find_documents, read_document
 from lorag.milvus import source_key
 
 IGNORE_INDEX = -100
@@ -72,13 +75,15 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
         progress: optional callable `(chunks_written, documents_done, documents_total)` called after each write.
 
     Returns:
-        Counts of documents (seen, skipped as unchanged, failed with reasons), chunks written and
+        Counts of documents (seen, skipped as unchanged, failed with reasons: unparsable, too
+        large, or refused as not a regular file inside its source root), chunks written and
         removed, and the entities now in the collection.
 
     Raises:
         FileNotFoundError: a source matches nothing, or is present but holds no document.
         lorag.milvus.ForeignCollection: the collection exists but lorag did not create it for this knowledge base.
         lorag.milvus.StoreLocked: another ingest of this knowledge base is running.
+        lorag.milvus.LockLost: another ingest took this one's lock over while it ran (it stops before its next write).
         TimeoutError: the pipeline moved no batch for `stall_timeout_s`; the message names the stage.
     """
     from lorag.milvus import ingest_lock, open_store
@@ -88,12 +93,13 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
     start = time.time()
     kb = cfg.knowledge_base(kb_name)
     check_cluster_paths(cfg, [kb_name])
-    files = kb_documents(kb)
+    refused: list[tuple[str, str]] = []
+    files = kb_documents(kb, refused)
     embedder_path = resolve_model(cfg.embedder, cfg.model_cache)
     dim = int(json.loads((embedder_path / "config.json").read_text())["hidden_size"])
     uri = cfg.milvus_uri(kb)
     store = open_store(uri, kb.token)
-    with ingest_lock(store, kb.collection, kb.name):
+    with ingest_lock(store, kb.collection, kb.name) as lease:
         # A knowledge base is derived data: one built by an older lorag or another embedder is rebuilt
         # (only a collection lorag created for this knowledge base: anything else raises, untouched).
         rebuilt = store.incompatible(kb.collection, dim, kb.name)
@@ -110,24 +116,36 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
         for path in files:
             have = stored.get(keys[path])
             complete = have is not None and have["doc_hash"] and have["count"] == have["n_chunks"]
-            if not (complete and have["doc_hash"] == document_hash(read_document(path), fp)):
+            if not (complete and have["doc_hash"] == _current_hash(path, fp, kb.max_source_bytes)):
                 todo.append(path)
         gone = sorted(set(stored) - set(keys.values()))
 
-        written, failed, keep = _index(cfg, kb, todo, fp, store, uri, progress) if todo else (0, [], {})
+        written, failed, keep = _index(cfg, kb, todo, fp, store, uri, progress, lease) if todo else (0, [], {})
         # Only after every current chunk is written: drop chunks of changed and deleted documents.
         # A source the collection did not hold when this run started has no chunks but this run's,
         # so only re-indexed sources that were stored before need a delete (each is a scan on Lite).
+        # Deleting on a lock another ingest has taken would delete what it just wrote: ask first.
+        lease.check(confirm=True)
         removed = store.prune(kb.collection, {k: ids for k, ids in keep.items() if k in stored}, gone)
         if written or removed:
             store.settle(kb.collection)
         entities = store.count(kb.collection)
-    return IngestReport(kb.name, uri, len(files), len(files) - len(todo), written, removed, entities, time.time() - start, failed, rebuilt)
+    return IngestReport(kb.name, uri, len(files) + len(refused), len(files) - len(todo), written, removed, entities, time.time() - start,
+                        refused + failed, rebuilt)
 
 
-def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress) -> tuple[int, list[tuple[str, str]], dict[str, list[str]]]:
+def _current_hash(path: str, fp: str, max_bytes: int) -> str | None:
+    """The document's hash now, or None when it cannot be read whole (the pipeline then reports why)."""
+    try:
+        return document_hash(read_document(path, max_bytes), fp)
+    except DocumentError:
+        return None
+
+
+def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress, lease) -> tuple[int, list[tuple[str, str]], dict[str, list[str]]]:
     """Run the Ray Data pipeline over `todo` and upsert its chunks; returns (chunks written,
-    failed documents with reasons, `{source_key: chunk ids}` of the documents written)."""
+    failed documents with reasons, `{source_key: chunk ids}` of the documents written). Stops with
+    `LockLost` at the first write after `lease` (the ingest lock) is found lost."""
     import ray
     from ray.data.exceptions import ExecutionTimeoutError
 
@@ -140,7 +158,7 @@ def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress) -> tupl
     free, total = ray.available_resources(), ray.cluster_resources()
     plan = plan_stages(kb.embed_actors, free.get("CPU", 0.0), free.get("GPU", 0.0), use_gpu=total.get("GPU", 0) >= 1)
     ds = (
-        read_sources(todo, num_cpus=plan.chunker_cpus)
+        read_sources(todo, num_cpus=plan.chunker_cpus, max_bytes=kb.max_source_bytes)
         .flat_map(
             DocumentChunker,
             fn_constructor_kwargs={
@@ -181,6 +199,7 @@ def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress) -> tupl
                 keep.setdefault(source_key(source), []).append(row["id"])
                 done_docs.add(source)
             if rows:
+                lease.check()
                 pending.append(pool.submit(store.upsert, kb.collection, rows))
             while pending and (pending[0].done() or len(pending) > 8):
                 written += pending.pop(0).result()
@@ -246,35 +265,42 @@ def _stall_message(kb, plan: StagePlan, ray_message: str) -> str:
     )
 
 
-def kb_documents(kb) -> list[str]:
+def kb_documents(kb, refused: list[tuple[str, str]] | None = None) -> list[str]:
     """Every document of a knowledge base, sorted.
 
     A source root that is present but holds no document (an unmounted share, an emptied
     directory) is an error: read as "no documents", it would delete every chunk it held.
+    Files that are not regular files inside their source's root are left out and, if `refused`
+    is given, added to it as `(path, reason)`, once each.
 
     Raises:
         FileNotFoundError: a source matches nothing, or is present but holds no document (each named).
     """
     found: set[str] = set()
+    left_out: dict[str, str] = {}
     problems = []
     for src in kb.sources:
+        src_refused: list[tuple[str, str]] = []
         try:
-            found.update(find_documents([src]))
+            found.update(find_documents([src], src_refused))
         except FileNotFoundError as e:
-            if "://" not in src and os.path.isdir(src):
+            if "://" not in src and os.path.isdir(src) and not src_refused:
                 problems.append(
                     f"source {src!r} is present but holds no document (an unmounted share?); refusing to ingest, since that would "
                     f"delete every chunk it held: mount or fill it, or remove it from knowledge_bases.{kb.name}.sources"
                 )
             else:
                 problems.append(str(e))
+        left_out.update(src_refused)
     if problems:
         raise FileNotFoundError(f"knowledge base {kb.name!r}: " + "; ".join(problems))
+    if refused is not None:
+        refused.extend((path, reason) for path, reason in sorted(left_out.items()) if path not in found)
     return sorted(found)
 
 
-def read_sources(sources: list[str], num_cpus: float = 1.0):
-    """A Ray Dataset of `{"path", "bytes"}` rows, one per document.
+def read_sources(sources: list[str], num_cpus: float = 1.0, max_bytes: int | None = None):
+    """A Ray Dataset of `{"path", "bytes", "error"}` rows, one per document.
 
     Documents at URIs are read by whichever node runs the task. Local paths exist only on the
     driver's machine (on a cluster, the driver's node), so their reads are pinned to the
@@ -284,17 +310,22 @@ def read_sources(sources: list[str], num_cpus: float = 1.0):
         num_cpus: what each read reserves. `ingest` passes the chunker's, so that Ray Data fuses
             the reads into the chunker's actors (which then run on the driver's node) instead of
             running read tasks that need CPUs of their own beside the actor pools.
+        max_bytes: a document larger than this is not read: its row has no bytes and an `error`
+            (as has one that is not a regular file), which `DocumentChunker` reports.
     """
     import ray
 
     ds = ray.data.from_items([{"path": s} for s in sources])
     # Every Ray node carries its id as the label ray.io/node-id: a hard constraint to this node.
     pin = {"ray.io/node-id": ray.get_runtime_context().get_node_id()} if any("://" not in s for s in sources) else None
-    return ds.map(_read_row, num_cpus=num_cpus, label_selector=pin)
+    return ds.map(_read_row, fn_kwargs={"max_bytes": max_bytes}, num_cpus=num_cpus, label_selector=pin)
 
 
-def _read_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {"path": row["path"], "bytes": read_document(row["path"])}
+def _read_row(row: dict[str, Any], max_bytes: int | None) -> dict[str, Any]:
+    try:
+        return {"path": row["path"], "bytes": read_document(row["path"], max_bytes), "error": ""}
+    except DocumentError as e:
+        return {"path": row["path"], "bytes": b"", "error": str(e)}
 
 
 ROW_KEYS = ("id", "text", "terms", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks")

@@ -6,7 +6,9 @@
   hint only: it tells Serve which adapters to send to this replica, and prepares their files;
   the adapters' weights live in the engine's one cache (its model slots).
 
-Over capacity (a generator's queue past `max_queued_requests`) a request is a 503 at once.
+Over capacity (a generator's queue past `max_queued_requests`) a request is a 503 at once. A
+generator whose model thread stops making progress while requests wait fails Serve's health check
+(`check_health`) and is replaced.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class GeneratorDeployment:
             return adapter_id
 
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.serve.max_adapters_per_replica)(prepare)
+
+    def check_health(self) -> None:
+        """Serve's periodic replica check: fails while requests wait on a model thread that has
+        stopped making progress (`Engine.check_progress`), so Serve replaces this replica."""
+        self.engine.check_progress()
 
     async def _adapter(self) -> str | None:
         adapter = serve.get_multiplexed_model_id() or None

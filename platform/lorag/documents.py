@@ -12,6 +12,11 @@ content only (navigation, headers, footers, sidebars and scripts dropped), with 
 heading elements, code blocks as fenced code and permalink marks removed. In Markdown, a line in
 fenced code is never a heading.
 
+Every step takes time linear in the document (no pattern that backtracks over a long run of
+spaces, no scan repeated per tag, titles cut at 500 characters), and only bounded, regular files
+are read: `find_documents` leaves out what is not a regular file inside its source root, and
+`read_document` stops at a size limit (the knowledge base's `max_source_bytes`).
+
 Chunk offsets index the unit's parsed text (for Markdown and text files, the decoded file), and
 each chunk carries its section: the Markdown heading path, or "page N" for a PDF. The chunker
 also gives each chunk the `passage` it is embedded as and the `terms` it is full-text indexed by
@@ -27,7 +32,8 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +42,10 @@ from lorag.retrieval import passage, terms
 DOC_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm", ".pdf", ".jsonl")
 
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
-_HEADING = re.compile(r"(#{1,6})[ \t]+(.+?)\s*")
+_HEADING_MARK = re.compile(r"(#{1,6})[ \t]+")
 _FENCE_OPEN = re.compile(r"[ \t]*(`{3,}|~{3,})(.*)")
 _MAX_ERROR = 300
+_MAX_TITLE = 500  # characters of a heading's or a document's title
 
 
 class DocumentError(ValueError):
@@ -64,24 +71,33 @@ class Unit:
     """For a PDF, the offset in `text` where each page begins (page N starts at `page_starts[N-1]`)."""
 
 
-def find_documents(sources: list[str]) -> list[str]:
+def find_documents(sources: list[str], refused: list[tuple[str, str]] | None = None) -> list[str]:
     """Expand files, directories (recursively, filtered by `DOC_SUFFIXES`) and glob patterns.
+
+    Only regular files inside a source's root are documents: the directory a source names, the
+    fixed directories at the head of a pattern (`docs/` of `docs/**/*.md`), or a file's own
+    directory. A symlink may point anywhere inside its root; one that resolves outside it (a
+    `leak.txt` -> `/proc/self/environ`), a broken one, and anything that is not a regular file (a
+    FIFO, a device such as `/dev/zero`, or a link to one) is left out, and named in `refused`.
 
     Args:
         sources: local paths, directories or glob patterns (`**` allowed), or filesystem URIs of
             files, directories or patterns (`s3://bucket/docs/`, `s3://bucket/docs/*.md`).
+        refused: a list that gets `(path, reason)` for each file left out, if given.
 
     Returns:
         Absolute document paths and URIs, sorted.
 
     Raises:
-        FileNotFoundError: a source matches nothing, or nothing at all is found.
+        FileNotFoundError: a source matches nothing, or nothing at all is found (the message
+            names the files left out, if any).
     """
     found: set[str] = set()
     missing = []
+    left_out: list[tuple[str, str]] = []
     for src in sources:
         if "://" in src:
-            matches = _find_remote(src)
+            matches = _find_remote(src, left_out)
             if not matches:
                 missing.append(src)
             found.update(matches)
@@ -89,22 +105,66 @@ def find_documents(sources: list[str]) -> list[str]:
         matches = glob.glob(src, recursive=True) if glob.has_magic(src) else ([src] if os.path.exists(src) else [])
         if not matches:
             missing.append(src)
+        root = os.path.realpath(_source_root(src))
         for m in matches:
             if os.path.isdir(m):
-                for root, _, files in os.walk(m):
-                    found.update(os.path.abspath(os.path.join(root, f)) for f in files if f.lower().endswith(DOC_SUFFIXES))
-            elif os.path.isfile(m):
-                found.add(os.path.abspath(m))
+                for parent, _, files in os.walk(m):
+                    names = [os.path.join(parent, f) for f in files if f.lower().endswith(DOC_SUFFIXES)]
+                    _admit(names, root, found, left_out)
+            else:
+                _admit([m], root, found, left_out)
+    if refused is not None:
+        refused.extend(sorted(left_out))
     if missing:
         raise FileNotFoundError(f"knowledge-base sources match no file: {missing}")
     if not found:
-        raise FileNotFoundError(f"no documents ({', '.join(DOC_SUFFIXES)}) under {sources}")
+        why = f"; left out: {'; '.join(f'{p} ({r})' for p, r in sorted(left_out))}" if left_out else ""
+        raise FileNotFoundError(f"no documents ({', '.join(DOC_SUFFIXES)}) under {sources}{why}")
     return sorted(found)
 
 
-def _find_remote(uri: str) -> list[str]:
+def _source_root(src: str) -> str:
+    """The directory a local source may reach: itself, a pattern's fixed head, or a file's directory."""
+    if glob.has_magic(src):
+        head = []
+        for part in Path(src).parts:
+            if glob.has_magic(part):
+                break
+            head.append(part)
+        return os.path.join(*head) if head else "."
+    return src if os.path.isdir(src) else os.path.dirname(src) or "."
+
+
+def _admit(paths: list[str], root: str, found: set[str], left_out: list[tuple[str, str]]) -> None:
+    """Put each of `paths` in `found` if it is a document of the source root `root` (a resolved
+    directory), else in `left_out` with the reason."""
+    for path in paths:
+        path = os.path.abspath(path)
+        reason = _refusal(path, root)
+        if reason:
+            left_out.append((path, reason))
+        else:
+            found.add(path)
+
+
+def _refusal(path: str, root: str) -> str | None:
+    """Why the local file `path` is not read as a document of the source root `root`, or None."""
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, root]) != root:
+        return f"resolves to {real}, outside its source root {root} (a symlink): not read; name the target in sources to index it"
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as e:
+        return f"not read: {e.strerror} (a broken symlink?)"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, socket or device): not read"
+    return None
+
+
+def _find_remote(uri: str, left_out: list[tuple[str, str]]) -> list[str]:
     """Documents at a filesystem URI: the file itself, every document under a directory, or the
-    files under a pattern's fixed prefix that match it (`fnmatch`, where `*` also crosses `/`)."""
+    files under a pattern's fixed prefix that match it (`fnmatch`, where `*` also crosses `/`).
+    Files of a `file://` URI are checked as local ones (see `find_documents`)."""
     import fnmatch
 
     import pyarrow.fs
@@ -118,21 +178,50 @@ def _find_remote(uri: str) -> list[str]:
     fs, path = storage.filesystem(f"{scheme}://{fixed}")
     info = fs.get_file_info(path)
     if info.type == pyarrow.fs.FileType.File:
-        return [uri] if not glob.has_magic(rest) else []
-    names = [f"{scheme}://{fixed.rstrip('/')}/{rel}" for rel, _, _ in storage.list_files(fs, path)]
-    if glob.has_magic(rest):
-        return [n for n in names if fnmatch.fnmatch(n, uri)]
-    return [n for n in names if n.lower().endswith(DOC_SUFFIXES)]
+        names = [uri] if not glob.has_magic(rest) else []
+        fixed = fixed.rsplit("/", 1)[0]  # a file's root is its directory
+    else:
+        names = [f"{scheme}://{fixed.rstrip('/')}/{rel}" for rel, _, _ in storage.list_files(fs, path)]
+        if glob.has_magic(rest):
+            names = [n for n in names if fnmatch.fnmatch(n, uri)]
+        else:
+            names = [n for n in names if n.lower().endswith(DOC_SUFFIXES)]
+    if scheme != "file":
+        return names
+    root = os.path.realpath(fixed or "/")
+    refusals = [(n, _refusal(n[len("file://"):], root)) for n in names]
+    left_out += [(n, r) for n, r in refusals if r]
+    return [n for n, r in refusals if not r]
 
 
-def read_document(source: str) -> bytes:
-    """A document's bytes, from a local path or a filesystem URI."""
+def read_document(source: str, max_bytes: int | None = None) -> bytes:
+    """A document's bytes, from a local path or a filesystem URI.
+
+    Args:
+        source: the path or URI.
+        max_bytes: the most bytes to read (None: no limit).
+
+    Raises:
+        DocumentError: the source holds more than `max_bytes` bytes (only `max_bytes + 1` are
+            read), or a local one is not a regular file (checked before anything is read).
+    """
+    n = -1 if max_bytes is None else max_bytes + 1
     if "://" not in source:
-        return Path(source).read_bytes()
-    from lorag import storage
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise DocumentError("not a regular file (a FIFO, socket or device): not read")
+            data = f.read(n)
+    else:
+        from lorag import storage
 
-    fs, path = storage.filesystem(source)
-    return storage.read_bytes(fs, path)
+        fs, path = storage.filesystem(source)
+        with fs.open_input_stream(path) as f:
+            data = f.read(None if n < 0 else n)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DocumentError(f"larger than {max_bytes} bytes: not read (raise the knowledge base's max_source_bytes to index it)")
+    return data
 
 
 def parse_document(path: str, data: bytes, text_field: str = "text", title_field: str = "title") -> list[Unit]:
@@ -145,7 +234,7 @@ def parse_document(path: str, data: bytes, text_field: str = "text", title_field
         title_field: for JSONL, the record field holding the title (optional per record).
 
     Returns:
-        One unit, or for JSONL one unit per non-blank line.
+        One unit, or for JSONL one unit per non-blank line; titles are cut at 500 characters.
 
     Raises:
         DocumentError: the document is empty, corrupt, encrypted, has no extractable text, or
@@ -153,20 +242,24 @@ def parse_document(path: str, data: bytes, text_field: str = "text", title_field
     """
     suffix, stem = Path(path).suffix.lower(), Path(path).stem
     if suffix == ".pdf":
-        return [_parse_pdf(data, stem)]
-    text = data.decode("utf-8-sig", errors="replace")
-    if suffix == ".jsonl":
-        return _parse_jsonl(text, stem, text_field, title_field)
-    if suffix in (".html", ".htm"):
-        from lorag.webpage import parse_html
-
-        text, title = parse_html(text)
+        units = [_parse_pdf(data, stem)]
+    elif suffix == ".jsonl":
+        units = _parse_jsonl(data.decode("utf-8-sig", errors="replace"), stem, text_field, title_field)
     else:
-        headings = _headings(text)
-        title = headings[0].title if headings else ""
-    if not text.strip():
-        raise DocumentError("empty document")
-    return [Unit(text, title or stem, "")]
+        text = data.decode("utf-8-sig", errors="replace")
+        if suffix in (".html", ".htm"):
+            from lorag.webpage import parse_html
+
+            text, title = parse_html(text)
+        else:
+            headings = _headings(text)
+            title = headings[0].title if headings else ""
+        if not text.strip():
+            raise DocumentError("empty document")
+        units = [Unit(text, title or stem, "")]
+    # Every chunk's passage repeats its unit's title: one as long as the document (a page whose
+    # first heading holds all of it) would make chunking take time quadratic in the document.
+    return [u if len(u.title) <= _MAX_TITLE else replace(u, title=u.title[:_MAX_TITLE]) for u in units]
 
 
 def chunk_text(text: str, size: int, overlap: int, tokenizer=None) -> list[Chunk]:
@@ -219,8 +312,10 @@ def document_hash(data: bytes, fingerprint: str) -> str:
 class DocumentChunker:
     """Ray Data `flat_map` stage (a callable class, run on an actor pool): a file row in, chunk rows out.
 
-    Every output row has the same keys and types: id, text, source, title, section, chunk_index,
-    start, end, doc_hash, n_chunks, error. A file that fails becomes one row with `error` set.
+    A file row is `{"path", "bytes"}`, with an `error` when reading the file failed (too large, not
+    a regular file: `lorag.data.read_sources`). Every output row has the same keys and types: id,
+    text, source, title, section, chunk_index, start, end, doc_hash, n_chunks, error. A file that
+    fails becomes one row with `error` set.
 
     Args:
         kb: knowledge-base name (part of each chunk id).
@@ -253,6 +348,8 @@ class DocumentChunker:
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         path, doc_hash = str(row.get("path", "")), ""
         try:
+            if row.get("error"):
+                raise DocumentError(row["error"])
             data = bytes(row["bytes"])
             doc_hash = document_hash(data, self.fingerprint)
             return self._chunk_rows(path, data, doc_hash)
@@ -391,12 +488,27 @@ def _headings(text: str) -> list[_Heading]:
         opening = _FENCE_OPEN.fullmatch(line[0])
         if opening and not (opening[1][0] == "`" and "`" in opening[2]):
             fence = opening[1]
-        elif heading := _HEADING.fullmatch(line[0]):
-            # "## Title ##" closes with optional hashes after a space; "## C#" keeps its hash.
-            title = re.sub(r"(?:^|[ \t]+)#+$", "", heading[2]).strip()[:500]
-            if title:
-                found.append(_Heading(line.start(), line.end(), len(heading[1]), title))
+        elif heading := _heading(line[0]):
+            found.append(_Heading(line.start(), line.end(), *heading))
     return found
+
+
+def _heading(line: str) -> tuple[int, str] | None:
+    """(level, title) of an ATX heading line ("## Title"), else None (also for an empty title).
+
+    The title is found with string operations, in time linear in the line: a pattern with a lazy
+    title before trailing whitespace takes time quadratic in a run of spaces inside the line.
+    """
+    mark = _HEADING_MARK.match(line)
+    if not mark:
+        return None
+    title = line[mark.end():].rstrip()
+    # "## Title ##" closes with optional hashes after a space; "## C#" keeps its hash.
+    bare = title.rstrip("#")
+    if bare != title and (not bare or bare[-1] in " \t"):
+        title = bare
+    title = title.strip()[:_MAX_TITLE]
+    return (len(mark[1]), title) if title else None
 
 
 def _sections(text: str) -> list[tuple[int, int, str]]:

@@ -12,13 +12,19 @@ while longer rows of its batch go on. Adapters live in one place, the model's sl
 one thread (`torch_thread`), so no lock is needed around the model.
 
 Errors a caller can cause (an unknown or incompatible adapter, a prompt past the context) are
-`APIError`s with an HTTP status, as every caller reports them to a person.
+`APIError`s with an HTTP status, as every caller reports them to a person. A failure ends only the
+rows it concerns: an adapter that cannot be loaded answers its own rows (and is retried after a
+back-off), a row whose scores turn NaN ends alone, and an error of one `generate` pass answers that
+pass's rows with a 5xx while the batch's other passes run. `check_progress` is the replica's health:
+it fails while requests wait on a model thread that has stopped making progress.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal
@@ -27,7 +33,9 @@ from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
 from lorag.batcher import AdapterCache, Batcher, CacheFull
 from lorag.config import LoragConfig
 from lorag.models import PromptEncoder, serving_device
-from lorag.schemas import APIError
+from lorag.schemas import MIN_TEMPERATURE, APIError
+
+log = logging.getLogger("lorag.engine")
 
 Prompt = list[dict[str, str]] | str  # chat messages (the model's chat template applies) or raw text
 
@@ -37,12 +45,16 @@ class SamplingParams:
     """How one completion is generated."""
 
     max_tokens: int
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE, which becomes 0): greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # the text ends before the first of these
     seed: int | None = None  # sampling only; a seeded request runs in a batch of its own
     frequency_penalty: float = 0.0  # OpenAI's: lowers a token's logit per time this answer has used it
     presence_penalty: float = 0.0  # OpenAI's: lowers a token's logit once this answer has used it
+
+    def __post_init__(self):
+        if self.temperature < MIN_TEMPERATURE:  # decoded greedily, so batched with the greedy rows
+            object.__setattr__(self, "temperature", 0.0)
 
     def batch_key(self, row: int) -> tuple[Any, ...]:
         """Rows with equal keys can share one `generate` call (its sampling settings are per call)."""
@@ -74,6 +86,9 @@ def torch_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
 class Engine:
     """A base model with adapter slots, generating for many callers at once. See the module docstring."""
 
+    LOAD_RETRY_S = 1.0  # an adapter that failed to load is tried again after this, doubled per failure in a row ...
+    LOAD_RETRY_MAX_S = 60.0  # ... up to this; meanwhile its requests get the failure's error at once
+
     def __init__(self, cfg: LoragConfig, model_ref: str, store: AdapterStore | None = None):
         """Load the model (on its own thread, on the GPU when `serve.gpus_per_replica` is set).
 
@@ -102,6 +117,9 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self._paths: dict[str, Path] = {}  # adapter id -> its verified local copy (versions are immutable)
+        self._broken: dict[str, tuple[float, int, APIError]] = {}  # adapter id -> (retry at, failures in a row, error); torch thread
+        self._waiting = 0  # callers waiting for the batcher (event loop)
+        self._progress = time.monotonic()  # the last answer or token of the model thread, or the start of work on an idle engine
 
     # -- the API -----------------------------------------------------------------------------------
 
@@ -117,7 +135,11 @@ class Engine:
             APIError: 404 unknown adapter, 400 incompatible adapter or prompt past the context.
         """
         row = await self._row(prompt, params, adapter, emit=None)
-        result = await self.batcher.submit(row)
+        self._enter()
+        try:
+            result = await self.batcher.submit(row)
+        finally:
+            self._waiting -= 1
         if isinstance(result, Exception):
             raise result
         return result
@@ -130,6 +152,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str] = asyncio.Queue()
         row = await self._row(prompt, params, adapter, emit=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
+        self._enter()
         task = asyncio.ensure_future(self.batcher.submit(row))
         try:
             while not task.done():
@@ -147,6 +170,7 @@ class Engine:
             yield result
         finally:
             task.cancel()  # no-op once done; otherwise the caller left and the row stops
+            self._waiting -= 1
 
     async def prepare_adapter(self, adapter: str) -> tuple[str, Path]:
         """Resolve an adapter id (`name`, `name@tag`, `name@vN`), check it was trained on this base
@@ -164,8 +188,27 @@ class Engine:
         self._paths[canonical] = path
         return canonical, path
 
+    def check_progress(self) -> None:
+        """The replica's health: raise while callers wait and the model thread has produced no
+        token and answered no row for `serve.request_timeout_s` (a hung device or a wedged loop;
+        every one of those callers times out anyway), so that Serve replaces the replica.
+
+        Raises:
+            RuntimeError: saying for how long, how many callers wait, and the limit's field.
+        """
+        stalled, limit = time.monotonic() - self._progress, self.cfg.serve.request_timeout_s
+        if self._waiting and stalled > limit:
+            raise RuntimeError(f"the model thread has made no progress for {stalled:.0f} s while {self._waiting} requests wait "
+                               f"(limit: serve.request_timeout_s = {limit:g} s)")
+
     def close(self) -> None:
         self.torch.shutdown(wait=False, cancel_futures=True)
+
+    def _enter(self) -> None:
+        """A caller starts waiting; on an idle engine the stall clock starts now, not at the last answer."""
+        if not self._waiting:
+            self._progress = time.monotonic()
+        self._waiting += 1
 
     # -- request preparation (event loop side) --------------------------------------------------------
 
@@ -200,42 +243,77 @@ class Engine:
     def _run_batch(self, rows: list[Row], gone: Callable[[int], bool], finish: Callable[[int, Any], None]) -> list[Any]:
         """Generate for a batch: rows with equal sampling settings share one pass whatever their
         adapters (a seeded row runs alone, so a seed gives the same answer whatever else is in
-        flight). Rows whose adapters find no free slot wait for a later pass of this call."""
+        flight). Rows whose adapters find no free slot wait for a later pass of this call.
+
+        Failures stay with their rows: a row whose adapter cannot be loaded gets that error
+        (`_place`), a row whose scores turn NaN or infinite gets a 500 while its pass goes on,
+        and a pass that raises answers its unfinished rows with a 500 (503 out of memory) while
+        the other passes run. Every answer and token counts as progress (`check_progress`).
+        """
         from lorag.multilora import generate_batch
+
+        def answer(i: int, result: Any) -> None:
+            self._progress = time.monotonic()
+            if isinstance(result, Exception):
+                rows[i].ended = "error"
+            finish(i, result)
 
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(row.params.batch_key(i), []).append(i)
         for members in groups.values():
             while members:
-                members, running, slots = self._place(rows, members, finish)
-                if not running:
-                    continue
+                members, running, slots = self._place(rows, members, answer)
+                if not running:  # nothing is pinned between passes, so this cannot happen; never spin on it
+                    for i in members:
+                        answer(i, APIError(503, f"no adapter slot came free for {rows[i].adapter}; retry shortly", type="server_error", code="overloaded"))
+                    break
                 p = rows[running[0]].params
 
                 def on_token(j: int, token: int, running=running) -> bool:
                     i = running[j]
+                    if rows[i].ended:  # answered with an error (on_error) in this step
+                        return True
+                    self._progress = time.monotonic()
                     ended = rows[i].step(token, self.tokenizer, self.eos, gone(i))
                     if ended:
-                        finish(i, rows[i].completion(self.tokenizer))
+                        answer(i, rows[i].completion(self.tokenizer))
                     return ended
+
+                def on_error(j: int, running=running) -> None:
+                    i = running[j]
+                    if not rows[i].ended:
+                        answer(i, APIError(500, f"generation failed: the scores of {rows[i].adapter or 'the base model'} for this request became "
+                                                "NaN or infinite (an adapter whose weights overflow the model?)", type="server_error", code="generation_failed"))
 
                 try:
                     generate_batch(self.mm, [rows[i].ids for i in running], slots, max_new_tokens=max(rows[i].params.max_tokens for i in running),
                                    pad_id=self.pad_id, eos_ids=sorted(self.eos), temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-                                   frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, on_token=on_token)
+                                   frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, on_token=on_token, on_error=on_error)
+                except Exception as e:  # this pass only: the batch's other passes still run
+                    error = self._failure(e, [rows[i].adapter for i in running])
+                    for i in running:
+                        if not rows[i].ended:
+                            answer(i, error)
                 finally:
                     for i in running:
                         if rows[i].adapter:
                             self.cache.release(rows[i].adapter)
                 for i in running:  # a row the model ended without reporting its last token (none expected)
                     if not rows[i].ended:
-                        finish(i, rows[i].completion(self.tokenizer))
+                        answer(i, rows[i].completion(self.tokenizer))
         return [None] * len(rows)
 
-    def _place(self, rows: list[Row], members: list[int], finish) -> tuple[list[int], list[int], list[int]]:
+    def _place(self, rows: list[Row], members: list[int], answer: Callable[[int, Any], None]) -> tuple[list[int], list[int], list[int]]:
         """Give each row its adapter's slot, loading what is missing: (rows left for the next pass,
-        rows to run now, their slots). A row whose adapter fails to load is answered with the error."""
+        rows to run now, their slots).
+
+        Fails closed: whatever goes wrong loading an adapter (unreadable or malformed files, an
+        adapter that does not fit, out of memory), its row is answered with the error and holds no
+        pin, and the adapter is forgotten (its slot is free). Its later rows get the same error at
+        once until a back-off has passed (`LOAD_RETRY_S`, doubled per failure in a row up to
+        `LOAD_RETRY_MAX_S`); then loading is tried again.
+        """
         from lorag.multilora import LoraWeights
 
         waiting, running, slots = [], [], []
@@ -245,25 +323,54 @@ class Engine:
                 running.append(i)
                 slots.append(0)
                 continue
+            broken = self._broken.get(row.adapter)
+            if broken is not None and time.monotonic() < broken[0]:
+                answer(i, broken[2])
+                continue
             try:
                 hit, victim = self.cache.acquire(row.adapter)
             except CacheFull:
                 waiting.append(i)
                 continue
-            if not hit:
-                try:
+            try:
+                if not hit:
                     if victim is not None:
                         self.mm.unload(victim)
                     self.mm.load(row.adapter, LoraWeights.load(row.path))
-                except (ValueError, OSError) as e:
-                    self.cache.drop(row.adapter)
-                    status = 404 if isinstance(e, FileNotFoundError) else 400
-                    message = self._public(e).replace(str(row.path), row.adapter)
-                    finish(i, APIError(status, f"adapter {row.adapter} cannot be loaded: {type(e).__name__}: {message}", code="adapter_unavailable"))
-                    continue
+                slot = self.mm.slots[row.adapter]
+            except Exception as e:
+                self.cache.drop(row.adapter)  # unpinned and forgotten; the model holds none of it (MultiLoraModel.load)
+                failures = broken[1] + 1 if broken is not None else 1
+                if len(self._broken) >= 4096:
+                    self._broken.clear()
+                error = self._load_error(row, e)
+                self._broken[row.adapter] = (time.monotonic() + min(self.LOAD_RETRY_MAX_S, self.LOAD_RETRY_S * 2 ** (failures - 1)), failures, error)
+                answer(i, error)
+                continue
+            self._broken.pop(row.adapter, None)
             running.append(i)
-            slots.append(self.mm.slots[row.adapter])
+            slots.append(slot)
         return waiting, running, slots
+
+    def _load_error(self, row: Row, e: Exception) -> APIError:
+        """What the requests of an adapter that failed to load are told: 404 its files are gone, 400
+        they are not a servable adapter, 503 anything else (I/O, memory: it may pass)."""
+        message = f"adapter {row.adapter} cannot be loaded: {type(e).__name__}: " + self._public(e).replace(str(row.path), row.adapter)
+        if isinstance(e, FileNotFoundError):
+            return APIError(404, message, code="adapter_unavailable")
+        if isinstance(e, ValueError):
+            return APIError(400, message, code="adapter_unavailable")
+        log.error("loading adapter %s failed", row.adapter, exc_info=e)
+        return APIError(503, f"{message}; it is tried again after a back-off", type="server_error", code="adapter_unavailable")
+
+    def _failure(self, e: Exception, adapters: list[str | None]) -> APIError:
+        """What the rows of a `generate` pass that raised are told (the traceback goes to the log)."""
+        import torch
+
+        log.error("a generate pass failed (adapters %s)", sorted({a or "base" for a in adapters}), exc_info=e)
+        if isinstance(e, torch.OutOfMemoryError):
+            return APIError(503, "the replica ran out of memory generating this request; retry shortly or ask for fewer tokens", type="server_error", code="overloaded")
+        return APIError(500, f"generation failed: {type(e).__name__}: {self._public(e)}", type="server_error", code="generation_failed")
 
 
 @dataclass
@@ -276,7 +383,7 @@ class Row:
     params: SamplingParams
     emit: Callable[[str], None] | None  # streaming: where decoded text goes
     tokens: list[int] = field(default_factory=list)
-    ended: str | None = None  # "stop", "length" or "gone"
+    ended: str | None = None  # "stop", "length", "gone" or "error" (answered with an error)
     shown: str = ""  # text decoded so far (streaming)
     hold: StopHold | None = None
 

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
@@ -31,7 +32,8 @@ from lorag.models import PromptEncoder
 from lorag.prompts import augment_text, chat_prompt, question
 from lorag.retrieval import citations
 from lorag.routing import AUTO, Route, Router, adapter_profiles
-from lorag.schemas import APIError, ChatRequest, CompletionRequest, SamplingRequest, error_body, validation_message
+from lorag.schemas import (APIError, ChatCompletion, ChatCompletionChunk, ChatRequest, CompletionRequest, ErrorResponse, Health, ModelCard, ModelList,
+                           SamplingRequest, TextCompletion, TextCompletionChunk, error_body, validation_message)
 
 PROFILES_TTL = 5.0  # seconds: `model: "auto"` sees an adapter saved or removed within this
 
@@ -95,9 +97,11 @@ class Gateway:
         max_tokens = self._max_tokens(req)
         route = await self._auto(question(messages), scope) if req.model == AUTO else None
         adapter, kb_name, system_prompt = await self._route(req, scope, route)
-        await self._check_length(chat_prompt(messages, [], system_prompt), max_tokens)
+        client_system = self.cfg.serve.client_system_message  # whether the client's system message may replace the adapter's
+        await self._check_length(chat_prompt(messages, [], system_prompt, client_system), max_tokens)
         hits = await self._retrieve(kb_name, question(messages), req.k) if kb_name else []
-        return await self._complete(req, adapter, chat_prompt(messages, hits, system_prompt), max_tokens, hits, kb_name, chat=True, route=route)
+        prompt = chat_prompt(messages, hits, system_prompt, client_system)
+        return await self._complete(req, adapter, prompt, max_tokens, hits, kb_name, chat=True, route=route)
 
     async def completions(self, req: CompletionRequest, scope: Scope):
         max_tokens = self._max_tokens(req)
@@ -149,21 +153,26 @@ class Gateway:
         if req.kb is not None:
             if not self.cfg.serve.allow_kb_override:
                 raise APIError(403, "the kb field is disabled on this endpoint (serve.allow_kb_override)", type="permission_error", code="kb_override_disabled")
+            scope.check_kb(req.kb)  # first: a key that may not read it gets one answer whether it exists or not
             if req.kb not in self.kb_stores:
                 raise APIError(404, f"knowledge base {req.kb!r} not found", code="kb_not_found")
-        adapter, kb, system_prompt = (None, None, None) if model == self.base else await asyncio.to_thread(self._adapter, model, name, version)
+        adapter, kb, system_prompt = (None, None, None) if model == self.base else await asyncio.to_thread(self._adapter, model, name, version, scope)
         kb = req.kb or kb
         if kb is not None and req.retrieval:
             scope.check_kb(kb)
         return adapter, (kb if req.retrieval else None), system_prompt
 
-    def _adapter(self, model: str, name: str, version: str | None) -> tuple[str, str | None, str | None]:
+    def _adapter(self, model: str, name: str, version: str | None, scope: Scope) -> tuple[str, str | None, str | None]:
         try:
             number = self.store.resolve_number(name, version)
             meta = self.store.metadata(name, number)
         except (AdapterNotFoundError, ValueError) as e:
             reason = str(e).replace(self.store.root, "the adapter store")
-            raise APIError(404, f"model {model!r} not found: {reason}. Available: {[self.base, *self.store.names()]}", code="model_not_found") from None
+            names = self.store.names()
+            if scope.models is not None and name not in names:  # the store's own message lists every adapter
+                reason = f"adapter {name!r} is not in the adapter store"
+            available = [m for m in [self.base, *names] if scope.models is None or m in scope.models]  # only what this key may see
+            raise APIError(404, f"model {model!r} not found: {reason}. Available: {available}", code="model_not_found") from None
         # The config's binding wins, so a knowledge base can be re-bound without retraining.
         in_cfg = next((a for a in self.cfg.adapters if a.name == name), None)
         kb = in_cfg.knowledge_base if in_cfg else meta.get("knowledge_base")
@@ -272,9 +281,61 @@ def _usage(out: Completion) -> dict[str, int]:
 # -- the HTTP app -------------------------------------------------------------------------------------
 
 
+ERRORS = {400: "invalid request (the message names the field), or a prompt past the model's context", 401: "missing or invalid API key",
+          403: "the API key may not use this model or knowledge base, or the kb field is off", 404: "no such model, version, tag or knowledge base",
+          413: "body over serve.max_body_bytes", 503: "over capacity, or the knowledge base is unavailable"}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    """An operation's OpenAPI `requestBody`: `model`, which the handler validates itself (`parse`)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}}}
+
+
+def _answers(model: type[BaseModel], *errors: int, stream: type[BaseModel] | None = None) -> dict[int | str, dict[str, Any]]:
+    """A route's OpenAPI `responses`: `model` for 200 (`stream`: its server-sent events), `ErrorResponse` for `errors`."""
+    ok: dict[str, Any] = {"model": model}
+    if stream:  # OpenAPI 3.1: the schema of one event; its data is a chunk, an error mid-stream, or the final [DONE]
+        data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [_ref(stream), _ref(ErrorResponse)]}}
+        ok["content"] = {"text/event-stream": {"schema": {"type": "object", "properties": {"data": {"anyOf": [{"const": "[DONE]"}, data]}}, "required": ["data"]}}}
+    return {200: ok, **{status: {"model": ErrorResponse, "description": ERRORS[status]} for status in errors}}
+
+
 def build_api(gateway: Gateway) -> FastAPI:
-    """The FastAPI app serving `gateway`: /health, /v1/models, /v1/chat/completions, /v1/completions."""
+    """The FastAPI app serving `gateway`: /health, /v1/models, /v1/chat/completions, /v1/completions,
+    and /openapi.json describing them as the handlers read them (`openapi`)."""
     api = FastAPI(title="lorag", description="OpenAI-compatible LoRA + RAG endpoint")
+    # The handlers read the key and the body themselves (`authorize`, `parse`): the document names both.
+    secured = {"security": [{"bearer": []}]} if gateway.scopes else {}
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the request bodies (with this endpoint's max_tokens limit), the
+        streamed chunks and the bearer key; no 422s (this app answers validation errors with 400)."""
+        if api.openapi_schema is None:
+            doc = FastAPI.openapi(api)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            added = [(ChatRequest, "validation"), (CompletionRequest, "validation"),
+                     (ChatCompletionChunk, "serialization"), (TextCompletionChunk, "serialization")]
+            schemas.update(models_json_schema(added, ref_template="#/components/schemas/{model}")[1]["$defs"])
+            limit = [{"type": "integer", "minimum": 1, "maximum": gateway.cfg.serve.max_tokens_limit}, {"type": "null"}]
+            schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"] = limit
+            schemas["ChatRequest"]["properties"]["max_completion_tokens"]["anyOf"] = limit
+            # chat's max_tokens is read (and limited) only without max_completion_tokens
+            schemas["ChatRequest"]["if"] = {"properties": {"max_completion_tokens": {"type": "integer"}}, "required": ["max_completion_tokens"]}
+            schemas["ChatRequest"]["else"] = {"properties": {"max_tokens": {"anyOf": limit}}}
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            for operation in (op for path in doc["paths"].values() for op in path.values()):
+                operation["responses"].pop("422", None)
+            if secured:
+                key = "an API key of serve.api_keys_env, api_keys_file or api_keys"
+                doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "description": key}}
+        return api.openapi_schema
+
+    api.openapi = openapi
 
     @api.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -290,16 +351,16 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body(validation_message(e), "invalid_request_error", "invalid_request"), status_code=400)
 
-    @api.get("/health")
+    @api.get("/health", response_model=None, responses=_answers(Health))
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", response_model=None, responses=_answers(ModelList, 401), openapi_extra=secured)
     async def models(request: Request) -> dict[str, Any]:
         scope = authorize(gateway.scopes, request.headers.get("authorization"))
         return {"object": "list", "data": await asyncio.to_thread(gateway.models, scope)}
 
-    @api.get("/v1/models/{model:path}")
+    @api.get("/v1/models/{model:path}", response_model=None, responses=_answers(ModelCard, 401, 404), openapi_extra=secured)
     async def model(model: str, request: Request) -> dict[str, Any]:
         """One model by id (the official client's `models.retrieve`): the base, an adapter or `adapter@vN`."""
         scope = authorize(gateway.scopes, request.headers.get("authorization"))
@@ -308,12 +369,14 @@ def build_api(gateway: Gateway) -> FastAPI:
             raise APIError(404, f"model {model!r} not found", code="model_not_found")
         return found
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", responses=_answers(ChatCompletion, 400, 401, 403, 404, 413, 503, stream=ChatCompletionChunk),
+              openapi_extra={**_body(ChatRequest), **secured})
     async def chat(request: Request):
         scope = authorize(gateway.scopes, request.headers.get("authorization"))
         return await gateway.chat(await parse(request, ChatRequest, gateway.cfg.serve.max_body_bytes), scope)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", responses=_answers(TextCompletion, 400, 401, 403, 404, 413, 503, stream=TextCompletionChunk),
+              openapi_extra={**_body(CompletionRequest), **secured})
     async def completions(request: Request):
         scope = authorize(gateway.scopes, request.headers.get("authorization"))
         return await gateway.completions(await parse(request, CompletionRequest, gateway.cfg.serve.max_body_bytes), scope)

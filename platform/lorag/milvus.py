@@ -84,6 +84,7 @@ class MilvusStore:
             os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
         self.uri = uri
         logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # it logs every RPC error it then raises; ours say more
+        token = token or os.environ.get("LORAG_MILVUS_TOKEN")  # knowledge_bases[].token's default: never in a config file or a dump
         try:
             self.client = MilvusClient(uri=uri, token=token or "", timeout=30)
         except Exception as e:  # pymilvus raises its own types (and grpc's) for an unreachable server
@@ -518,17 +519,57 @@ def _prefix_filter(prefix: str | None) -> dict[str, str]:
 LOCK_LEASE_S = 120.0  # a lock its holder has not renewed for this long is stale (the holder died, on another host)
 
 
+class LockLost(StoreLocked):
+    """The ingest lock was taken over (or removed) while this ingest held it."""
+
+
+class IngestLease:
+    """One ingest's hold on its knowledge base's lock (`ingest_lock` yields it and renews it).
+
+    The ingest calls `check` before each write: once a renewal has found the lock held by someone
+    else it raises `LockLost`, so the ingest stops instead of writing beside another one.
+    """
+
+    def __init__(self, store: "StoreHandle", collection: str, kb: str, token: str):
+        self.store, self.collection, self.kb, self.token = store, collection, kb, token
+        self.lost = False
+
+    def renew(self) -> None:
+        """Renew the lock now; a renewal refused (`renew_lock` False: another holds it) marks it lost."""
+        if not self.lost and not self.store.renew_lock(self.collection, self.token):
+            self.lost = True
+            logging.getLogger(__name__).error("the ingest lock of knowledge base %s was lost; the ingest stops at its next write", self.kb)
+
+    def check(self, confirm: bool = False) -> None:
+        """Raise `LockLost` if the lock is known lost; `confirm` asks Milvus first (before a delete).
+
+        Raises:
+            LockLost: naming the knowledge base, the lock and what to do.
+        """
+        if confirm:
+            self.renew()
+        if self.lost:
+            raise LockLost(
+                f"knowledge base {self.kb!r}: this ingest lost its lock {lock_collection(self.collection)!r} at {self.store.uri} "
+                f"(another ingest took it over, or it was removed), so it stopped before writing more; make sure no other ingest "
+                f"of {self.kb!r} is running (a holder that stops renewing for {LOCK_LEASE_S:.0f} s is taken over), then run it again"
+            )
+
+
 @contextlib.contextmanager
-def ingest_lock(store: "StoreHandle", collection: str, kb: str) -> Iterator[None]:
-    """Hold the ingest lock of `collection` while the block runs, renewing it every `LOCK_LEASE_S / 6` s.
+def ingest_lock(store: "StoreHandle", collection: str, kb: str, renew_every: float = LOCK_LEASE_S / 6) -> Iterator[IngestLease]:
+    """Hold the ingest lock of `collection` while the block runs, renewing it every `renew_every` s.
 
     The lock lives in Milvus (a lock collection, see `MilvusStore.lock`), so it holds across
     processes, hosts and Ray clusters that share the store. A lock whose holder is gone is taken
     over: at once when the holder was a process on this host that no longer exists (a killed
-    ingest), else once it has not been renewed for `LOCK_LEASE_S`.
+    ingest), else once it has not been renewed for `LOCK_LEASE_S`. A lock this block loses (a
+    renewal finds another holder) is lost loudly: the yielded `IngestLease.check` raises from then
+    on, and so does the end of the block.
 
     Raises:
         StoreLocked: a live ingest holds it (the message names its host, pid and start time).
+        LockLost: the lock was lost while the block ran, and the block did not fail otherwise.
     """
     import threading
     import uuid
@@ -550,20 +591,22 @@ def ingest_lock(store: "StoreHandle", collection: str, kb: str) -> Iterator[None
     else:
         raise StoreLocked(f"knowledge base {kb!r}: could not take the ingest lock {lock_collection(collection)!r}; other ingests keep taking it, try again")
     stop = threading.Event()
+    lease = IngestLease(store, collection, kb, me["token"])
 
     def renew() -> None:
         from pymilvus.exceptions import MilvusException
 
-        while not stop.wait(LOCK_LEASE_S / 6):
+        while not lease.lost and not stop.wait(renew_every):
             try:
-                store.renew_lock(collection, me["token"])
+                lease.renew()
             except (MilvusException, ConnectionError) as e:  # a missed renewal is retried; the lease has room for five
                 logging.getLogger(__name__).warning("could not renew the ingest lock of %s: %s", kb, e)
 
     thread = threading.Thread(target=renew, name="lorag-ingest-lock", daemon=True)
     thread.start()
     try:
-        yield
+        yield lease
+        lease.check()  # the block finished, but another ingest may have written beside it
     finally:
         stop.set()
         thread.join()

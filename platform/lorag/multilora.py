@@ -3,7 +3,8 @@
 Owns the Punica / S-LoRA / LoRAX-style serving path: `LoraWeights` (a PEFT adapter directory read
 from safetensors only), `MultiLoraModel` (wraps a HF causal LM in place: every target `nn.Linear`
 becomes a `BatchedLoraLinear` with preallocated adapter slots), `find_segments` (how a batch's rows
-group by adapter) and `generate_batch` (left-padded greedy or shared-parameter sampling).
+group by adapter) and `generate_batch` (left-padded greedy or shared-parameter sampling, in which
+a row whose scores turn NaN ends alone).
 
     mm = MultiLoraModel(model, max_adapters=8, max_rank=16)
     a = mm.load("support@v3", LoraWeights.load(store.resolve("support", 3)))
@@ -58,9 +59,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TemperatureLogitsWarper,
+                          TopPLogitsWarper)
+
+from lorag.schemas import MIN_TEMPERATURE
 
 MERGED = "merged"  # a layer plan: run on the layer's merged weight
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -115,7 +120,10 @@ class LoraWeights:
 
         Raises:
             ValueError: no safetensors file (a `.bin` is never unpickled), a config option the
-                batched path cannot serve (biases, modules_to_save, ...), or unexpected tensors.
+                batched path cannot serve (biases, modules_to_save, ...), or files that are not
+                what PEFT writes: a config that is no JSON object, a safetensors file that does
+                not parse, unexpected tensors, a pair that is not two matrices of one rank, or
+                weights that are NaN or infinite.
         """
         path = Path(path)
         weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
@@ -126,18 +134,42 @@ class LoraWeights:
             raise ValueError(f"{path} is not a PEFT adapter directory: adapter_model.safetensors is missing")
         if not config.is_file():
             raise ValueError(f"{path} is not a PEFT adapter directory: adapter_config.json is missing")
-        cfg = json.loads(config.read_text())
+        try:
+            cfg = json.loads(config.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"adapter {path}: adapter_config.json is not JSON ({e})") from e
+        if not isinstance(cfg, dict):
+            raise ValueError(f"adapter {path}: adapter_config.json must hold a JSON object (PEFT's LoraConfig), not {type(cfg).__name__}")
         problems = [f"{k}={cfg[k]!r}: {why}" for k, why in _UNSUPPORTED.items() if cfg.get(k)]
         if cfg.get("peft_type", "LORA") != "LORA":
             problems.append(f"peft_type={cfg['peft_type']!r}: only LORA adapters can be batched")
         if cfg.get("bias", "none") != "none":
             problems.append(f"bias={cfg['bias']!r}: trained base biases cannot differ per row")
+        patterns = cfg.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            problems.append(f"alpha_pattern={patterns!r}: not a JSON object of module pattern -> alpha")
+            patterns = {}
+        for key, alpha in {"lora_alpha": cfg.get("lora_alpha", 8), **{f"alpha_pattern[{k!r}]": v for k, v in patterns.items()}}.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                problems.append(f"{key}={alpha!r}: not a finite number")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                problems.append(f"alpha_pattern[{pattern!r}]: not a regular expression ({e})")
         if problems:
             raise ValueError(f"adapter {path} cannot be served by the batched LoRA path: " + "; ".join(problems))
+        try:
+            tensors = load_file(weights)
+        except SafetensorError as e:
+            raise ValueError(f"adapter {path}: adapter_model.safetensors is not a readable safetensors file ({e})") from e
 
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         magnitudes: dict[str, torch.Tensor] = {}
-        for key, tensor in load_file(weights).items():
+        for key, tensor in tensors.items():
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"adapter {path}: tensor {key!r} is {'NaN or infinite in places' if tensor.is_floating_point() else 'not floating point'}: "
+                                 "not a usable adapter (a diverged training run?)")
             if (m := _MAGNITUDE.match(key)) and cfg.get("use_dora"):
                 magnitudes[m[1]] = tensor
                 continue
@@ -145,9 +177,11 @@ class LoraWeights:
             if m is None:
                 raise ValueError(f"adapter {path}: unexpected tensor {key!r}; only Linear LoRA pairs (...lora_A.weight, ...lora_B.weight) "
                                  "and DoRA magnitudes are supported")
+            if tensor.ndim != 2 or 0 in tensor.shape:
+                raise ValueError(f"adapter {path}: {key} has shape {_shape(tensor)}, not a matrix (LoRA's A is [r, in], B is [out, r])")
             pairs.setdefault(m[1], {})[m[2]] = tensor
         for name, m in magnitudes.items():
-            if name not in pairs or m.shape != (pairs[name].get("B", m).shape[0],):
+            if "B" not in pairs.get(name, {}) or m.shape != (pairs[name]["B"].shape[0],):
                 raise ValueError(f"adapter {path}: DoRA magnitude of {name} has shape {_shape(m)}, which matches no lora_B of that module")
         if cfg.get("use_dora") and set(magnitudes) != set(pairs):
             raise ValueError(f"adapter {path}: use_dora is set but {sorted(set(pairs) - set(magnitudes))} have no lora_magnitude_vector")
@@ -157,12 +191,14 @@ class LoraWeights:
                 raise ValueError(f"adapter {path}: {name} has lora_A {_shape(ab.get('A'))} and lora_B {_shape(ab.get('B'))}, not a rank-r pair")
             r = ab["A"].shape[0]
             alpha = cfg.get("lora_alpha", 8)
-            for pattern, value in (cfg.get("alpha_pattern") or {}).items():  # PEFT's get_pattern_key rule
+            for pattern, value in patterns.items():  # PEFT's get_pattern_key rule
                 if re.match(rf"(.*\.)?({pattern})$", name):
                     alpha = value
                     break
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             modules[name] = (ab["A"], ab["B"] * scale)
+            if not bool(torch.isfinite(modules[name][1]).all()):
+                raise ValueError(f"adapter {path}: {name}'s lora_B times its scaling ({alpha} / rank {r}) overflows; lower lora_alpha")
         return cls(path, cfg.get("base_model_name_or_path"), modules, magnitudes)
 
 
@@ -258,12 +294,13 @@ class BatchedLoraLinear(nn.Module):
             norm = torch.linalg.norm(torch.addmm(self.weight.detach(), self.lora_B[lo : lo + r].t(), self.lora_A[lo : lo + r]), dim=1)
             self.scales[slot] = (magnitude.to(norm) / norm).to(self.weight.dtype)
 
-    def clear_slot(self, slot: int) -> None:
+    def clear_slot(self, slot: int, wipe: bool = False) -> None:
+        """Empty `slot`; its rows are zeroed if they held a pair, or always with `wipe` (after a failed write)."""
         if self.merged_slot == slot:
             self.merged_slot = None
         self.packed = None
         self.scales.pop(slot, None)
-        if self.pairs.pop(slot, None) is not None:
+        if self.pairs.pop(slot, None) is not None or wipe:
             lo = (slot - 1) * self.max_rank
             self.lora_A[lo : lo + self.max_rank].zero_()
             self.lora_B[lo : lo + self.max_rank].zero_()
@@ -311,6 +348,9 @@ class MultiLoraModel:
     def load(self, name: str, weights: LoraWeights | str | Path) -> int:
         """Copy an adapter into a free slot (or over its own slot when `name` is loaded) and return the slot.
 
+        A load that fails for any reason (an out-of-memory error while copying included) leaves
+        the slot empty and `name` not loaded: a slot never holds half an adapter.
+
         Raises:
             ValueError: the adapter targets modules this base lacks or does not wrap, its shapes differ
                 from the base model's (the message lists every mismatch), or its rank exceeds max_rank.
@@ -336,11 +376,19 @@ class MultiLoraModel:
             if not free:
                 raise RuntimeError(f"all {self.max_adapters} adapter slots are in use ({sorted(self.slots)}): unload one first, or raise max_adapters")
             slot = free[0]
-        with torch.no_grad():
-            for layer in self.layers.values():
-                layer.clear_slot(slot)
-            for module, (a, b) in weights.modules.items():
-                self.layers[module].write_slot(slot, a, b, weights.magnitudes.get(module))
+        self.slots.pop(name, None)
+        try:
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    layer.clear_slot(slot)
+                for module, (a, b) in weights.modules.items():
+                    self.layers[module].write_slot(slot, a, b, weights.magnitudes.get(module))
+        except BaseException:
+            with torch.no_grad():
+                for layer in self.layers.values():
+                    layer.clear_slot(slot, wipe=True)
+            self._replan()
+            raise
         self.slots[name] = slot
         self._replan()
         return slot
@@ -434,11 +482,14 @@ def _mask(rows: list[int], layout: tuple[tuple[int, int], ...], like: torch.Tens
 def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: Sequence[int], *, max_new_tokens: int,
                    pad_id: int, eos_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
                    seed: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                   gone: Callable[[int], bool] | None = None, on_token: Callable[[int, int], bool] | None = None) -> list[list[int]]:
+                   gone: Callable[[int], bool] | None = None, on_token: Callable[[int, int], bool] | None = None,
+                   on_error: Callable[[int], None] | None = None) -> list[list[int]]:
     """Generate for a batch whose rows use different adapters, in one `model.generate` call.
 
     Prompts are left-padded with `pad_id`. Sampling parameters are shared by the whole batch
-    (temperature 0: greedy); group requests by parameters before calling.
+    (temperature 0, or below `MIN_TEMPERATURE`: greedy); group requests by parameters before calling.
+    No sampling parameter can make the scores NaN; a row whose scores still stop being a
+    distribution (NaN or infinite: an adapter whose weights overflow the model) ends alone (`Finite`).
 
     Args:
         mm: the wrapped model; `slots[i]` must be loaded (0: the base model).
@@ -453,13 +504,26 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
         on_token: `on_token(i, token)` is called with each new token of row i (on this thread);
             True ends row i there (its own length limit or stop sequence). Rows that ended stop
             being reported, and the call ends once every row has ended.
+        on_error: `on_error(i)` is called (on this thread) once row i's scores are NaN or
+            infinite; the row is then given a stop token and ends, and the other rows go on.
 
     Returns:
-        The new tokens of each row, up to and including the first stop token (a row that was gone:
-        whatever it had, padded).
+        The new tokens of each row, up to and including the first stop token (a row that was gone
+        or failed: whatever it had, padded).
+
+    Raises:
+        ValueError: a sampling parameter that is not finite or out of its range.
+        FloatingPointError: some rows got non-finite scores and no `on_error` was given (after
+            the other rows are done).
     """
     if len(prompts) != len(slots):
         raise ValueError(f"{len(prompts)} prompts but {len(slots)} slots")
+    problems = [f"{name}={value!r}: must be a finite number{bound}" for name, value, ok, bound in (
+        ("temperature", temperature, temperature >= 0, " >= 0"), ("top_p", top_p, 0 < top_p <= 1, " in (0, 1]"),
+        ("frequency_penalty", frequency_penalty, True, ""), ("presence_penalty", presence_penalty, True, ""),
+    ) if not (math.isfinite(value) and ok)]
+    if problems:
+        raise ValueError("; ".join(problems))
     if not prompts:
         return []
     if not all(prompts):
@@ -470,18 +534,25 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
     device = next(mm.model.parameters()).device
     ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + list(prompts[i]) for i in order], device=device)
     attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in order], device=device)
-    sample = temperature > 0
-    kwargs = {"do_sample": sample, "temperature": temperature if sample else None, "top_p": top_p if sample else None, "top_k": None}
+    sample = temperature >= MIN_TEMPERATURE
+    # The warpers are ours, not generate()'s (it is told 1.0), so that `Finite` runs after them, last.
+    processors = [Penalties(frequency_penalty, presence_penalty, width)] if frequency_penalty or presence_penalty else []
+    if sample:
+        processors += [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        processors += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    guard = Finite(order, eos[0] if eos else pad_id, on_error)
+    kwargs = {"do_sample": sample, "temperature": 1.0 if sample else None, "top_p": 1.0 if sample else None, "top_k": None,
+              "logits_processor": LogitsProcessorList([*processors, guard])}
     if sample and seed is not None:
         torch.manual_seed(seed)
     criteria = ([CallerGone(gone, order)] if gone is not None else []) + ([TokenWatch(on_token, order)] if on_token is not None else [])
     if criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
-    if frequency_penalty or presence_penalty:  # before temperature and top-p, which generate() adds after these
-        kwargs["logits_processor"] = LogitsProcessorList([Penalties(frequency_penalty, presence_penalty, width)])
     with mm.rows([slots[i] for i in order]), torch.inference_mode():
         out = mm.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                 pad_token_id=pad_id, eos_token_id=eos or None, **kwargs)
+    if guard.failed and on_error is None:
+        raise FloatingPointError(f"rows {sorted(guard.failed)} got NaN or infinite scores (an adapter whose weights overflow the model?)")
     result: list[list[int]] = [[] for _ in prompts]
     for i, row in zip(order, out[:, width:].tolist()):
         stop = next((j for j, t in enumerate(row) if t in eos), None)
@@ -503,6 +574,28 @@ class Penalties(LogitsProcessor):
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class Finite(LogitsProcessor):
+    """The last logits processor: a row whose scores are no distribution (NaN, +inf, or every
+    token -inf), which would make sampling raise for the whole batch or greedy decoding pick
+    garbage, is given a certain `stop` token instead, so it ends and the batch goes on. Its caller
+    row (`order[j]` for batch row j) is added to `failed` and reported once to `on_error`."""
+
+    def __init__(self, order: list[int], stop: int, on_error: Callable[[int], None] | None):
+        self.order, self.stop, self.on_error, self.failed = order, stop, on_error, set()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = ~torch.isfinite(scores.amax(dim=-1))  # NaN propagates through amax; +inf and all -inf are not finite
+        if bool(bad.any()):  # one device sync per step
+            scores[bad] = -math.inf
+            scores[bad, self.stop] = 0.0
+            for j in bad.nonzero().flatten().tolist():
+                if self.order[j] not in self.failed:
+                    self.failed.add(self.order[j])
+                    if self.on_error is not None:
+                        self.on_error(self.order[j])
+        return scores
 
 
 class CallerGone(StoppingCriteria):

@@ -21,11 +21,21 @@ def question(messages: list[dict[str, str]]) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
-def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
-    """Prepend the adapter's system prompt unless the conversation brings its own."""
-    if system_prompt and messages and messages[0]["role"] != "system":
+def with_system(messages: list[dict[str, str]], system_prompt: str | None, client_system: str = "follow") -> list[dict[str, str]]:
+    """The conversation led by the adapter's system prompt.
+
+    When the conversation opens with its own system message, `client_system` decides
+    (`serve.client_system_message`): "follow" keeps the adapter's prompt first, the conversation's
+    after it in the same system message (one system message: some chat templates accept no
+    other); "replace" lets the conversation's stand alone.
+    """
+    if not system_prompt or not messages:
+        return messages
+    if messages[0]["role"] != "system":
         return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
+    if client_system == "replace" or messages[0]["content"] == system_prompt:
+        return messages
+    return [{"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
 
 
 def augment(messages: list[dict[str, str]], hits: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -49,7 +59,9 @@ def augment_text(prompt: str, hits: list[dict[str, Any]], lead: str = "") -> str
     return f"{INSTRUCTION}\n\nSources:\n{context}\n\n{lead}{prompt}"
 
 
-def chat_prompt(messages: list[dict[str, str]], hits: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, str]]:
-    """The messages a model is given for a chat turn: the adapter's system prompt, then the
-    conversation with its last question wrapped in the sources (when there are any)."""
-    return with_system(augment(messages, hits), system_prompt)
+def chat_prompt(messages: list[dict[str, str]], hits: list[dict[str, Any]], system_prompt: str | None,
+                client_system: str = "follow") -> list[dict[str, str]]:
+    """The messages a model is given for a chat turn: the adapter's system prompt (with or in place
+    of the client's, see `with_system`), then the conversation with its last question wrapped in
+    the sources (when there are any)."""
+    return with_system(augment(messages, hits), system_prompt, client_system)

@@ -24,6 +24,8 @@ import functools
 import math
 import os
 import re
+import sys
+import threading
 from collections import Counter
 from typing import Any
 
@@ -74,12 +76,49 @@ def passage(title: str, section: str, text: str) -> str:
     return f"{head}\n{text}" if head else text
 
 
-@functools.lru_cache(maxsize=1)
-def _stemmer():
-    import snowballstemmer
+STEM_CACHE_BYTES = 32 << 20  # what the stem cache may hold, in bytes of words and stems (`StemCache`)
 
-    stem = functools.lru_cache(maxsize=500_000)(snowballstemmer.stemmer("english").stemWord)
-    return stem
+
+class StemCache:
+    """Snowball (Porter 2) stems of the words seen before, holding at most `max_bytes`.
+
+    Analysis stems every token of every chunk and query, and most tokens repeat, so stems are
+    cached. The bound is in bytes (Python's size of the word and the stem, plus a dict entry), not
+    entries: one token can be a megabyte long. When the next stem would not fit, the cache starts
+    over, cheaper than LRU bookkeeping on every hit; the frequent words are back within a chunk.
+    The stemmer itself keeps state while it works, so misses take a lock.
+    """
+
+    ENTRY_BYTES = 100  # what a dict entry costs beside its two strings (hash, pointers, table slack)
+
+    def __init__(self, max_bytes: int = STEM_CACHE_BYTES):
+        import snowballstemmer
+
+        self.max_bytes, self.size, self.stems = max_bytes, 0, {}
+        self._stem = snowballstemmer.stemmer("english").stemWord
+        self._lock = threading.Lock()
+
+    def __call__(self, word: str) -> str:
+        return self.stems.get(word) or self.miss(word)
+
+    def miss(self, word: str) -> str:
+        """Stem `word` and remember it (unless it alone is over the bound)."""
+        with self._lock:
+            if word in self.stems:
+                return self.stems[word]
+            stem = self._stem(word)
+            cost = sys.getsizeof(word) + sys.getsizeof(stem) + self.ENTRY_BYTES
+            if cost <= self.max_bytes:
+                if self.size + cost > self.max_bytes:
+                    self.stems, self.size = {}, 0  # a new dict: readers holding the old one still get right stems
+                self.stems[word] = stem
+                self.size += cost
+            return stem
+
+
+@functools.lru_cache(maxsize=1)
+def _stemmer() -> StemCache:
+    return StemCache()
 
 
 def analyze(text: str) -> list[str]:
@@ -88,8 +127,9 @@ def analyze(text: str) -> list[str]:
 
     A version number stays one term, joined by "_" (Milvus keeps "3_6" whole and splits "3.6"):
     "Python 3.6" -> ["python", "3_6"], which "3.6.2" does not match."""
-    stem = _stemmer()
-    return [t.replace(".", "_") if "." in t else stem(t) for t in _TOKEN.findall(text.lower()) if t not in STOP_WORDS]
+    cache = _stemmer()
+    stems = cache.stems  # hits are a dict lookup; `miss` stems the rest
+    return [t.replace(".", "_") if "." in t else (stems.get(t) or cache.miss(t)) for t in _TOKEN.findall(text.lower()) if t not in STOP_WORDS]
 
 
 def terms(text: str) -> str:

@@ -4,6 +4,8 @@ Requests are parsed strictly where OpenAI is strict (`"stream": "yes"` is a 400,
 where a number belongs), fields lorag cannot honour are refused rather than silently dropped, and
 every limit that protects a replica (stop strings, `max_tokens`) is checked here, before any work.
 Errors leave as `{"error": {"message", "type", "param", "code"}}` bodies, never tracebacks.
+The request models, with the response models at the end, are also the endpoint's OpenAPI document
+(`/openapi.json`, assembled by `lorag.gateway.build_api`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 128  # per stop string: matching cost grows with it, on the replica's model thread
 MAX_STOP_TOTAL = 256  # all stop strings of one request together
+# Below this a temperature decodes greedily: the sample is the argmax in all but near-ties anyway,
+# and dividing float32 logits by ever smaller temperatures overflows to inf, whose softmax is NaN.
+MIN_TEMPERATURE = 1e-2
 
 # OpenAI request fields lorag cannot honour: set (truthy), they are a 400 rather than silently dropped.
 UNSUPPORTED_FIELDS = {
@@ -22,6 +27,9 @@ UNSUPPORTED_FIELDS = {
     "tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls", "function_call": "function calls",
     "response_format": "structured output (only {\"type\": \"text\"})", "best_of": "best_of",
 }
+UNSUPPORTED_OFF = {"response_format": {"type": "text"}, "best_of": 1, "tool_choice": "none"}  # set, but asking for nothing
+# A JSON-schema pattern for "not blank": any character `str.strip` keeps (ECMA's \s differs; U+3000 is the last space).
+NOT_BLANK = "[^" + "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x3001)) if c.isspace()) + "]"
 
 
 class APIError(Exception):
@@ -59,31 +67,44 @@ class ChatMessage(BaseModel):
     content: str
 
 
+def _document_unsupported(schema: dict[str, Any]) -> None:
+    """The JSON schema of `UNSUPPORTED_FIELDS`: each is accepted only unset, empty, false or off."""
+    unset = [{"type": "null"}, {"const": False}, {"const": 0}, {"const": ""}, {"type": "array", "maxItems": 0}, {"type": "object", "maxProperties": 0}]
+    for name, why in UNSUPPORTED_FIELDS.items():
+        off = UNSUPPORTED_OFF.get(name)
+        off = [] if off is None else [{"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"], "additionalProperties": False}
+                                      if isinstance(off, dict) else {"const": off}]
+        schema["properties"][name] = {"anyOf": unset + off, "description": f"Not supported ({why}): only unset, empty or off."}
+
+
 class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions. Other OpenAI fields (user, ...) are ignored;
     those lorag cannot honour (`UNSUPPORTED_FIELDS`) are refused when set."""
 
     # strict: JSON types as OpenAI takes them (no "yes" for true, no "5" for 5; an integer is a valid number)
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_document_unsupported)
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            off = {"response_format": {"type": "text"}, "best_of": 1, "tool_choice": "none"}  # set, but asking for nothing
-            asked = [f"{k} ({why})" for k, why in UNSUPPORTED_FIELDS.items() if data.get(k) and (k not in off or data[k] != off[k])]
+            off = UNSUPPORTED_OFF  # `true` is never off (though `true == 1`)
+            asked = [f"{k} ({why})" for k, why in UNSUPPORTED_FIELDS.items() if data.get(k) and (k not in off or data[k] != off[k] or data[k] is True)]
             if asked:
                 raise ValueError(f"not supported by lorag: {', '.join(asked)}")
         return data
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or omitted: greedy decoding.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False,
+                                      description=f"0, omitted or below {MIN_TEMPERATURE}: greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    stop: str | list[str] | None = Field(None, description=f"At most {MAX_STOP_TOTAL} characters together.", json_schema_extra={"anyOf": [
+        {"type": "string", "maxLength": MAX_STOP_CHARS},
+        {"type": "array", "items": {"type": "string", "maxLength": MAX_STOP_CHARS}, "maxItems": MAX_STOPS}, {"type": "null"}]})
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="Sampling seed (the range torch.manual_seed takes).")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers a token's logit by this much per time the answer has used it (OpenAI's).")
-    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers a token's logit by this much once the answer has used it (OpenAI's).")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False, description="Lowers a token's logit by this much per time the answer has used it (OpenAI's).")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False, description="Lowers a token's logit by this much once the answer has used it (OpenAI's).")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -113,7 +134,8 @@ class SamplingRequest(BaseModel):
 class ChatRequest(SamplingRequest):
     """`POST /v1/chat/completions` body; lorag adds `retrieval`, `k` and `kb`."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, json_schema_extra={"contains": {
+        "type": "object", "properties": {"role": {"const": "user"}, "content": {"type": "string", "pattern": NOT_BLANK}}, "required": ["role", "content"]}})
     max_completion_tokens: int | None = Field(None, ge=1)
 
     @field_validator("messages")
@@ -130,8 +152,8 @@ class ChatRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     """`POST /v1/completions` body: raw text in, no chat template; retrieval puts the sources before the prompt."""
 
-    prompt: str = Field(min_length=1)
-    echo: bool = Field(False, le=False, description="Not supported.")
+    prompt: str = Field(min_length=1, json_schema_extra={"pattern": NOT_BLANK})
+    echo: bool = Field(False, le=False, description="Not supported.", json_schema_extra=lambda s: s.update(const=s.pop("le")))  # JSON schema's "only false"
     suffix: str | None = Field(None, max_length=0, description="Not supported.")
 
     @field_validator("prompt")
@@ -140,3 +162,151 @@ class CompletionRequest(SamplingRequest):
         if not v.strip():
             raise ValueError("prompt must not be blank")
         return v
+
+
+# -- responses, for the OpenAPI document (the gateway writes them as dicts; tests/test_fuzz.py holds the two together) --
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx body (`error_body`)."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Source(BaseModel):
+    """lorag: one retrieved chunk, numbered as the prompt cites it; `source` is relative to the knowledge base's root."""
+
+    index: int
+    source: str
+    title: str
+    section: str
+    chunk_index: int
+    start: int
+    end: int
+    score: float
+    text: str
+
+
+class RouteDecision(BaseModel):
+    """lorag, `model: "auto"`: the model that answered, its score, and every candidate adapter's score."""
+
+    model: str
+    score: float
+    scores: dict[str, float]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    """`POST /v1/chat/completions` answer (`stream: true`: `chat.completion.chunk` server-sent events)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    sources: list[Source] = Field(default_factory=list, description="lorag: the retrieved chunks the answer may cite (absent without retrieval).")
+    route: RouteDecision | None = Field(None, description="lorag: the routing decision (`model: \"auto\"` only).")
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class TextCompletion(BaseModel):
+    """`POST /v1/completions` answer (`stream: true`: `text_completion` server-sent events)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    sources: list[Source] = Field(default_factory=list, description="lorag: the retrieved chunks the answer may cite (absent without retrieval).")
+    route: RouteDecision | None = Field(None, description="lorag: the routing decision (`model: \"auto\"` only).")
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion: the role (with `sources`), text pieces, the finish
+    reason, then (`stream_options.include_usage`) one with no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    sources: list[Source] = Field(default_factory=list)
+
+
+class TextChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class TextCompletionChunk(BaseModel):
+    """One `data:` event of a streamed text completion (as `ChatCompletionChunk`)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChunkChoice]
+    usage: Usage | None = None
+    sources: list[Source] = Field(default_factory=list)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str | None = Field(None, description="The base model of an adapter (absent for the base model itself).")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]

@@ -129,18 +129,27 @@ def fetch_dir(location: str, cache_root: str | os.PathLike, expected: dict[str, 
     new copy. A copy is written beside its final place and renamed in whole, under a file lock, so
     concurrent fetches on one node (several workers, several replicas) download once.
 
+    What storage lists is not trusted: every file name is checked before anything is written
+    (relative, no empty, `.` or `..` component, and resolving inside the copy: `contained`), and
+    each file is downloaded to a temporary name beside its own, hashed as it arrives, and renamed
+    to its name only once its sha256 matches `expected`, so a corrupt file never appears under
+    its name, even inside the unfinished copy.
+
     Args:
         location: a directory, as a local path or a filesystem URI.
         cache_root: this node's cache directory (`LoragConfig.model_cache`).
         expected: `{relative path: sha256}` every file must match (an adapter version records it
-            in its `lorag.json`); None trusts the listing and hashes what it downloads.
+            in its `lorag.json`, a published model in its manifest); None trusts the listing and
+            hashes what it downloads.
 
     Returns:
         The local directory.
 
     Raises:
         FileNotFoundError: nothing at `location`.
-        ValueError: a downloaded file does not match `expected` (corrupt or replaced in storage).
+        ValueError: a file name that would land outside the cache (named with `location`); a
+            downloaded file does not match `expected` (corrupt or replaced in storage), or one
+            it lists is missing.
     """
     fs, path = filesystem(location)
     listing = list_files(fs, path)
@@ -162,18 +171,12 @@ def fetch_dir(location: str, cache_root: str | os.PathLike, expected: dict[str, 
     names = sorted(set(expected) & set(listed)) if expected is not None else listed  # a missing one fails the check below
     with FileLock(str(root / ".lock")):
         tmp = root / f".tmp-{os.getpid()}-{time.time_ns()}"
+        targets = {name: contained(tmp, name, location) for name in sorted({*names, *(expected or {})})}  # before any write
         try:
-            hashes = {}
-            for name in names:
-                target = tmp / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(f"{path}/{name}") as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 24)
-                hashes[name] = file_sha256(target)
-            if expected is not None:
-                bad = sorted(n for n in expected if hashes.get(n) != expected[n])
-                if bad:
-                    raise ValueError(f"{location}: {bad} missing or not matching the sha256 recorded when they were saved (corrupt or overwritten in storage)")
+            hashes = {name: _download(fs, f"{path}/{name}", targets[name], (expected or {}).get(name), f"{location}: {name}") for name in names}
+            missing = sorted(set(expected or {}) - set(hashes))
+            if missing:
+                raise ValueError(f"{location}: {missing} listed in the recorded sha256 but missing in storage (deleted or never uploaded)")
             key = content_key(hashes)
             (tmp / COMPLETE).write_text(json.dumps({"location": location, "files": hashes}, indent=1))
             if (root / key / COMPLETE).is_file():
@@ -186,6 +189,44 @@ def fetch_dir(location: str, cache_root: str | os.PathLike, expected: dict[str, 
         index.parent.mkdir(exist_ok=True)
         index.write_text(json.dumps({"key": key}))
     return root / key
+
+
+def contained(directory: Path, name: str, location: str) -> Path:
+    """`directory/name` for the file `name` of a listing of `location`, refused if it could land elsewhere.
+
+    Raises:
+        ValueError: `name` is absolute, has an empty, `.` or `..` component, or resolves outside
+            `directory` (the message names `location` and the file).
+    """
+    parts = name.split("/")
+    if name.startswith("/"):
+        why = "is absolute"
+    elif any(p in ("", ".", "..") for p in parts):
+        why = "has an empty, '.' or '..' component"
+    elif not (directory / name).resolve().is_relative_to(directory.resolve()):
+        why = "resolves outside the copy"
+    else:
+        return directory / name
+    raise ValueError(f"refusing to fetch {location}: its file {name!r} {why}, so its copy could be written outside the cache "
+                     f"directory {directory.parent}; remove or rename that object in storage")
+
+
+def _download(fs, src: str, target: Path, want: str | None, what: str) -> str:
+    """Copy file `src` of `fs` to `target` through a temporary name beside it, renamed only once its
+    sha256 is `want` (any, when None); returns the sha256. `what` names the file in errors."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f"{target.name}.part-{os.getpid()}-{time.time_ns()}")
+    digest = hashlib.sha256()
+    with fs.open_input_stream(src) as f, open(part, "wb") as dst:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+            dst.write(chunk)
+    got = digest.hexdigest()
+    if want is not None and got != want:
+        part.unlink()
+        raise ValueError(f"{what} has sha256 {got}, not the {want} recorded when it was saved (corrupt or overwritten in storage)")
+    os.replace(part, target)
+    return got
 
 
 COMPLETE = ".lorag-fetched.json"  # written last into a fetched copy: its presence means the copy is whole

@@ -45,10 +45,9 @@ _VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "me
 # A text line that Markdown would read as a heading or a code fence: escaped in HTML text, where
 # only heading elements are headings and only <pre> is code.
 _MARKUP_LINE = re.compile(r"#{1,6}(?:[ \t]|$)|```|~~~")
-_PERMALINK = re.compile(r"(?:\s*[¶🔗])+$|\s+#+$")
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a page can hold millions of elements
 class _Element:
     tag: str
     attrs: dict[str, str]
@@ -93,25 +92,45 @@ class _HtmlTree(HTMLParser):
 
     An end tag closes the nearest open element of its name and those opened inside it; an end tag
     with no open element of its name is ignored. Unclosed <p> and <li> simply nest, which keeps the
-    text in document order (every walk over the tree is iterative, so depth is no limit).
+    text in document order (every walk over the tree is iterative, so depth is no limit). A comment,
+    declaration or tag still open at the end of the page runs to its end, as in HTML5.
+
+    Building the tree takes time linear in the page: the open elements are counted by tag, so an end
+    tag with none open costs nothing, and the search for one that is open stops at it after passing
+    only elements it closes (without the count, "<p>" * n + "</b>" * n would take n * n steps).
     """
 
     def __init__(self):
         super().__init__(convert_charrefs=True)  # entities arrive unescaped in handle_data
         self.root = _Element("#document", {}, [])
         self.open = [self.root]
+        self.open_tags: dict[str, int] = {}  # open elements of each tag
 
     def handle_starttag(self, tag, attrs):
         el = _Element(tag, {k: v or "" for k, v in attrs}, [])
         self.open[-1].children.append(el)
         if tag not in _VOID:
             self.open.append(el)
+            self.open_tags[tag] = self.open_tags.get(tag, 0) + 1
 
     def handle_endtag(self, tag):
-        for i in range(len(self.open) - 1, 0, -1):
-            if self.open[i].tag == tag:
-                del self.open[i:]
-                return
+        if not self.open_tags.get(tag):
+            return
+        i = len(self.open) - 1
+        while self.open[i].tag != tag:
+            i -= 1
+        for el in self.open[i:]:
+            self.open_tags[el.tag] -= 1
+        del self.open[i:]
+
+    def close(self):
+        # `feed` stops at the first comment, declaration or tag that does not end. Python without
+        # the fix of gh-135462 (2025) then reads it as text and goes on, searching the rest of the
+        # page again for the end of every later one: time quadratic in the page ("<!--" * n).
+        # HTML5 (and a browser) ends it at the end of the page, which is what dropping it does.
+        if self.rawdata.startswith("<") and self.rawdata not in ("<", "</") and not self.cdata_elem:
+            self.rawdata = ""
+        super().close()
 
     def handle_data(self, data):
         self.open[-1].children.append(data.replace("\0", ""))  # NUL marks blocks in `_TextWriter`
@@ -203,7 +222,7 @@ class _TextWriter:
         elif self.code is not None:
             return
         elif re.fullmatch(r"h[1-6]", tag) and self.heading is not None:
-            words = _PERMALINK.sub("", " ".join("".join(self.heading).replace("\u200b", "").split()))
+            words = _without_permalink(" ".join("".join(self.heading).replace("\u200b", "").split()))
             self.heading = None
             if words:
                 self._block(f"{'#' * int(tag[1])} {words}")
@@ -231,6 +250,15 @@ class _TextWriter:
             lines.append("\\" + line if _MARKUP_LINE.match(line) else line)
         text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
         return re.sub(r"\0(\d+)\0", lambda m: self.blocks[int(m[1])], text)
+
+
+def _without_permalink(words: str) -> str:
+    """A heading's words (single-spaced) without the permalink marks a page puts after them: a run
+    of "¶" or "🔗" marks, or " #" (string operations, in time linear in the heading)."""
+    if words.endswith(("¶", "🔗")):
+        return words.rstrip(" ¶🔗")
+    bare = words.rstrip("#")
+    return bare.rstrip(" ") if bare != words and bare.endswith(" ") else words
 
 
 def _fenced(parts: list[str] | None) -> str:
