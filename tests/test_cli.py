@@ -52,6 +52,36 @@ def test_ask_without_a_server_says_so():
     assert r.exit_code == 1 and "Is `lorag serve` running?" in r.output
 
 
+GOAWAY = """
+import sys, time
+from concurrent import futures
+from lorag.cli import app  # as the `lorag` script: the CLI module first, its options next, gRPC after
+try:
+    app(sys.argv[1:], standalone_mode=False)
+except SystemExit:
+    pass
+import grpc
+# A server that allows no pings, and a client pinging every 100 ms: gRPC's C core logs the server's GOAWAY
+# ("too_many_pings") to stderr, as the Milvus client's channel does after an idle minute.
+server = grpc.server(futures.ThreadPoolExecutor(1), options=[("grpc.http2.min_ping_interval_without_data_ms", 600000), ("grpc.http2.max_ping_strikes", 1)])
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.keepalive_time_ms", 100), ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)])
+grpc.channel_ready_future(channel).result(timeout=10)
+time.sleep(5)  # the GOAWAY comes 2-3 s in
+print("done")
+"""
+
+
+def test_grpc_log_lines_stay_out_of_a_commands_output_unless_verbose():
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    quiet = subprocess.run([sys.executable, "-c", GOAWAY, "eval", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    loud = subprocess.run([sys.executable, "-c", GOAWAY, "--verbose", "eval", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "too_many_pings" in loud.stderr, "the scenario must make gRPC log a GOAWAY, or this test shows nothing"
+    assert "GOAWAY" not in quiet.stderr and "too_many_pings" not in quiet.stderr, quiet.stderr
+
+
 def test_adapters_list_show_tag_rm(tmp_path):
     """The store commands on a real store: two versions, a tag that resolves, a guarded delete."""
     from lorag.adapters import AdapterStore

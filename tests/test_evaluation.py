@@ -11,6 +11,7 @@ from lorag.evaluation import (
     choice,
     choice_correct,
     citation_hit,
+    contains_answer,
     exact_match,
     load_eval_set,
     normalize,
@@ -43,6 +44,25 @@ def test_normalize(text, expected):
 def test_exact_match_and_token_f1(prediction, references, em, f1):
     assert exact_match(prediction, references) == em
     assert token_f1(prediction, references) == pytest.approx(f1)
+
+
+@pytest.mark.parametrize(
+    "prediction, references, hit",
+    [
+        ("Use functools.lru_cache() for that.", ["lru_cache"], 1.0),  # punctuation is a word break, on both sides
+        ("The LRU_CACHE decorator", ["lru_cache"], 1.0),  # case aside
+        ("It lasts 39 months [1].", ["three years", "39 months"], 1.0),  # any reference
+        ("Use cache", ["lru_cache"], 0.0),  # part of the reference is not the reference
+        ("Set --no-ff on the merge", ["ff"], 1.0),
+        ("the offset", ["set"], 0.0),  # whole words only: "set" is not in "offset"
+        ("amber", ["An amber light"], 0.0),  # the reference must be inside the answer, not the other way round
+        ("anything", [""], 0.0),  # an empty reference is contained nowhere
+    ],
+)
+def test_contains_answer_finds_a_short_reference_inside_an_open_answer(prediction, references, hit):
+    assert contains_answer(prediction, references) == hit
+    if hit:
+        assert exact_match(prediction, references) == 0.0 or prediction.lower() == references[0].lower()
 
 
 OPTIONS = ["12 seconds", "5 seconds", "30 seconds"]
@@ -209,6 +229,8 @@ def test_summarize_scores_each_variant_on_the_questions_each_metric_applies_to()
     assert "retrieval_recall" not in got["base"], "nothing retrieved: no recall to report"
     assert got["base+rag"]["retrieval_recall"]["n"] == 1, "only questions with gold sources count"
     assert got["base+rag"]["completion_tokens"]["mean"] == 3.0
+    assert got["base+rag"]["contains"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 1}, "open questions only, not multiple choice"
+    assert got["base"]["contains"]["mean"] == 0.0
 
 
 def test_report_says_which_variant_wins_and_whether_it_is_noise(tmp_path):
@@ -217,13 +239,15 @@ def test_report_says_which_variant_wins_and_whether_it_is_noise(tmp_path):
     clear = {"mean": 0.9, "low": 0.8, "high": 1.0, "n": 40}
     weak = {"mean": 0.2, "low": 0.1, "high": 0.3, "n": 40}
     close = {"mean": 0.25, "low": 0.1, "high": 0.4, "n": 40}
-    summary = {"base": {"f1": weak, "citation_accuracy": weak}, "base+rag": {"f1": close, "citation_accuracy": clear}}
+    summary = {"base": {"f1": weak, "contains": weak, "citation_accuracy": weak}, "base+rag": {"f1": close, "contains": clear, "citation_accuracy": clear}}
     lines = verdict(summary)
+    assert any("contains answer: **base+rag** wins" in line for line in lines), lines
     assert any("citation accuracy: **base+rag** wins" in line for line in lines), lines
     assert any("token F1: base+rag leads" in line and "within noise" in line for line in lines), lines
     result = {"dataset": "qa.jsonl", "questions": 40, "variants": [], "summary": summary, "answers": []}
     md = report_markdown(result)
-    assert "| base+rag | 0.250 [0.10, 0.40] | 0.900 [0.80, 1.00] |" in md, md
+    assert "| variant | token F1 | contains answer | citation accuracy |" in md, md
+    assert "| base+rag | 0.250 [0.10, 0.40] | 0.900 [0.80, 1.00] | 0.900 [0.80, 1.00] |" in md, md
     written = write_report(result, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["questions"] == 40
     assert (tmp_path / "out" / "eval.md").read_text() == md and [p.name for p in written] == ["eval.json", "eval.md", "eval.png"]
@@ -310,3 +334,39 @@ def test_evaluate_answers_with_every_variant_through_the_engine_and_writes_the_r
     assert AdapterStore(cfg.adapter_store).reports("support", 1) == [location], "one report, in the compared adapter's version"
     assert sorted(p.name for p in Path(location).iterdir()) == ["eval.json", "eval.md", "eval.png"]
     assert json.loads((Path(location) / "eval.json").read_text())["summary"] == json.loads(written[0].read_text())["summary"]
+
+
+@pytest.mark.slow
+def test_a_glob_source_cites_paths_below_its_static_root_and_eval_matches_them(ray_session, tmp_path, tiny_model, model_cache):
+    """Three pages named index.md in different folders, ingested through a glob: citations name them
+    by their path below the glob's fixed part ("b/index.md"), all different, and `lorag eval`
+    scores retrieval against gold pages given that way."""
+    import yaml
+
+    from conftest import write_config
+    from lorag.config import load_config
+    from lorag.data import ingest
+    from lorag.evaluation import evaluate
+
+    write_config(tmp_path, tiny_model, model_cache)
+    pages = {"a/index.md": "The lighthouse keeper polishes the brass lamp every dawn.",
+             "b/index.md": "The Tidewell T4 warranty lasts 39 months from the day of purchase.",
+             "c/deep/index.md": "Sourdough starter needs rye flour and warm water twice a day."}
+    for rel, text in pages.items():
+        (tmp_path / "site" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "site" / rel).write_text(f"# {rel}\n\n{text}\n")
+    data = yaml.safe_load((tmp_path / "lorag.yaml").read_text())
+    data["knowledge_bases"][0]["sources"] = ["site/**/*.md"]
+    data["knowledge_bases"][0]["top_k"] = 3
+    data["adapters"] = []
+    (tmp_path / "lorag.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(tmp_path / "lorag.yaml")
+    assert ingest(cfg, "handbook").entities == 3
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "How long is the Tidewell T4 warranty?", "answer": "39 months", "sources": ["b/index.md"]}) + "\n")
+    result = evaluate(cfg, qa, None, max_tokens=2)
+    retrieved = result["answers"][0]["base+rag"]["retrieved"]
+    assert sorted(retrieved) == sorted(pages), f"each page by its path below site/, none by its bare name: {retrieved}"
+    assert retrieved[0] == "b/index.md"
+    assert result["summary"]["base+rag"]["retrieval_recall"]["mean"] == 1.0

@@ -329,3 +329,35 @@ def test_the_stem_cache_is_bounded_in_bytes_not_entries():
     stems = [cache(w) for w in words]
     assert stems == [reference.stemWord(w) for w in words] and stems[-3:] == ["run", "fixtur", "run"]
     assert StemCache(max_bytes=1000)("x" * 5000) == "x" * 5000, "a word over the whole bound is stemmed, not kept"
+
+
+@pytest.mark.parametrize(
+    "source, roots, cited",
+    [
+        ("/docs/html/library/functools.html", ["/docs/html/**/*.html"], "library/functools.html"),  # below the glob's fixed part
+        ("/docs/html/index.html", ["/docs/html/**/*.html"], "index.html"),
+        ("/docs/html/tutorial/index.html", ["/docs/html/*/index.html"], "tutorial/index.html"),
+        ("/kb/notes/a.md", ["/kb/notes/"], "a.md"),  # a directory root
+        ("/kb/notes/sub/a.md", ["/kb/notes"], "sub/a.md"),
+        ("/kb/faq.md", ["/kb/faq.md"], "faq.md"),  # a file root: its name
+        ("/x/docs/index.md", ["/x/docs", "/y/docs", "/z/notes"], "x/docs/index.md"),  # several roots: each led by what tells it apart
+        ("/z/notes/index.md", ["/x/docs", "/y/docs", "/z/notes"], "notes/index.md"),
+        ("/a/faq.md", ["/a/faq.md", "/b/faq.md"], "a/faq.md"),
+        ("s3://bucket/docs/x/y.md", ["s3://bucket/docs/**/*.md"], "x/y.md"),
+        ("/elsewhere/secret/p.md", ["/kb/notes"], "p.md"),  # under no root: never the machine's full path
+    ],
+)
+def test_citations_name_a_source_below_its_static_root(source, roots, cited):
+    from lorag.retrieval import relative_source
+
+    assert relative_source(source, roots) == cited
+
+
+def test_citation_names_are_unique_within_a_knowledge_base():
+    from lorag.retrieval import relative_source
+
+    roots = ["/srv/site/**/*.html", "/srv/other/docs", "/mnt/b/docs/", "/srv/faq.md"]
+    sources = ["/srv/site/index.html", "/srv/site/a/index.html", "/srv/site/a/b/index.html", "/srv/other/docs/index.html",
+               "/mnt/b/docs/index.html", "/srv/faq.md"]
+    names = [relative_source(s, roots) for s in sources]
+    assert len(set(names)) == len(names), names

@@ -54,6 +54,9 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show R
     VERBOSE = verbose
     if not verbose:  # model-loading progress bars (transformers, huggingface_hub): lorag shows its own
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # gRPC's C core logs to stderr on its own (the Milvus client's "GOAWAY ... too_many_pings" after
+        # an idle minute): failures reach lorag as exceptions, so its log lines are noise here.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 def _connect(command: str = "", address: Optional[str] = None) -> None:

@@ -101,9 +101,9 @@ class KnowledgeBaseConfig(_Strict):
         "base still gets top_k. Set it to top_k to rank by score alone.",
     )
     embed_batch_size: int = Field(64, ge=1, description="Chunks per embedding batch in the ingest pipeline.")
-    embed_actors: int = Field(
-        1, ge=1, description="Embedding actors in the Ray Data pool; one per spare CPU (or GPU) is a good start. "
-        "An ingest starts at most as many as the CPUs (GPUs) Ray has free beside the chunker, and at least one.",
+    embed_actors: int | None = Field(
+        None, ge=1, description="Embedding actors in the Ray Data pool (None: one per CPU Ray has free beside the chunker, up to 8; "
+        "with GPUs, one per GPU free). An ingest starts at most as many as fit at one CPU (GPU) each, and at least one.",
     )
     stall_timeout_s: float = Field(
         300.0, gt=0, description="An ingest whose pipeline moves no batch for this long fails with an error naming the stalled stage "
@@ -115,8 +115,8 @@ class KnowledgeBaseConfig(_Strict):
     )
     embed_threads: int | None = Field(
         None, ge=1,
-        description="CPU embedding: torch threads per embedding actor. Default: Ray's, one per CPU the actor reserves (1). "
-        "About one actor per core (embed_actors) measured faster than one actor with every core's threads.",
+        description="CPU embedding: torch threads per embedding actor. Default: the CPUs the actor reserves, rounded up "
+        "(1 with one actor per CPU, which measured faster than fewer actors with more threads each).",
     )
 
     _check_name = field_validator("name")(lambda v: validate_name("knowledge base", v))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -156,7 +157,8 @@ def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress, lease) 
     # Chunker and embedder actors may run on other nodes: they resolve the embedder themselves.
     embedder_ref, cache = node_ref(cfg.embedder, cfg.storage_root, cfg.model_cache), cfg.cache_dir
     free, total = ray.available_resources(), ray.cluster_resources()
-    plan = plan_stages(kb.embed_actors, free.get("CPU", 0.0), free.get("GPU", 0.0), use_gpu=total.get("GPU", 0) >= 1)
+    plan = plan_stages(kb.embed_actors, free.get("CPU", 0.0), free.get("GPU", 0.0), use_gpu=total.get("GPU", 0) >= 1,
+                       source_bytes=_total_size(todo))
     ds = (
         read_sources(todo, num_cpus=plan.chunker_cpus, max_bytes=kb.max_source_bytes)
         .flat_map(
@@ -170,7 +172,7 @@ def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress, lease) 
         )
         .map_batches(
             Embedder,
-            fn_constructor_kwargs={"model_path": embedder_ref, "threads": kb.embed_threads, "cache_dir": cache},
+            fn_constructor_kwargs={"model_path": embedder_ref, "threads": kb.embed_threads or plan.embed_threads, "cache_dir": cache},
             batch_size=kb.embed_batch_size,
             compute=ray.data.ActorPoolStrategy(size=plan.embed_actors),
             batch_format="numpy",
@@ -221,32 +223,60 @@ class StagePlan:
     embed_actors: int
     embed_cpus: float
     embed_gpus: float
+    embed_threads: int = 1  # torch threads per CPU embedder: the CPUs it holds, rounded up
 
 
-def plan_stages(embed_actors: int, free_cpus: float, free_gpus: float, use_gpu: bool) -> StagePlan:
+CHUNKER_CPUS = 0.25  # what the chunker (and one read task) reserve at most: parsing and tokenizing is a small share of an ingest
+AUTO_EMBED_ACTORS = 8  # `embed_actors` unset: one actor per CPU free beside the chunker, at most this many,
+AUTO_BYTES_PER_ACTOR = 1 << 20  # and one per MiB of documents to index (a small ingest is not worth more model loads)
+
+
+def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, use_gpu: bool, source_bytes: int | None = None) -> StagePlan:
     """Size the chunker and the embedder pool so that all of them fit in what Ray has free at once.
 
     A fixed pool whose actors take every CPU starves the other stage (Ray Data then waits forever:
-    the embedders wait for chunks no chunker can run to make). So the chunker takes at most one CPU
-    and half of what is free, and the embedders share the rest: `embed_actors` of one CPU each when
-    that many fit, else fewer, down to one actor on a fraction of a CPU. With nothing free, the
-    stages ask for one CPU between them (an autoscaler adds it; otherwise `stall_timeout_s` ends
-    the wait). With GPUs in the cluster each embedder takes one, up to the GPUs free (at least one).
+    the embedders wait for chunks no chunker can run to make). Embedding is most of an ingest's
+    work, so the chunker actor and the read task each reserve a fraction of a CPU (`CHUNKER_CPUS`,
+    less on a machine with little free) and the embedders share the rest: `embed_actors` of them
+    (unset: about one per CPU left, at most `AUTO_EMBED_ACTORS` and one per `AUTO_BYTES_PER_ACTOR`
+    of documents to index; never more than fit at one CPU each, and at least one), each with as many torch threads as the CPUs it holds, rounded up. With
+    nothing free, the stages ask for one CPU between them (an autoscaler adds it; otherwise
+    `stall_timeout_s` ends the wait). With GPUs in the cluster each embedder takes one, up to the
+    GPUs free (at least one).
 
     Args:
-        embed_actors: the configured pool size (an upper bound).
+        embed_actors: the configured pool size (an upper bound), or None for one per CPU (GPU) free.
         free_cpus: CPUs Ray has available now.
         free_gpus: GPUs Ray has available now.
         use_gpu: whether the cluster has GPUs (embedders then run on them).
+        source_bytes: the size of the documents this ingest indexes (None: unknown).
     """
+    auto = AUTO_EMBED_ACTORS if source_bytes is None else min(AUTO_EMBED_ACTORS, max(1, math.ceil(source_bytes / AUTO_BYTES_PER_ACTOR)))
     share = free_cpus if free_cpus > 0 else 1.0
-    chunker = _floor(min(1.0, share / 2))
-    rest = share - chunker
+    chunker = _floor(min(CHUNKER_CPUS, share / 8))
+    rest = share - 2 * chunker  # the chunker actor and one read task at a time
     if use_gpu:
-        n = max(1, min(embed_actors, int(free_gpus)))
+        n = max(1, min(embed_actors or auto, int(free_gpus)))
+        cpus = _floor(min(1.0, rest / n))
     else:
-        n = max(1, min(embed_actors, int(rest)))
-    return StagePlan(chunker, n, _floor(min(1.0, rest / n)), 1.0 if use_gpu else 0.0)
+        fit = max(1, int(rest + 0.5))  # actors of about one CPU each (a 0.75-CPU actor still runs a whole thread)
+        n = max(1, min(embed_actors or auto, fit))
+        cpus = _floor(rest / n)
+    return StagePlan(chunker, n, cpus, 1.0 if use_gpu else 0.0, max(1, math.ceil(cpus - 0.01)))
+
+
+def _total_size(paths: list[str]) -> int | None:
+    """The documents' size in bytes (a file that cannot be read counts 0: the pipeline reports it),
+    or None when one is at a URI (its size is not known here without a round trip)."""
+    if any("://" in p for p in paths):
+        return None
+    total = 0
+    for path in paths:
+        try:
+            total += os.path.getsize(path)
+        except OSError:
+            pass
+    return total
 
 
 def _floor(cpus: float) -> float:

@@ -7,6 +7,7 @@ the attention mask and L2-normalised, so cosine similarity is an inner product.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ class Embedder:
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if threads and self.device == "cpu":
-            torch.set_num_threads(threads)
+            torch.set_num_threads(min(threads, os.cpu_count() or threads))  # Ray's logical CPUs may exceed the node's cores
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.model = AutoModel.from_pretrained(str(model_path)).to(self.device).eval()
         self.max_length = max_length

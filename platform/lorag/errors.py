@@ -14,6 +14,7 @@ chain with `raise ... from`. `explain` walks that chain to the first error it kn
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Iterator
 
@@ -81,7 +82,8 @@ def exit_if_known(e: Exception, report: Callable[[str], None]) -> None:
 
 def run_job(main: Callable[[], None]) -> None:
     """Run a Ray Job entrypoint's `main`: a known mistake is one `error:` line on stderr and exit
-    2 (config) or 1, never a traceback in the job's logs."""
+    2 (config) or 1, never a traceback in the job's logs (nor gRPC's own log lines: see `lorag.cli`)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         main()
     except KeyboardInterrupt:

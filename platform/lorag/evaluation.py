@@ -9,7 +9,8 @@ question, as citations name them (relative to the knowledge base's root); `optio
 make it a multiple-choice question whose reference answer is one of them (or its letter).
 
 The metrics are the usual ones of extractive QA (SQuAD's normalisation, exact match and token F1
-against the best reference), multiple-choice accuracy, citation accuracy (a gold source among the
+against the best reference), whether the answer contains a reference (for short references inside
+open answers), multiple-choice accuracy, citation accuracy (a gold source among the
 cited ones) and retrieval recall@k; `bootstrap` gives a confidence interval of a mean and
 `paired_bootstrap` of a difference between two variants on the same questions, so a difference on
 a small set is not sold as a win.
@@ -122,6 +123,19 @@ def token_f1(prediction: str, references: list[str]) -> float:
             precision, recall = common / len(p), common / len(r)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
+
+
+def _spaced(text: str) -> str:
+    """`normalize`, with punctuation as word breaks: "functools.lru_cache()" -> "functools lru cache"."""
+    return " ".join(_ARTICLES.sub(" ", re.sub(r"[\W_]+", " ", text.lower())).split())
+
+
+def contains_answer(prediction: str, references: list[str]) -> float:
+    """1.0 when the prediction contains a reference as whole words, case and punctuation aside
+    ("Use functools.lru_cache." contains "lru_cache"): the metric for short references (a name, a
+    number, a flag) inside an open answer, where exact match is 0 and token F1 near it."""
+    p = f" {_spaced(prediction)} "
+    return float(any(r and f" {r} " in p for r in map(_spaced, references)))
 
 
 def choice(answer: str, options: list[str]) -> int | None:
@@ -286,7 +300,7 @@ async def answer_all(engine, items: list[EvalItem], variants: list[Variant], ret
     return {v.name: results[j * len(items) : (j + 1) * len(items)] for j, v in enumerate(variants)}
 
 
-METRICS = ("exact_match", "f1", "choice_accuracy", "citation_accuracy", "retrieval_recall", "style_adherence", "completion_tokens", "seconds")
+METRICS = ("exact_match", "f1", "contains", "choice_accuracy", "citation_accuracy", "retrieval_recall", "style_adherence", "completion_tokens", "seconds")
 
 
 def per_question(item: EvalItem, a: Answer, k: int, style: str | None = None) -> dict[str, float | None]:
@@ -298,6 +312,7 @@ def per_question(item: EvalItem, a: Answer, k: int, style: str | None = None) ->
         "style_adherence": float(re.search(style, a.text.strip()) is not None) if style else None,
         "exact_match": exact_match(text, item.answers),
         "f1": token_f1(text, item.answers),
+        "contains": contains_answer(text, item.answers) if not item.options else None,
         "choice_accuracy": choice_correct(text, item) if item.options else None,
         "citation_accuracy": citation_hit(a.cited, item.sources) if item.sources else None,
         "retrieval_recall": recall_at_k(a.retrieved, item.sources, k) if item.sources and a.retrieved else None,
@@ -403,7 +418,7 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
 
 
 LABELS = {
-    "exact_match": "exact match", "f1": "token F1", "choice_accuracy": "choice accuracy", "citation_accuracy": "citation accuracy",
+    "exact_match": "exact match", "f1": "token F1", "contains": "contains answer", "choice_accuracy": "choice accuracy", "citation_accuracy": "citation accuracy",
     "retrieval_recall": "retrieval recall@k", "style_adherence": "answer style", "completion_tokens": "answer tokens", "seconds": "seconds per answer",
 }
 
@@ -433,7 +448,7 @@ def verdict(summary: dict) -> list[str]:
     """One line per quality metric: the best variant, and whether its lead over the runner-up is
     clear (their 95% intervals do not overlap) or within noise."""
     out = []
-    for m in ("f1", "choice_accuracy", "citation_accuracy", "style_adherence"):
+    for m in ("f1", "contains", "choice_accuracy", "citation_accuracy", "style_adherence"):
         ranked = sorted(((s[m]["mean"], name, s[m]) for name, s in summary.items() if m in s), key=lambda t: -t[0])
         if len(ranked) < 2:
             continue
@@ -461,7 +476,7 @@ def write_report(result: dict, out_dir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     summary = result["summary"]
-    metrics = [m for m in ("exact_match", "f1", "choice_accuracy", "citation_accuracy", "retrieval_recall", "style_adherence") if any(m in s for s in summary.values())]
+    metrics = [m for m in METRICS if m not in ("completion_tokens", "seconds") and any(m in s for s in summary.values())]
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(metrics), 4))
     width = 0.8 / max(1, len(summary))
     for j, (name, s) in enumerate(summary.items()):

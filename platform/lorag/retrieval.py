@@ -311,15 +311,45 @@ def citations(hits: list[dict[str, Any]], roots: list[str] = ()) -> list[dict[st
     ]
 
 
+def static_root(spec: str) -> str:
+    """The fixed part of a source spec: a glob up to its first component with a wildcard
+    ("/docs/html/**/*.html" -> "/docs/html"), anything else as it is (a directory or a file)."""
+    parts = spec.replace("\\", "/").split("/")
+    fixed = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
+    return "/".join(parts[:fixed]) if fixed is not None else spec
+
+
+def root_labels(roots: list[str]) -> list[str]:
+    """What names each source root's documents in citations: nothing with one root (paths are
+    relative to it), else the shortest path suffix of its static root that no other root shares,
+    so two roots holding `index.html` still cite two different paths."""
+    bases = [static_root(r).replace("\\", "/").rstrip("/") for r in roots]
+    if len(bases) < 2:
+        return [""] * len(bases)
+    parts = [b.split("/") for b in bases]
+    labels = []
+    for i, mine in enumerate(parts):
+        for n in range(1, len(mine) + 1):
+            label = "/".join(mine[-n:])
+            if all(j == i or "/".join(other[-n:]) != label for j, other in enumerate(parts)):
+                break
+        labels.append(label.lstrip("/"))
+    return labels
+
+
 def relative_source(source: str, roots: list[str]) -> str:
-    """`source` relative to the first of `roots` it lies under (a file root: its name); otherwise
-    its file name only, never a full path of the machine that ingested it."""
-    for root in roots:
-        base = root.rstrip("/")
+    """How citations name `source`: its path relative to the static root of the source it came
+    from (`static_root`: a directory, or a glob's part before its first wildcard), led by that
+    root's label when the knowledge base has several (`root_labels`); a file source by its name.
+    Unique within a knowledge base, and never a full path of the machine that ingested it (a
+    source under no root: its file name)."""
+    for root, label in zip(roots, root_labels(roots)):
+        base = static_root(root).rstrip("/")
         if source == base:
-            return base.rsplit("/", 1)[-1]
+            return label or base.rsplit("/", 1)[-1]
         if base and source.startswith(base + "/"):
-            return source[len(base) + 1 :]
+            rel = source[len(base) + 1 :]
+            return f"{label}/{rel}" if label else rel
     return source.rsplit("/", 1)[-1]
 
 
