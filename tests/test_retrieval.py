@@ -202,7 +202,7 @@ def test_fuse_by_scores_keeps_a_far_ahead_full_text_hit_first_where_rrf_buries_i
     lexical = [{"id": i, "score": s} for i, s in [("list", 5.8), ("about", 4.8), ("clearing", 3.9), ("list2", 3.7), ("led", 3.4)]]
     assert [h["id"] for h in fuse(dense, lexical, 3, 1.0, 0.5, fusion="rrf")] == ["led", "clearing", "list"]
     assert [h["id"] for h in fuse(dense, lexical, 3, 1.0, 0.5, fusion="scores")] == ["list", "reading", "clearing"]
-    assert fuse(dense, lexical, 3)[0]["id"] == "list", "score fusion is the default"
+    assert fuse(dense, lexical, 3, 0.5, 0.75, fusion="scores")[0]["id"] == "list"
 
 
 @pytest.mark.parametrize(
@@ -222,6 +222,41 @@ def test_per_source_table(sources, k, most, expected):
 
     rows = [{"id": str(i), "source": s} for i, s in enumerate(sources)]
     assert [int(h["id"]) for h in per_source(rows, k, most)] == expected
+
+
+@pytest.mark.parametrize(
+    "hits, weight, expected",
+    [
+        # (source, score) best first. Page b's best chunk is second to a's, but b has two more that match.
+        ([("a", 0.70), ("b", 0.68), ("b", 0.60), ("b", 0.55), ("c", 0.50)], 0.0, ["a", "b", "c"]),  # best chunk only
+        ([("a", 0.70), ("b", 0.68), ("b", 0.60), ("b", 0.55), ("c", 0.50)], 0.1, ["b", "a", "c"]),  # 0.68 + 0.1 * 1.15 > 0.70
+        ([("a", 0.70), ("b", 0.68), ("b", 0.60), ("b", 0.55), ("b", 0.54), ("c", 0.50)], 0.01, ["a", "b", "c"]),  # only the next 2 count
+        ([("a", 0.90), ("b", 0.30), ("b", 0.29), ("b", 0.28)], 0.1, ["a", "b"]),  # far behind: evidence does not outweigh it
+    ],
+)
+def test_per_source_ranks_documents_by_their_best_chunk_and_the_next_two(hits, weight, expected):
+    from lorag.retrieval import per_source
+
+    rows = [{"id": str(i), "source": src, "score": score} for i, (src, score) in enumerate(hits)]
+    got = per_source(rows, len(expected), 1, weight)
+    assert [h["source"] for h in got] == expected
+    b = [h for h in got if h["source"] == "b"]
+    assert b[0]["score"] == max(score for src, score in hits if src == "b"), "a document is represented by its best chunk, with its own score"
+
+
+def test_rank_applies_fusion_then_documents_and_the_cap():
+    from lorag.retrieval import rank, ranking_defaults, search_depth
+
+    dense = [{"id": f"d{i}", "source": src, "score": sc} for i, (src, sc) in enumerate([("a", 0.8), ("b", 0.7), ("b", 0.69), ("c", 0.5)])]
+    lexical = [{"id": f"l{i}", "source": src, "score": sc} for i, (src, sc) in enumerate([("c", 9.0), ("b", 4.0), ("a", 1.0)])]
+    opts = {**ranking_defaults(), "fusion": "rrf", "rrf_k": 60, "dense_weight": 1.0, "lexical_floor": 0.0, "source_weight": 0.0}
+    assert [h["source"] for h in rank(dense, lexical, 3, "dense", opts)] == ["a", "b", "c"]
+    assert [h["source"] for h in rank(dense, lexical, 3, "bm25", opts)] == ["c", "b", "a"]
+    hybrid = rank(dense, lexical, 3, "hybrid", opts)
+    assert len({h["source"] for h in hybrid}) == 3 and hybrid[0]["source"] in "abc"
+    assert [h["id"] for h in rank(dense, lexical, 4, "dense", {**opts, "max_per_source": None})] == ["d0", "d1", "d2", "d3"], "no cap: scores alone"
+    assert search_depth(5, "dense", {"max_per_source": None}) == 5, "nothing reorders: k candidates are enough"
+    assert search_depth(5, "hybrid", {"max_per_source": None}) >= 20 and search_depth(20, "dense", {"max_per_source": 1}) == 80
 
 
 def test_milvus_lite_full_text_matches_stems_and_heading_words(tmp_path):

@@ -72,8 +72,8 @@ class HybridConfig(_Strict):
     lexical_floor: float | None = Field(None, ge=0, le=1, description="Full-text hits scoring under this share of the best one are dropped before fusion (they match only common words).")
     rrf_k: int | None = Field(None, ge=1, le=1000, description="With fusion rrf: the RRF constant; higher flattens the weight of the top ranks.")
     fusion: Literal["rrf", "scores"] | None = Field(
-        None, description="scores (default): each ranking's scores normalised to 0-1 and averaged by weight, so a chunk far ahead in full text "
-        "(an exact code or name) stays ahead; rrf: reciprocal rank fusion (ranks only).",
+        None, description="rrf (default): weighted reciprocal rank fusion (ranks only); scores: each ranking's scores normalised to 0-1 "
+        "and averaged by weight, so a chunk far ahead in full text (an exact code or name) stays ahead.",
     )
 
 
@@ -100,6 +100,11 @@ class KnowledgeBaseConfig(_Strict):
         "so near-duplicate chunks of one page cannot fill every slot; a document's further chunks follow, so a one-document knowledge "
         "base still gets top_k. Set it to top_k to rank by score alone.",
     )
+    source_weight: float | None = Field(
+        None, ge=0, le=10, description="Documents are ranked by their best chunk's score plus this times the scores of their next two "
+        "matching chunks, so a page that several chunks match ranks above one with a single lucky chunk (None: lorag's default; "
+        "0: best chunk only). Needs max_per_source.",
+    )
     embed_batch_size: int = Field(64, ge=1, description="Chunks per embedding batch in the ingest pipeline.")
     embed_actors: int | None = Field(
         None, ge=1, description="Embedding actors in the Ray Data pool (None: one per CPU Ray has free beside the chunker, up to 8; "
@@ -122,8 +127,9 @@ class KnowledgeBaseConfig(_Strict):
     _check_name = field_validator("name")(lambda v: validate_name("knowledge base", v))
 
     def ranking_options(self) -> dict[str, Any]:
-        """The settings of `hybrid` and `max_per_source` that are set, for `MilvusStore.search`."""
-        return {k: v for k, v in {**self.hybrid.model_dump(), "max_per_source": self.max_per_source}.items() if v is not None}
+        """The settings of `hybrid`, `max_per_source` and `source_weight` that are set, for `MilvusStore.search`."""
+        own = {"max_per_source": self.max_per_source, "source_weight": self.source_weight}
+        return {k: v for k, v in {**self.hybrid.model_dump(), **own}.items() if v is not None}
 
     @property
     def collection(self) -> str:

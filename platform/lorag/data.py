@@ -41,7 +41,7 @@ from lorag.milvus import source_key
 
 IGNORE_INDEX = -100
 _ROLES = ("system", "user", "assistant")
-SCHEMA_VERSION = 5  # bump when chunk rows change meaning: every document is then re-indexed
+SCHEMA_VERSION = 6  # bump when chunk rows change meaning: every document is then re-indexed
 
 
 class DatasetError(ValueError):

@@ -313,33 +313,30 @@ class MilvusStore:
             mode: "dense" (cosine), "bm25" (full text) or "hybrid" (both, fused: `lorag.retrieval.fuse`).
             source_prefix: only chunks whose source path starts with this.
             ranking: a knowledge base's `ranking_options()`: the fusion's `dense_weight`,
-                `lexical_floor`, `rrf_k`, `fusion`, and `max_per_source` (None: module defaults, no cap).
+                `lexical_floor`, `rrf_k`, `fusion`, `max_per_source` and `source_weight` (each
+                missing one: `lorag.retrieval.ranking_defaults()`; `max_per_source` None: no cap).
         """
-        from lorag.retrieval import DENSE_WEIGHT, FUSION, LEXICAL_FLOOR, MAX_PER_SOURCE, RRF_K, fuse, per_source
+        from lorag.retrieval import rank, ranking_defaults, search_depth
 
-        opts = {"dense_weight": DENSE_WEIGHT, "lexical_floor": LEXICAL_FLOOR, "rrf_k": RRF_K, "fusion": FUSION, "max_per_source": MAX_PER_SOURCE,
-                **(ranking or {})}
-        cap = opts["max_per_source"]
+        opts = {**ranking_defaults(), **(ranking or {})}
 
         if collection not in self._loaded and not self.client.has_collection(collection):
             raise LookupError(f"knowledge base collection {collection!r} does not exist at {self.uri}: run `lorag kb ingest` first")
         if mode not in ("dense", "bm25", "hybrid"):
             raise ValueError(f"search mode must be dense, bm25 or hybrid, not {mode!r}")
         self._load(collection)
-        # With a per-source cap, look deeper so k chunks remain after it.
+        depth = search_depth(k, mode, opts)
         if mode == "dense":
-            return per_source(self._dense(collection, vector, 4 * k if cap else k, source_prefix), k, cap)
+            return rank(self._dense(collection, vector, depth, source_prefix), [], k, mode, opts)
         if mode == "bm25":
-            return per_source(self._full_text(collection, query, 4 * k if cap else k, source_prefix), k, cap)
-        depth = max(4 * k if cap else 2 * k, 20)  # each list contributes candidates beyond k to the fusion
+            return rank([], self._full_text(collection, query, depth, source_prefix), k, mode, opts)
         if is_lite(self.uri):  # Milvus Lite computes in this process: nothing to overlap
             dense, lexical = self._dense(collection, vector, depth, source_prefix), self._full_text(collection, query, depth, source_prefix)
         else:  # a server answers the dense search while the full-text one runs (or waits on it too)
             pending = self._pool.submit(self._dense, collection, vector, depth, source_prefix)
             lexical = self._full_text(collection, query, depth, source_prefix)
             dense = pending.result()
-        fused = fuse(dense, lexical, depth, opts["dense_weight"], opts["lexical_floor"], opts["rrf_k"], opts["fusion"])
-        return per_source(fused, k, cap)
+        return rank(dense, lexical, k, mode, opts)
 
     def _dense(self, collection: str, vector, k: int, prefix: str | None) -> list[dict[str, Any]]:
         if vector is None:

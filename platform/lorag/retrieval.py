@@ -4,9 +4,10 @@
 chunks (dense, BM25 or hybrid); `citations` shapes them for the API response (the prompt that
 carries them is built by `lorag.prompts`).
 
-Hybrid search fuses the dense and BM25 rankings by their normalised scores (`score_fusion`, the
-default) or by reciprocal rank (`rrf`), computed here rather than in Milvus so every backend fuses
-the same way. `Bm25Index` scores full text in the store's process: on Milvus Lite, whose BM25 is
+Hybrid search fuses the dense and BM25 rankings by weighted reciprocal rank (`rrf`, the default)
+or by their normalised scores (`score_fusion`), computed here rather than in Milvus so every
+backend fuses the same way (`rank`); every mode then ranks documents by their best chunk and the
+next two (`per_source`), one chunk per document before a second of any. `Bm25Index` scores full text in the store's process: on Milvus Lite, whose BM25 is
 pure Python over every row (about 90 ms a query at 20,000 chunks, against 1-2 ms here), and on
 Milvus servers older than 2.5, which have no BM25 function. Milvus servers from 2.5 score it
 themselves.
@@ -31,15 +32,20 @@ from typing import Any
 
 import numpy as np
 
-RRF_K = 60  # the constant of Cormack et al.; damps the weight of the very top ranks
-DENSE_WEIGHT = 0.5  # hybrid: the dense ranking's weight in the fusion (full text: 1)
-LEXICAL_FLOOR = 0.75  # hybrid: keep full-text hits scoring at least this share of the best one
-FUSION = "scores"  # hybrid: "rrf" (reciprocal ranks) or "scores" (normalised scores, `score_fusion`)
+# Ranking settings: the best of a sweep on bench/quality.py's tuning corpus (the dev half of its
+# questions), then reported on held-out documentation sets (docs/benchmarks.md, "Retrieval quality").
+RRF_K = 30  # hybrid with rrf: the RRF constant; it damps the weight of the very top ranks
+DENSE_WEIGHT = 1.5  # hybrid: the dense ranking's weight in the fusion (full text: 1)
+LEXICAL_FLOOR = 0.5  # hybrid: keep full-text hits scoring at least this share of the best one
+FUSION = "rrf"  # hybrid: "rrf" (reciprocal ranks) or "scores" (normalised scores, `score_fusion`)
 # BM25's parameters, for Milvus's BM25 index and lorag's alike: k1 as Milvus Lite's default, b
 # chosen on bench/quality.py's dev half (0.5 against the usual 0.75: chunks follow sections, so
 # their length says little about how much of them is on topic; docs/benchmarks.md).
 BM25_K1, BM25_B = 1.5, 0.5
 MAX_PER_SOURCE: int | None = 1  # every mode: one chunk per document before a second of any (see `per_source`)
+SOURCE_WEIGHT = 0.1  # every mode: what a document's next chunks add to its best one's score when documents are ranked (`per_source`)
+SOURCE_CHUNKS = 2  # how many of a document's next chunks count towards its rank
+SEARCH_DEPTH = 50  # candidates each ranking gives a fused or per-source search (`search_depth`)
 # A dotted number ("3.6", "7.2.1") is one token, or Milvus's tokenizer and ours would split it into
 # digits that match every number; other tokens are runs of word characters.
 _TOKEN = re.compile(r"\d+(?:\.\d+)+|\w+", re.UNICODE)
@@ -167,14 +173,12 @@ def fuse(dense: list[dict[str, Any]], lexical: list[dict[str, Any]], k: int, den
 
     Full-text hits scoring under `lexical_floor` times the best one match only common words; in
     a fused ranking they would outvote the one chunk that holds a rare, exact term, so they are
-    dropped first. The defaults (docs/benchmarks.md, "Retrieval quality"): score fusion, because
-    RRF ranks a chunk that is merely good in both lists above the one chunk holding an exact code
-    that only full text finds (on the quickstart's handbook, bench/fusion.py, score fusion ranks
-    the error list first for every error-code question, RRF for one of four), while on
-    bench/quality.py's 70 questions the two are within a question or two of each other; dense
-    weight 0.5 and floor 0.75, the best score-fusion setting on that benchmark's dev half (and the
-    best on the handbook). A knowledge base's `hybrid` settings override them. The same sweep
-    chose `MAX_PER_SOURCE` (better on both halves, every mode).
+    dropped first. The defaults (docs/benchmarks.md, "Retrieval quality"): weighted RRF (k 30, dense
+    weight 1.5, floor 0.5), the best of the sweep on bench/quality.py's tuning corpus (pytest's
+    docs, with lorag's page ranking and per-page cap), which also holds on the held-out sets
+    (Django, Git, Docker), where score fusion tuned on one corpus did not. A knowledge base's
+    `hybrid` settings override them; `fusion: scores` stays for knowledge bases of exact codes
+    (bench/fusion.py: the one chunk holding an error code, far ahead in full text, stays first).
     """
     if lexical:
         lexical = [h for h in lexical if h["score"] >= lexical_floor * lexical[0]["score"]]
@@ -209,15 +213,26 @@ def score_fusion(rankings: list[list[dict[str, Any]]], k: int, weights: list[flo
     return [{**first[i], "score": fused[i]} for i in order[:k]]
 
 
-def per_source(hits: list[dict[str, Any]], k: int, most: int | None) -> list[dict[str, Any]]:
+def per_source(hits: list[dict[str, Any]], k: int, most: int | None, source_weight: float = 0.0) -> list[dict[str, Any]]:
     """The top `k` of `hits` with at most `most` chunks of any one source ahead of other sources'
     chunks (None: the order as it is), so near-duplicate chunks of one page cannot fill every slot.
+
+    With `source_weight`, sources are ranked first: by their best chunk's score plus
+    `source_weight` times the scores of their next `SOURCE_CHUNKS` chunks among `hits` (a page
+    that several chunks match is more likely about the question than one with a single lucky
+    chunk), and each source's chunks then come in that order.
 
     The cap only reorders: a source's chunks beyond `most` follow the others' in their own order,
     so a knowledge base of one document still returns k chunks.
     """
     if not most:
         return hits[:k]
+    if source_weight:
+        scores: dict[str, list[float]] = {}
+        for h in hits:
+            scores.setdefault(h["source"], []).append(float(h["score"]))
+        rank = {src: s[0] + source_weight * sum(s[1 : 1 + SOURCE_CHUNKS]) for src, s in scores.items()}
+        hits = sorted(hits, key=lambda h: -rank[h["source"]])  # stable: a source's chunks keep their order
     first, later, seen = [], [], Counter()
     for h in hits:
         seen[h["source"]] += 1
@@ -225,6 +240,36 @@ def per_source(hits: list[dict[str, Any]], k: int, most: int | None) -> list[dic
         if len(first) == k:
             break
     return (first + later)[:k]
+
+
+def search_depth(k: int, mode: str, options: dict[str, Any]) -> int:
+    """How many candidates each ranking gives a search for `k` hits: k when nothing reorders them,
+    else at least `SEARCH_DEPTH` (the fusion and the per-source ranking need candidates beyond k)."""
+    if mode != "hybrid" and not options["max_per_source"]:
+        return k
+    return max(SEARCH_DEPTH, 4 * k)
+
+
+def rank(dense: list[dict[str, Any]], lexical: list[dict[str, Any]], k: int, mode: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """A search's top k from its candidates (each ranking best first, `search_depth` long): the
+    dense or full-text ranking, or both fused (`fuse`), then ranked by source (`per_source`).
+
+    Args:
+        options: every key of `ranking_defaults()`, e.g. a knowledge base's `ranking_options()` over them.
+    """
+    if mode == "dense":
+        hits = dense
+    elif mode == "bm25":
+        hits = lexical
+    else:
+        hits = fuse(dense, lexical, len(dense) + len(lexical), options["dense_weight"], options["lexical_floor"], options["rrf_k"], options["fusion"])
+    return per_source(hits, k, options["max_per_source"], options["source_weight"])
+
+
+def ranking_defaults() -> dict[str, Any]:
+    """lorag's ranking settings, which a knowledge base's `hybrid`, `max_per_source` and `source_weight` override."""
+    return {"dense_weight": DENSE_WEIGHT, "lexical_floor": LEXICAL_FLOOR, "rrf_k": RRF_K, "fusion": FUSION,
+            "max_per_source": MAX_PER_SOURCE, "source_weight": SOURCE_WEIGHT}
 
 
 class Bm25Index:

@@ -37,6 +37,17 @@ _DROP_TAGS = {"head", "script", "style", "noscript", "template", "svg", "canvas"
 _DROP_ROLES = {"navigation", "search", "banner", "contentinfo"}
 _DROP_CLASSES = {"headerlink", "hash-link", "anchorjs-link", "sphinxsidebar", "md-sidebar", "md-header", "md-footer",
                  "md-tabs", "md-source-file", "linenos", "linenodiv"}
+# Containers that also hold the site's chrome around the page (a header with the site's name and
+# links, prev/next bars): inside them, as in a page with no container, link bars are dropped.
+_BROAD = {("div", "class", "document")}
+# A link bar: a block of at most this much text (non-space characters), with at least two links
+# holding this share of it ("Home | Contents | Index", "« previous | up | next »"). Links in a list
+# do not count: a list of links is a page's own table of contents (a site's menus are in <nav>).
+_BAR_MAX_CHARS, _BAR_MIN_LINKS, _BAR_LINK_SHARE = 300, 2, 0.7
+_LISTS = {"ul", "ol", "dl"}
+_LIST_ITEMS = {"li", "dt", "dd"}
+# What separates a page's own title from the site's in <title> ("Fixtures — pytest documentation").
+_TITLE_SEP = re.compile(r"\s+(?:—|–|-|\||·|»|::)\s+")
 # Page chrome when no main-content container is found. Inside a container they are kept: there a
 # `header` holds the article's own title (Docusaurus) and an `aside` holds footnotes, topics and
 # sidebars (docutils >= 0.18).
@@ -62,7 +73,9 @@ class _Element:
 
 
 def parse_html(html: str) -> tuple[str, str]:
-    """(Markdown-like text of the page's main content, title: `<title>`, else the first h1, else "")."""
+    """(Markdown-like text of the page's main content, title: `<title>` without the site's name
+    (`_page_title`), else the first h1, else ""). In a container that holds the site's chrome too
+    (`_BROAD`), and in a page without a container, link bars are dropped (`_link_bars`)."""
     tree = _HtmlTree()
     tree.feed(html)
     tree.close()
@@ -70,16 +83,53 @@ def parse_html(html: str) -> tuple[str, str]:
     title = " ".join("".join(_texts(title_el)).split()) if title_el else ""
     # A container is looked for outside the chrome only (an <article> in a sidebar is not the page).
     content = list(_elements(tree.root, lambda e: not _is_chrome(e)))
-    container = next((e for sel in _MAIN_CONTENT for e in content if e.matches(*sel)), None)
+    selector, container = next(((sel, e) for sel in _MAIN_CONTENT for e in content if e.matches(*sel)), (None, None))
     writer = _TextWriter()
     if container is not None:
-        writer.write(container, lambda e: not _is_chrome(e))
+        bars = _link_bars(container, lambda e: not _is_chrome(e)) if selector in _BROAD else set()
+        writer.write(container, lambda e: not _is_chrome(e) and id(e) not in bars)
     text = writer.result()
     if not text.strip():  # no container, or an empty one (a page its scripts fill in)
         writer = _TextWriter()
-        writer.write(tree.root, lambda e: not _is_chrome(e) and e.tag not in _PAGE_CHROME)
+        bars = _link_bars(tree.root, lambda e: not _is_chrome(e) and e.tag not in _PAGE_CHROME)
+        writer.write(tree.root, lambda e: not _is_chrome(e) and e.tag not in _PAGE_CHROME and id(e) not in bars)
         text = writer.result()
-    return text, title or writer.first_h1
+    return text, _page_title(title, writer.first_h1)
+
+
+def _page_title(title: str, h1: str) -> str:
+    """The page's own title: `title` without the site's name after it when its first part is the
+    page's first heading ("Fixtures — pytest documentation" with h1 "Fixtures": "Fixtures"); no
+    <title>: the first heading."""
+    head = _TITLE_SEP.split(title, maxsplit=1)[0]
+    return head if h1 and head != title and head.casefold() == h1.casefold() else (title or h1)
+
+
+def _link_bars(root: _Element, keep) -> set[int]:
+    """The ids of the link bars under `root` (site headers, breadcrumbs, prev/next bars: see
+    `_BAR_MAX_CHARS`), outermost only, among the elements `keep` admits; linear in the tree."""
+    order = list(_elements(root, keep))  # parents before their children
+    stats: dict[int, tuple[int, int, int]] = {}  # id -> (non-space characters, of them in links, links)
+    for el in reversed(order):  # children before their parents
+        chars = link_chars = links = 0
+        for child in el.children:
+            if isinstance(child, str):
+                chars += len(child) - sum(map(child.count, " \t\n\r\f\v"))
+            elif id(child) in stats:
+                c, lc, n = stats[id(child)]
+                if child.tag in _LISTS:  # a list's links are a table of contents, not a bar
+                    lc = n = 0
+                chars, link_chars, links = chars + c, link_chars + lc, links + n
+        if el.tag == "a":
+            link_chars, links = chars, links + 1
+        stats[id(el)] = (chars, link_chars, links)
+    bars: set[int] = set()
+    for el in _elements(root, lambda e: keep(e) and id(e) not in bars):  # a bar's insides are not visited
+        chars, link_chars, links = stats.get(id(el), (0, 0, 0))
+        if (el is not root and el.tag not in _LISTS | _LIST_ITEMS and 0 < chars <= _BAR_MAX_CHARS and links >= _BAR_MIN_LINKS
+                and link_chars >= _BAR_LINK_SHARE * chars):
+            bars.add(id(el))
+    return bars
 
 
 def _is_chrome(el: _Element) -> bool:
