@@ -131,7 +131,8 @@ def write_config(root: Path, tiny_model: Path, model_cache: Path, overrides: lis
         "embedder": "all-minilm-l6-v2",
         "workdir": "work",
         "cache_dir": str(model_cache),
-        "knowledge_bases": [{"name": "handbook", "sources": ["corpus/"], "chunking": {"size": 140, "overlap": 20}, "top_k": 2}],
+        "knowledge_bases": [{"name": "handbook", "sources": ["corpus/"], "chunking": {"size": 140, "overlap": 20}, "top_k": 2,
+                             "hybrid": {"fusion": "scores", "dense_weight": 0.5, "lexical_floor": 0.75}}],  # as the quickstart's
         "adapters": [
             {
                 "name": "support",

@@ -101,7 +101,7 @@ def test_full_text_and_hybrid_find_an_exact_identifier_that_dense_misses(handboo
     assert has_code(retrieve(store, emb, kb, ERROR_CODE, 3, "bm25")[0]), "full text ranks the exact identifier first"
     for question in (ERROR_CODE, f"I'm getting {ERROR_CODE}.", f"What does error {ERROR_CODE} mean?"):
         hybrid = retrieve(store, emb, kb, question, 3, "hybrid")
-        assert has_code(hybrid[0]), f"hybrid (score fusion) keeps it first for {question!r}: {[h['text'][:60] for h in hybrid]}"
+        assert has_code(hybrid[0]), f"hybrid (score fusion, as the quickstart sets it) keeps it first for {question!r}: {[h['text'][:60] for h in hybrid]}"
     only = retrieve(store, emb, kb, "backup", 5, "hybrid", source_prefix=str(Path(kb.sources[0]) / "04-"))
     assert only and all(Path(h["source"]).name.startswith("04-") for h in only), "the source filter keeps only matching paths"
 

@@ -363,6 +363,12 @@ class MilvusStore:
         # Milvus < 2.5 has no BM25: score in this process over the collection's text (built once, dropped on writes).
         return (index or self._build_bm25(collection)).search(query, k, prefix)
 
+    def full_text_ready(self, collection: str) -> bool:
+        """Whether full-text search scores as it will from now on: lorag's index of the collection is
+        built (Milvus Lite answers with its own BM25 meanwhile), or a server scores it."""
+        with self._bm25_lock:
+            return collection in self._bm25 or not is_lite(self.uri)
+
     def _milvus_full_text(self, collection: str, analysed: str, k: int, prefix: str | None) -> list[dict[str, Any]]:
         res = self.client.search(
             collection, data=[analysed], anns_field="sparse", limit=k, output_fields=OUTPUT, search_params={"metric_type": "BM25"},
