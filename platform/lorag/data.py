@@ -239,9 +239,9 @@ def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, us
     work, so the chunker actor and the read task each reserve a fraction of a CPU (`CHUNKER_CPUS`,
     less on a machine with little free) and the embedders share the rest: `embed_actors` of them
     (unset: about one per CPU left, at most `AUTO_EMBED_ACTORS` and one per `AUTO_BYTES_PER_ACTOR`
-    of documents to index; never more than fit at one CPU each, and at least one), each with as many torch threads as the CPUs it holds, rounded up. With
-    nothing free, the stages ask for one CPU between them (an autoscaler adds it; otherwise
-    `stall_timeout_s` ends the wait). With GPUs in the cluster each embedder takes one, up to the
+    of documents to index; never more than fit at one CPU each, and at least one), each with as
+    many torch threads as the CPUs it holds, rounded up. With nothing free, the stages ask for one
+    CPU between them (an autoscaler adds it; otherwise `stall_timeout_s` ends the wait). With GPUs in the cluster each embedder takes one, up to the
     GPUs free (at least one).
 
     Args:

@@ -7,10 +7,10 @@ carries them is built by `lorag.prompts`).
 Hybrid search fuses the dense and BM25 rankings by weighted reciprocal rank (`rrf`, the default)
 or by their normalised scores (`score_fusion`), computed here rather than in Milvus so every
 backend fuses the same way (`rank`); every mode then ranks documents by their best chunk and the
-next two (`per_source`), one chunk per document before a second of any. `Bm25Index` scores full text in the store's process: on Milvus Lite, whose BM25 is
-pure Python over every row (about 90 ms a query at 20,000 chunks, against 1-2 ms here), and on
-Milvus servers older than 2.5, which have no BM25 function. Milvus servers from 2.5 score it
-themselves.
+next two (`per_source`), one chunk per document before a second of any. `Bm25Index` scores full
+text in the store's process: on Milvus Lite, whose BM25 is pure Python over every row (about 90
+ms a query at 20,000 chunks, against 1-2 ms here), and on Milvus servers older than 2.5, which
+have no BM25 function. Milvus servers from 2.5 score it themselves.
 
 What a chunk is searched by (`passage`, `terms`): its heading path ("Title > Section") above its
 text, so a chunk deep in a section still matches the words of its headings. Full-text search
