@@ -66,34 +66,36 @@ def milvus_server(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "embed_actors, free_cpus, free_gpus, use_gpu, plan, source_bytes",
+    "embed_actors, free_cpus, free_gpus, use_gpu, plan, source_bytes, node_cpus",
     [
         # (chunker CPUs, embedders, CPUs each, GPUs each, torch threads each)
-        (None, 2.0, 0, False, (0.25, 2, 0.75, 0.0, 1), None),  # 2 cores, defaults: one single-threaded embedder per core
-        (2, 2.0, 0, False, (0.25, 2, 0.75, 0.0, 1), None),  # the issue-26 regression: one embedder on one thread here
-        (1, 2.0, 0, False, (0.25, 1, 1.5, 0.0, 2), None),  # one embedder holds (and uses) the rest
-        (None, 1.0, 0, False, (0.12, 1, 0.76, 0.0, 1), None),  # one core: chunker and embedder share it
-        (4, 1.0, 0, False, (0.12, 1, 0.76, 0.0, 1), None),  # more embedders asked for than fit: one
-        (None, 16.0, 0, False, (0.25, 8, 1.93, 0.0, 2), None),  # unset: at most 8
-        (32, 16.0, 0, False, (0.25, 16, 0.96, 0.0, 1), None),  # every core but the chunker's share
-        (2, 3.5, 0, False, (0.25, 2, 1.5, 0.0, 2), None),
-        (1, 0.3, 0, False, (0.03, 1, 0.24, 0.0, 1), None),  # a fraction free: fractions
-        (1, 0.0, 0, False, (0.12, 1, 0.76, 0.0, 1), None),  # nothing free: ask for one CPU (it waits, or the stall timeout fires)
-        (4, 4.0, 2, True, (0.25, 2, 1.0, 1.0, 1), None),  # one GPU per embedder, up to the GPUs free
-        (None, 4.0, 2, True, (0.25, 2, 1.0, 1.0, 1), None),
-        (None, 8.0, 0, False, (0.25, 2, 3.75, 0.0, 4), 1_500_000),  # unset, 1.5 MB to index: two actors, each with half
-        (None, 8.0, 0, False, (0.25, 1, 7.5, 0.0, 8), 3_000),  # unset, a few small documents: one model load, every thread
-        (4, 4.0, 0, True, (0.25, 1, 1.0, 1.0, 1), None),  # GPUs busy: one embedder waits for one
+        (None, 2.0, 0, False, (0.25, 2, 0.75, 0.0, 1), None, None),  # 2 cores, defaults: one single-threaded embedder per core
+        (2, 2.0, 0, False, (0.25, 2, 0.75, 0.0, 1), None, None),  # the issue-26 regression: one embedder on one thread here
+        (1, 2.0, 0, False, (0.25, 1, 1.5, 0.0, 2), None, None),  # one embedder holds (and uses) the rest
+        (None, 1.0, 0, False, (0.12, 1, 0.76, 0.0, 1), None, None),  # one core: chunker and embedder share it
+        (4, 1.0, 0, False, (0.12, 1, 0.76, 0.0, 1), None, None),  # more embedders asked for than fit: one
+        (None, 16.0, 0, False, (0.25, 8, 1.93, 0.0, 2), None, None),  # unset: at most 8
+        (32, 16.0, 0, False, (0.25, 16, 0.96, 0.0, 1), None, None),  # every core but the chunker's share
+        (2, 3.5, 0, False, (0.25, 2, 1.5, 0.0, 2), None, None),
+        (1, 0.3, 0, False, (0.03, 1, 0.24, 0.0, 1), None, None),  # a fraction free: fractions
+        (1, 0.0, 0, False, (0.12, 1, 0.76, 0.0, 1), None, None),  # nothing free: ask for one CPU (it waits, or the stall timeout fires)
+        (4, 4.0, 2, True, (0.25, 2, 1.0, 1.0, 1), None, None),  # one GPU per embedder, up to the GPUs free
+        (None, 4.0, 2, True, (0.25, 2, 1.0, 1.0, 1), None, None),
+        (None, 8.0, 0, False, (0.25, 2, 3.75, 0.0, 4), 1_500_000, None),  # unset, 1.5 MB to index: two actors, each with half
+        (None, 8.0, 0, False, (0.25, 1, 7.5, 0.0, 8), 3_000, None),  # unset, a few small documents: one model load, every thread
+        (None, 6.0, 0, False, (0.25, 1, 2.5, 0.0, 3), 3_000, 3.0),  # two 3-CPU nodes: one actor must fit on one of them
+        (4, 4.0, 0, True, (0.25, 1, 1.0, 1.0, 1), None, None),  # GPUs busy: one embedder waits for one
     ],
 )
-def test_stages_are_sized_to_fit_what_ray_has_free(embed_actors, free_cpus, free_gpus, use_gpu, plan, source_bytes):
+def test_stages_are_sized_to_fit_what_ray_has_free(embed_actors, free_cpus, free_gpus, use_gpu, plan, source_bytes, node_cpus):
     from lorag.data import plan_stages
 
-    p = plan_stages(embed_actors, free_cpus, free_gpus, use_gpu, source_bytes)
+    p = plan_stages(embed_actors, free_cpus, free_gpus, use_gpu, source_bytes, node_cpus)
     assert (p.chunker_cpus, p.embed_actors, p.embed_cpus, p.embed_gpus, p.embed_threads) == plan
     if free_cpus > 0:
         # the chunker, one read task and every embedder at once, or one waits for another forever
         assert 2 * p.chunker_cpus + p.embed_actors * p.embed_cpus <= free_cpus + 1e-9
+        assert p.embed_cpus <= (node_cpus or free_cpus), "an actor runs on one node"
 
 
 # -- 1, 2 and 3 documents on 1 and 2 CPUs --------------------------------------------------------

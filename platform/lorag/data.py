@@ -157,8 +157,9 @@ def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress, lease) 
     # Chunker and embedder actors may run on other nodes: they resolve the embedder themselves.
     embedder_ref, cache = node_ref(cfg.embedder, cfg.storage_root, cfg.model_cache), cfg.cache_dir
     free, total = ray.available_resources(), ray.cluster_resources()
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     plan = plan_stages(kb.embed_actors, free.get("CPU", 0.0), free.get("GPU", 0.0), use_gpu=total.get("GPU", 0) >= 1,
-                       source_bytes=_total_size(todo))
+                       source_bytes=_total_size(todo), node_cpus=max(nodes, default=None))
     ds = (
         read_sources(todo, num_cpus=plan.chunker_cpus, max_bytes=kb.max_source_bytes)
         .flat_map(
@@ -231,7 +232,8 @@ AUTO_EMBED_ACTORS = 8  # `embed_actors` unset: one actor per CPU free beside the
 AUTO_BYTES_PER_ACTOR = 1 << 20  # and one per MiB of documents to index (a small ingest is not worth more model loads)
 
 
-def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, use_gpu: bool, source_bytes: int | None = None) -> StagePlan:
+def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, use_gpu: bool, source_bytes: int | None = None,
+                node_cpus: float | None = None) -> StagePlan:
     """Size the chunker and the embedder pool so that all of them fit in what Ray has free at once.
 
     A fixed pool whose actors take every CPU starves the other stage (Ray Data then waits forever:
@@ -240,8 +242,10 @@ def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, us
     less on a machine with little free) and the embedders share the rest: `embed_actors` of them
     (unset: about one per CPU left, at most `AUTO_EMBED_ACTORS` and one per `AUTO_BYTES_PER_ACTOR`
     of documents to index; never more than fit at one CPU each, and at least one), each with as
-    many torch threads as the CPUs it holds, rounded up. With nothing free, the stages ask for one
-    CPU between them (an autoscaler adds it; otherwise `stall_timeout_s` ends the wait). With GPUs in the cluster each embedder takes one, up to the
+    many torch threads as the CPUs it holds, rounded up, and never more CPUs than one node has
+    beside the chunker (an actor runs on one node: 5.5 CPUs of two 3-CPU nodes fit nowhere). With
+    nothing free, the stages ask for one CPU between them (an autoscaler adds it; otherwise
+    `stall_timeout_s` ends the wait). With GPUs in the cluster each embedder takes one, up to the
     GPUs free (at least one).
 
     Args:
@@ -250,6 +254,7 @@ def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, us
         free_gpus: GPUs Ray has available now.
         use_gpu: whether the cluster has GPUs (embedders then run on them).
         source_bytes: the size of the documents this ingest indexes (None: unknown).
+        node_cpus: the CPUs of the cluster's largest node (None: one node holds all of `free_cpus`).
     """
     auto = AUTO_EMBED_ACTORS if source_bytes is None else min(AUTO_EMBED_ACTORS, max(1, math.ceil(source_bytes / AUTO_BYTES_PER_ACTOR)))
     share = free_cpus if free_cpus > 0 else 1.0
@@ -261,7 +266,7 @@ def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, us
     else:
         fit = max(1, int(rest + 0.5))  # actors of about one CPU each (a 0.75-CPU actor still runs a whole thread)
         n = max(1, min(embed_actors or auto, fit))
-        cpus = _floor(rest / n)
+        cpus = _floor(min(rest / n, max(node_cpus - 2 * chunker, 0.01)) if node_cpus else rest / n)
     return StagePlan(chunker, n, cpus, 1.0 if use_gpu else 0.0, max(1, math.ceil(cpus - 0.01)))
 
 
