@@ -273,7 +273,9 @@ def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, us
 def _total_size(paths: list[str]) -> int | None:
     """The documents' size in bytes (a file that cannot be read counts 0: the pipeline reports it),
     or None when one is at a URI (its size is not known here without a round trip)."""
-    if any("://" in p for p in paths):
+    from lorag.storage import is_uri
+
+    if any(map(is_uri, paths)):
         return None
     total = 0
     for path in paths:
