@@ -38,6 +38,7 @@ def main() -> None:
     from lorag.data import ingest
     from lorag.embed import Embedder
     from lorag.milvus import open_store
+    from lorag.retrieval import search
 
     raw = yaml.safe_load((QUICKSTART / "lorag.yaml").read_text())
     work = Path(tempfile.mkdtemp(prefix="lorag-bench-fusion-"))
@@ -55,13 +56,13 @@ def main() -> None:
         ingest(cfg, kb.name)
         store = open_store(cfg.milvus_uri(kb), kb.token)
         embedder = Embedder(cfg.embedder, cache_dir=cfg.cache_dir)
-        vectors = embedder.embed([q["question"] for q in questions])
         rows = []
         for fusion, weight in SETTINGS:
             recall = mrr = first = 0.0
-            for q, v in zip(questions, vectors):
-                chosen = {"fusion": fusion, "dense_weight": weight} if fusion else {}
-                hits = store.search(kb.collection, v.tolist(), q["question"], 5, "hybrid", None, {**kb.ranking_options(), **chosen})
+            chosen = {"fusion": fusion, "dense_weight": weight} if fusion else {}
+            setting = kb.model_copy(update={"hybrid": kb.hybrid.model_copy(update=chosen)})
+            for q in questions:
+                hits = search(store, setting, q["question"], embedder, 5, "hybrid")
                 ranks = [i for i, h in enumerate(hits, 1) if any(Path(h["source"]).name == Path(s).name for s in q["sources"])]
                 recall += bool(ranks and ranks[0] <= kb.top_k)
                 mrr += 1 / ranks[0] if ranks else 0.0

@@ -32,7 +32,7 @@ Methods, all in one run, per corpus:
 - baseline rrf: reciprocal rank fusion (k = 60) of the two baselines' top 100 windows.
 - lorag dense / bm25 / hybrid: the pages ingested by `lorag.data.ingest` with lorag's defaults
   (200-token chunks, 32 overlapping, Milvus Lite, under a local Ray of the machine's cores, as
-  `lorag kb ingest` runs), searched with `lorag.retrieval.retrieve(store, embedder, kb, question, 5, mode)`.
+  `lorag kb ingest` runs), searched with `lorag.retrieval.search(store, kb, question, embedder, 5, mode)`.
 
 Measured, per method, page level: recall@5, the share of questions with a chunk (or window) from
 one of its gold pages among the top 5, and MRR@5, the mean of 1 / rank of the first such chunk (0
@@ -299,7 +299,7 @@ def lorag_rankings(c: Corpus, root: Path, pages: list[str], questions: list[dict
     from lorag.config import load_config
     from lorag.data import ingest
     from lorag.milvus import open_store
-    from lorag.retrieval import retrieve
+    from lorag.retrieval import search
 
     config = {
         "embedder": "all-minilm-l6-v2",
@@ -322,8 +322,8 @@ def lorag_rankings(c: Corpus, root: Path, pages: list[str], questions: list[dict
     print(f"  lorag ingest: {report.entities} chunks from {report.documents} pages in {report.seconds:.0f} s ({report.skipped} unchanged)"
           f"{f', {len(report.failed)} failed' if report.failed else ''}", flush=True)
     store = open_store(cfg.milvus_uri(kb))
-    store.search(kb.collection, None, "warm up", 1, "bm25")  # a reopened Milvus Lite file: lorag's BM25 index builds in the background
-    while not store.call("full_text_ready", kb.collection):  # until then Milvus Lite's own BM25 (b = 0.75) would answer
+    store.candidates(kb.collection, None, "warm up", 1)  # a reopened Milvus Lite file: lorag's BM25 index builds in the background
+    while not store.full_text_ready(kb.collection):  # until then Milvus Lite's own BM25 (b = 0.75) would answer
         time.sleep(0.5)
 
     def page(h: dict) -> str:
@@ -334,18 +334,18 @@ def lorag_rankings(c: Corpus, root: Path, pages: list[str], questions: list[dict
     if sweep_candidates:
         for q in questions:
             vector = embedder.embed([q["question"]])[0].tolist()
-            candidates.append({m: [{**h, "page": page(h)} for h in store.search(kb.collection, vector, q["question"], SWEEP_DEPTH, m, None, {"max_per_source": None})]
-                               for m in ("dense", "bm25")})
+            dense, lexical = store.candidates(kb.collection, vector, q["question"], SWEEP_DEPTH)
+            candidates.append({m: [{**h, "page": page(h)} for h in hits] for m, hits in (("dense", dense), ("bm25", lexical))})
     for mode in LORAG_MODES:
-        retrieve(store, embedder, kb, questions[0]["question"], K, mode)  # warm-up
+        search(store, kb, questions[0]["question"], embedder, K, mode)  # warm-up
         ranked, times = [], []
         for q in questions:
             t0 = time.perf_counter()
-            hits = retrieve(store, embedder, kb, q["question"], K, mode)
+            hits = search(store, kb, q["question"], embedder, K, mode)
             times.append(time.perf_counter() - t0)
             ranked.append([{"page": page(h), "section": h["section"], "text": h["text"][:200]} for h in hits])
         out[f"lorag {mode}"] = {"hits": ranked, "times": times}
-    docs = store.call("documents", kb.collection)
+    docs = store.documents(kb.collection)
     per_page = sorted((d["count"] for d in docs.values()))
     ing = {k: getattr(report, k) for k in ("documents", "skipped", "chunks_written", "entities", "seconds")}
     ing.update(failed=report.failed, chunks_per_page_median=statistics.median(per_page) if per_page else 0, chunks_per_page_max=max(per_page, default=0))
@@ -377,20 +377,24 @@ def sweep(candidates: list[dict], questions: list[dict]) -> dict:
     """
     import itertools
 
-    from lorag.retrieval import rank, ranking_defaults
+    from lorag.config import HybridConfig, KnowledgeBaseConfig
+    from lorag.retrieval import rank
 
     dev = [i for i in range(len(questions)) if i % 2 == 0]
     test = [i for i in range(len(questions)) if i % 2 == 1]
 
     def ranked(setting: dict, mode: str) -> list[list[dict]]:
-        return [rank(c["dense"], c["bm25"], K, mode, setting) if setting["max_per_source"] or mode == "hybrid"
+        kb = KnowledgeBaseConfig(name="sweep", sources=["-"], hybrid=HybridConfig(**{k: setting[k] for k in HYBRID_ONLY}),
+                                 max_per_source=setting["max_per_source"], source_weight=setting["source_weight"])
+        return [rank(c["dense"], c["bm25"], K, mode, kb) if setting["max_per_source"] or mode == "hybrid"
                 else c[mode][:K] for c in candidates]
 
     def on(idx: list[int], hits: list[list[dict]]) -> dict:
         m = score([hits[i] for i in idx], [questions[i] for i in idx])
         return {"recall": m["recall"], "mrr": m["mrr"]}
 
-    current = ranking_defaults()
+    defaults = KnowledgeBaseConfig(name="sweep", sources=["-"])
+    current = {**defaults.hybrid.model_dump(), "max_per_source": defaults.max_per_source, "source_weight": defaults.source_weight}
     result = {"dev": len(dev), "test": len(test), "current": current, "modes": {}}
     for mode in LORAG_MODES:
         keys = [k for k in SWEEP if mode == "hybrid" or k not in HYBRID_ONLY]

@@ -48,7 +48,7 @@ def test_ingest_is_incremental_exact_and_searchable(ray_session, make_config, em
     from lorag.data import ingest
     from lorag.embed import Embedder
     from lorag.milvus import open_store
-    from lorag.retrieval import retrieve
+    from lorag.retrieval import search
 
     cfg = make_config()
     first = ingest(cfg, "handbook")
@@ -77,7 +77,7 @@ def test_ingest_is_incremental_exact_and_searchable(ray_session, make_config, em
     }
     for question, fact in cases.items():
         for mode in ("dense", "hybrid"):
-            hits = retrieve(store, emb, kb, question, 3, mode)
+            hits = search(store, kb, question, emb, 3, mode)
             assert any(fact in h["text"] for h in hits[:2]), f"{mode} {question!r}: no top-2 hit has {fact!r}: {[h['text'][:80] for h in hits]}"
             assert hits[0]["score"] >= hits[-1]["score"]
             h = hits[0]
@@ -90,19 +90,19 @@ def test_full_text_and_hybrid_find_an_exact_identifier_that_dense_misses(handboo
     from lorag.config import load_config
     from lorag.embed import Embedder
     from lorag.milvus import open_store
-    from lorag.retrieval import retrieve
+    from lorag.retrieval import search
 
     cfg = load_config(handbook)
     kb = cfg.knowledge_base("handbook")
     store, emb = open_store(cfg.milvus_uri(kb)), Embedder(embedder_path)
     has_code = lambda hit: f"{ERROR_CODE}:" in hit["text"]  # noqa: E731  the error-code list entry itself
-    dense = retrieve(store, emb, kb, ERROR_CODE, 3, "dense")
+    dense = search(store, kb, ERROR_CODE, emb, 3, "dense")
     assert not any(map(has_code, dense)), "premise: dense search misses the error-code entry"
-    assert has_code(retrieve(store, emb, kb, ERROR_CODE, 3, "bm25")[0]), "full text ranks the exact identifier first"
+    assert has_code(search(store, kb, ERROR_CODE, emb, 3, "bm25")[0]), "full text ranks the exact identifier first"
     for question in (ERROR_CODE, f"I'm getting {ERROR_CODE}.", f"What does error {ERROR_CODE} mean?"):
-        hybrid = retrieve(store, emb, kb, question, 3, "hybrid")
+        hybrid = search(store, kb, question, emb, 3, "hybrid")
         assert has_code(hybrid[0]), f"hybrid (score fusion, as the quickstart sets it) keeps it first for {question!r}: {[h['text'][:60] for h in hybrid]}"
-    only = retrieve(store, emb, kb, "backup", 5, "hybrid", source_prefix=str(Path(kb.sources[0]) / "04-"))
+    only = search(store, kb, "backup", emb, 5, "hybrid", source_prefix=str(Path(kb.sources[0]) / "04-"))
     assert only and all(Path(h["source"]).name.startswith("04-") for h in only), "the source filter keeps only matching paths"
 
 
@@ -187,7 +187,7 @@ def test_a_store_handle_reopens_a_dead_lite_owner_with_the_data_intact(ray_sessi
     assert store.count("c") == 3
     assert store._actor._actor_id != first._actor_id
     ray_session.kill(store._actor)
-    assert asyncio.run(store.acall("count", "c")) == 3
+    assert len(asyncio.run(store.acandidates("c", None, "chunk", 3))[1]) == 3, "the async form reopens the killed owner too"
     # The name is free again once its owner is gone: a fresh handle starts a new owner on the same file.
     ray_session.kill(store._actor)
     assert open_store(str(tmp_path / "kb.db")).count("c") == 3
@@ -199,7 +199,7 @@ def test_lite_and_a_milvus_server_give_the_same_top_hits(handbook, embedder_path
     from lorag.data import ingest
     from lorag.embed import Embedder
     from lorag.milvus import local_server, open_store
-    from lorag.retrieval import retrieve
+    from lorag.retrieval import search
 
     lite_cfg = load_config(handbook)
     emb = Embedder(embedder_path)
@@ -212,8 +212,8 @@ def test_lite_and_a_milvus_server_give_the_same_top_hits(handbook, embedder_path
         lite, server = open_store(lite_cfg.milvus_uri(lite_cfg.knowledge_bases[0])), open_store(uri)
         for q in queries:
             for mode in ("dense", "bm25", "hybrid"):
-                a = retrieve(lite, emb, lite_cfg.knowledge_bases[0], q, 3, mode)
-                b = retrieve(server, emb, server_cfg.knowledge_bases[0], q, 3, mode)
+                a = search(lite, lite_cfg.knowledge_bases[0], q, emb, 3, mode)
+                b = search(server, server_cfg.knowledge_bases[0], q, emb, 3, mode)
                 assert a[0]["id"] == b[0]["id"], f"{mode} {q!r}: Lite top hit {a[0]['text'][:60]!r} != server's {b[0]['text'][:60]!r}"
                 if mode == "dense":
                     assert [h["id"] for h in a] == [h["id"] for h in b]

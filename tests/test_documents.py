@@ -23,7 +23,7 @@ from lorag.documents import (
     find_documents,
     parse_document,
 )
-from lorag.retrieval import terms
+from lorag.text import terms
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
 ROW_KEYS = {"id", "text", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "error", "passage", "terms"}

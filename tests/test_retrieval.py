@@ -4,7 +4,9 @@ import random
 
 import pytest
 
-from lorag.retrieval import Bm25Index, analyze, passage, rrf, terms
+from lorag.config import HybridConfig, KnowledgeBaseConfig
+from lorag.retrieval import rrf
+from lorag.text import Bm25Index, analyze, passage, terms
 
 
 def hits(*ids):
@@ -245,18 +247,19 @@ def test_per_source_ranks_documents_by_their_best_chunk_and_the_next_two(hits, w
 
 
 def test_rank_applies_fusion_then_documents_and_the_cap():
-    from lorag.retrieval import rank, ranking_defaults, search_depth
+    from lorag.retrieval import rank, search_depth
 
     dense = [{"id": f"d{i}", "source": src, "score": sc} for i, (src, sc) in enumerate([("a", 0.8), ("b", 0.7), ("b", 0.69), ("c", 0.5)])]
     lexical = [{"id": f"l{i}", "source": src, "score": sc} for i, (src, sc) in enumerate([("c", 9.0), ("b", 4.0), ("a", 1.0)])]
-    opts = {**ranking_defaults(), "fusion": "rrf", "rrf_k": 60, "dense_weight": 1.0, "lexical_floor": 0.0, "source_weight": 0.0}
-    assert [h["source"] for h in rank(dense, lexical, 3, "dense", opts)] == ["a", "b", "c"]
-    assert [h["source"] for h in rank(dense, lexical, 3, "bm25", opts)] == ["c", "b", "a"]
-    hybrid = rank(dense, lexical, 3, "hybrid", opts)
+    kb = KnowledgeBaseConfig(name="t", sources=["-"], hybrid=HybridConfig(fusion="rrf", rrf_k=60, dense_weight=1.0, lexical_floor=0.0), source_weight=0.0)
+    assert [h["source"] for h in rank(dense, lexical, 3, "dense", kb)] == ["a", "b", "c"]
+    assert [h["source"] for h in rank(dense, lexical, 3, "bm25", kb)] == ["c", "b", "a"]
+    hybrid = rank(dense, lexical, 3, "hybrid", kb)
     assert len({h["source"] for h in hybrid}) == 3 and hybrid[0]["source"] in "abc"
-    assert [h["id"] for h in rank(dense, lexical, 4, "dense", {**opts, "max_per_source": None})] == ["d0", "d1", "d2", "d3"], "no cap: scores alone"
-    assert search_depth(5, "dense", {"max_per_source": None}) == 5, "nothing reorders: k candidates are enough"
-    assert search_depth(5, "hybrid", {"max_per_source": None}) >= 20 and search_depth(20, "dense", {"max_per_source": 1}) == 80
+    uncapped = kb.model_copy(update={"max_per_source": None})
+    assert [h["id"] for h in rank(dense, lexical, 4, "dense", uncapped)] == ["d0", "d1", "d2", "d3"], "no cap: scores alone"
+    assert search_depth(5, "dense", uncapped) == 5, "nothing reorders: k candidates are enough"
+    assert search_depth(5, "hybrid", uncapped) >= 20 and search_depth(20, "dense", kb) == 80
 
 
 def test_milvus_lite_full_text_matches_stems_and_heading_words(tmp_path):
@@ -282,12 +285,12 @@ def test_milvus_lite_full_text_matches_stems_and_heading_words(tmp_path):
     try:
         assert store.upsert("c", rows) == 5
         store.settle("c")
-        top = lambda q: [h["id"] for h in store.search("c", None, q, 3, "bm25")]  # noqa: E731
+        top = lambda q: [h["id"] for h in store.candidates("c", None, q, 3)[1]]  # noqa: E731
         assert top("fixtures")[:1] == ["0"], "the heading path is searched with the text"
         assert top("run a test in parallel")[:1] == ["1"], "run / Running, test / tests meet at their stems"
         assert top("how do I do what")[:1] == [], "stop words match nothing"
         assert top("python 3.6")[:1] == ["3"] and "4" not in top("3.6"), "a version number is matched whole"
-        (hit,) = store.search("c", None, "xdist", 1, "bm25")
+        (hit,) = store.candidates("c", None, "xdist", 1)[1]
         assert hit["text"] == texts[1][1] and "terms" not in hit, "hits carry the chunk's text, not its indexed terms"
         assert "c" in store._bm25, "settle built the in-process index the searches above used"
 
@@ -305,7 +308,7 @@ def test_milvus_lite_bm25_and_lorag_index_score_alike(tmp_path):
     defaults, k1 1.5 and b 0.75), the same hits in the same order with the same scores, with and
     without a source prefix. The store's own index uses lorag's b."""
     from lorag.milvus import OUTPUT, MilvusStore
-    from lorag.retrieval import BM25_B, terms
+    from lorag.text import BM25_B, terms
 
     rng = random.Random(7)
     vocab = [f"w{i}" for i in range(60)]
@@ -344,7 +347,7 @@ def test_the_stem_cache_is_bounded_in_bytes_not_entries():
 
     import snowballstemmer
 
-    from lorag.retrieval import StemCache
+    from lorag.text import StemCache
 
     rng = random.Random(0)
     words = ["".join(rng.choices(string.ascii_lowercase, k=500)) + "ing" for _ in range(300)]  # 165 KB of stems

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from lorag.storage import is_uri
+
 if TYPE_CHECKING:
     from lorag.config import LoragConfig
 
@@ -211,7 +213,7 @@ def cluster(address: str | None = None, token: str | None = None, cfg: LoragConf
         raise ClusterError("no cluster address: pass --address http://HOST:8265 (the head's dashboard), set cluster.address in the config, or set RAY_ADDRESS")
     if address.startswith("ray://"):
         raise ClusterError(f"{address} is a Ray Client address: use the head's dashboard address instead, e.g. http://HOST:8265")
-    if "://" not in address:
+    if not is_uri(address):
         address = f"http://{address}"
     tok, source = _find_token(token)
     return Cluster(address.rstrip("/"), tok, source)
@@ -464,7 +466,7 @@ def secret_problems(cfg: LoragConfig, overrides: list[str] | None = None) -> lis
                 yield from secrets([*path, str(i)], v)
         elif value is not None and value != "" and not isinstance(value, bool):
             env_var = path[:2] == ["cluster", "env_vars"] and len(path) == 3 and SECRET_NAME.search(path[2])
-            url = isinstance(value, str) and "://" in value and urlsplit(value).password
+            url = isinstance(value, str) and is_uri(value) and urlsplit(value).password
             if path[-1] in ("token", "password") or env_var or url:
                 yield ".".join(path)
 
@@ -542,7 +544,7 @@ def check_for_cluster(cfg: LoragConfig, root: Path, target: Cluster, kind: str, 
     inputs += [(field, ref) for field, ref in (("base_model", cfg.base_model), ("embedder", cfg.embedder)) if os.path.isabs(ref)]
     problems = []
     for field, location, fix in outputs:
-        if "://" in location:
+        if is_uri(location):
             continue
         path = Path(location).resolve()
         if path.is_relative_to(root):
@@ -551,7 +553,7 @@ def check_for_cluster(cfg: LoragConfig, root: Path, target: Cluster, kind: str, 
         elif nodes is not None and nodes > 1:
             problems.append(f"{field}: {location} is on one node's disk, and the cluster at {target.address} has {nodes} nodes: use {fix}")
     for field, location in inputs:
-        if not here and "://" not in str(location) and not Path(location).resolve().is_relative_to(root):
+        if not here and not is_uri(str(location)) and not Path(location).resolve().is_relative_to(root):
             problems.append(f"{field}: {location} is on this machine only, outside the project that is uploaded: "
                             f"move it into {root} (or use an s3:// location the cluster reads)")
     if kind == "deploy" and not here and cfg.serve.host in ("127.0.0.1", "localhost", "::1"):

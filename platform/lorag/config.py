@@ -24,6 +24,8 @@ from typing import Any, Literal, NamedTuple, Sequence, Union, get_args, get_orig
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorag.storage import is_uri
+
 FIELDS_HINT = "`lorag config` or docs/config.md lists every field"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -64,15 +66,19 @@ class ChunkingConfig(_Strict):
         return self
 
 
-class HybridConfig(_Strict):
-    """How hybrid search fuses its two rankings (by normalised scores, or by reciprocal rank). Unset values
-    take lorag's defaults, the best of a sweep on a labelled benchmark (docs/benchmarks.md)."""
+SearchMode = Literal["dense", "bm25", "hybrid"]  # the one definition of the search modes (config, CLI, API)
 
-    dense_weight: float | None = Field(None, gt=0, le=10, description="Weight of the dense (meaning) ranking; full text weighs 1. Raise it for paraphrased questions, lower it for codes and names.")
-    lexical_floor: float | None = Field(None, ge=0, le=1, description="Full-text hits scoring under this share of the best one are dropped before fusion (they match only common words).")
-    rrf_k: int | None = Field(None, ge=1, le=1000, description="With fusion rrf: the RRF constant; higher flattens the weight of the top ranks.")
-    fusion: Literal["rrf", "scores"] | None = Field(
-        None, description="rrf (default): weighted reciprocal rank fusion (ranks only); scores: each ranking's scores normalised to 0-1 "
+
+class HybridConfig(_Strict):
+    """How hybrid search fuses its two rankings (by reciprocal rank, or by normalised scores). The defaults
+    are the best of a sweep on a labelled benchmark's tuning corpus, held on three held-out documentation
+    sets (docs/benchmarks.md, "Retrieval quality")."""
+
+    dense_weight: float = Field(1.5, gt=0, le=10, description="Weight of the dense (meaning) ranking; full text weighs 1. Raise it for paraphrased questions, lower it for codes and names.")
+    lexical_floor: float = Field(0.5, ge=0, le=1, description="Full-text hits scoring under this share of the best one are dropped before fusion (they match only common words).")
+    rrf_k: int = Field(30, ge=1, le=1000, description="With fusion rrf: the RRF constant; higher flattens the weight of the top ranks.")
+    fusion: Literal["rrf", "scores"] = Field(
+        "rrf", description="rrf: weighted reciprocal rank fusion (ranks only); scores: each ranking's scores normalised to 0-1 "
         "and averaged by weight, so a chunk far ahead in full text (an exact code or name) stays ahead.",
     )
 
@@ -93,17 +99,17 @@ class KnowledgeBaseConfig(_Strict):
     token: str | None = Field(None, description="Milvus server token ('user:password'); unused for Milvus Lite. Default: $LORAG_MILVUS_TOKEN of the process that opens the knowledge base (on a Ray cluster: set it in its nodes' environment), so that no file holds it; `lorag submit` refuses a token given with --set, `lorag k8s render` one written in the config. On Kubernetes every Ray pod gets LORAG_MILVUS_TOKEN=root:<milvus_root_password> from Secret lorag-secrets.")
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig, description="Chunk size and overlap.")
     top_k: int = Field(3, ge=1, le=50, description="Chunks retrieved per question. More gives the model more evidence and a longer prompt.")
-    search: Literal["dense", "bm25", "hybrid"] = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused).")
+    search: SearchMode = Field("hybrid", description="Retrieval mode: dense vectors (meaning), BM25 full text (exact words, codes, names), or hybrid (both, fused).")
     hybrid: HybridConfig = Field(default_factory=HybridConfig, description="Fusion settings of hybrid search.")
     max_per_source: int | None = Field(
-        None, ge=1, description="At most this many chunks of any one document ahead of other documents' chunks (None: lorag's default, 1), "
-        "so near-duplicate chunks of one page cannot fill every slot; a document's further chunks follow, so a one-document knowledge "
-        "base still gets top_k. Set it to top_k to rank by score alone.",
+        1, ge=1, description="At most this many chunks of any one document ahead of other documents' chunks, so near-duplicate chunks "
+        "of one page cannot fill every slot; a document's further chunks follow, so a one-document knowledge base still gets top_k. "
+        "null: no cap and no document ranking, chunks by score alone.",
     )
-    source_weight: float | None = Field(
-        None, ge=0, le=10, description="Documents are ranked by their best chunk's score plus this times the scores of their next two "
-        "matching chunks, so a page that several chunks match ranks above one with a single lucky chunk (None: lorag's default; "
-        "0: best chunk only). Needs max_per_source.",
+    source_weight: float = Field(
+        0.1, ge=0, le=10, description="Documents are ranked by their best chunk's score plus this times the scores of their next two "
+        "matching chunks, so a page that several chunks match ranks above one with a single lucky chunk (0: best chunk only). "
+        "Needs max_per_source.",
     )
     embed_batch_size: int = Field(64, ge=1, description="Chunks per embedding batch in the ingest pipeline.")
     embed_actors: int | None = Field(
@@ -125,11 +131,6 @@ class KnowledgeBaseConfig(_Strict):
     )
 
     _check_name = field_validator("name")(lambda v: validate_name("knowledge base", v))
-
-    def ranking_options(self) -> dict[str, Any]:
-        """The settings of `hybrid`, `max_per_source` and `source_weight` that are set, for `MilvusStore.search`."""
-        own = {"max_per_source": self.max_per_source, "source_weight": self.source_weight}
-        return {k: v for k, v in {**self.hybrid.model_dump(), **own}.items() if v is not None}
 
     @property
     def collection(self) -> str:
@@ -401,7 +402,7 @@ class K8sConfig(_Strict):
     @field_validator("storage")
     @classmethod
     def _storage_is_uri(cls, v: str | None) -> str | None:
-        if v is not None and not _is_remote(v):
+        if v is not None and not is_uri(v):
             raise ValueError(f"must be a URI that every pod reaches, such as s3://bucket/prefix or gs://bucket/prefix (got {v!r})")
         return v
 
@@ -631,7 +632,7 @@ def resolve_paths(cfg: LoragConfig, root: Path) -> LoragConfig:
     """Return a copy of `cfg` with relative paths made absolute against `root`."""
 
     def absolute(p: str) -> str:
-        return p if _is_remote(p) or os.path.isabs(os.path.expanduser(p)) else str((root / p).resolve())
+        return p if is_uri(p) or os.path.isabs(os.path.expanduser(p)) else str((root / p).resolve())
 
     def model_ref(ref: str) -> str:
         # A relative path that exists next to the config is a local model; anything else is a name or hub id.
@@ -659,13 +660,9 @@ def resolve_paths(cfg: LoragConfig, root: Path) -> LoragConfig:
     return LoragConfig.model_validate(data)
 
 
-def _is_remote(p: str) -> bool:
-    return "://" in p
-
-
 def join_uri(root: str, *parts: str) -> str:
     """`root/part/...` for a local path or a URI (never os.sep on a URI)."""
-    if _is_remote(root):
+    if is_uri(root):
         return "/".join([root.rstrip("/"), *parts])
     return str(Path(root, *parts))
 

@@ -20,7 +20,7 @@ are read: `find_documents` leaves out what is not a regular file inside its sour
 Chunk offsets index the unit's parsed text (for Markdown and text files, the decoded file), and
 each chunk carries its section: the Markdown heading path, or "page N" for a PDF. The chunker
 also gives each chunk the `passage` it is embedded as and the `terms` it is full-text indexed by
-(`lorag.retrieval.passage` and `terms`: its heading path above its text).
+(`lorag.text.passage` and `terms`: its heading path above its text).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lorag.retrieval import passage, terms
+from lorag.storage import is_uri
+from lorag.text import passage, terms
 
 DOC_SUFFIXES = (".md", ".markdown", ".txt", ".html", ".htm", ".pdf", ".jsonl")
 
@@ -96,7 +97,7 @@ def find_documents(sources: list[str], refused: list[tuple[str, str]] | None = N
     missing = []
     left_out: list[tuple[str, str]] = []
     for src in sources:
-        if "://" in src:
+        if is_uri(src):
             matches = _find_remote(src, left_out)
             if not matches:
                 missing.append(src)
@@ -206,7 +207,7 @@ def read_document(source: str, max_bytes: int | None = None) -> bytes:
             read), or a local one is not a regular file (checked before anything is read).
     """
     n = -1 if max_bytes is None else max_bytes + 1
-    if "://" not in source:
+    if not is_uri(source):
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
         fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:

@@ -267,7 +267,7 @@ async def answer_all(engine, items: list[EvalItem], variants: list[Variant], ret
 
     Args:
         engine: a `lorag.engine.Engine` (or anything with its `generate`).
-        retrieve: `(kb name, question) -> hits`, as the endpoint retrieves (`lorag.retrieval.retrieve`).
+        retrieve: `(kb name, question) -> hits`, as the endpoint retrieves (`lorag.retrieval.search`).
         roots: each knowledge base's source roots, to name sources as citations do.
         max_tokens: per answer; answers are greedy.
         progress: optional `(done, total)` callback.
@@ -365,7 +365,7 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
     from lorag.embed import Embedder
     from lorag.engine import Engine
     from lorag.milvus import open_store
-    from lorag.retrieval import retrieve
+    from lorag.retrieval import search as retrieval_search
 
     items = load_eval_set(dataset)
     store = AdapterStore(cfg.adapter_store)
@@ -396,7 +396,7 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
     k = max((cfg.knowledge_base(kb).top_k for kb in kbs), default=0)
 
     def search(kb: str, q: str):
-        return retrieve(stores[kb], embedder, cfg.knowledge_base(kb), q)
+        return retrieval_search(stores[kb], cfg.knowledge_base(kb), q, embedder)
 
     engine = Engine(cfg, cfg.base_model, store)
     try:

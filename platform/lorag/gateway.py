@@ -30,7 +30,7 @@ from lorag.config import LoragConfig
 from lorag.engine import Completion, SamplingParams, torch_thread
 from lorag.models import PromptEncoder
 from lorag.prompts import augment_text, chat_prompt, question
-from lorag.retrieval import citations
+from lorag.retrieval import Hit, asearch, citations
 from lorag.routing import AUTO, Route, Router, adapter_profiles
 from lorag.schemas import (APIError, ChatCompletion, ChatCompletionChunk, ChatRequest, CompletionRequest, ErrorResponse, Health, ModelCard, ModelList,
                            SamplingRequest, TextCompletion, TextCompletionChunk, error_body, validation_message)
@@ -189,15 +189,18 @@ class Gateway:
         """Refuse a prompt that cannot fit before spending any retrieval on it."""
         self.prompts.check(len(await asyncio.to_thread(self.prompts.encode, prompt)), max_tokens)
 
-    async def _retrieve(self, kb_name: str, query: str, k: int | None) -> list[dict[str, Any]]:
+    async def _embed(self, query: str) -> list[float]:
+        """The query's vector, embedded on the gateway's one embedding thread (off the event loop)."""
+        return (await asyncio.get_running_loop().run_in_executor(self.embed_thread, self.embedder.embed, [query]))[0].tolist()
+
+    async def _retrieve(self, kb_name: str, query: str, k: int | None) -> list[Hit]:
         from pymilvus.exceptions import MilvusException
         from ray.exceptions import RayActorError
 
         kb = self.cfg.knowledge_base(kb_name)
         start = time.perf_counter()
-        vector = None if kb.search == "bm25" else (await asyncio.get_running_loop().run_in_executor(self.embed_thread, self.embedder.embed, [query]))[0].tolist()
         try:
-            hits = await self.kb_stores[kb_name].acall("search", kb.collection, vector, query, k or kb.top_k, kb.search, None, kb.ranking_options())
+            hits = await asearch(self.kb_stores[kb_name], kb, query, self._embed, k)
         except (LookupError, MilvusException, RayActorError) as e:
             log.warning("knowledge base %s: search failed: %s", kb_name, e)
             raise APIError(503, f"knowledge base {kb_name!r} is not available (not built yet, or its Milvus is down)", type="server_error", code="kb_unavailable") from None

@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from lorag.config import ConfigError, LoragConfig, parse_config
+from lorag.storage import is_uri
 
 APP_DIR = "/app"  # where k8s/Dockerfile copies the project
 CONFIG_DIR = "/etc/lorag"  # where the ConfigMap is mounted
@@ -158,7 +159,7 @@ def cluster_config(cfg: LoragConfig, root: str | os.PathLike = ".") -> LoragConf
     problems: list[str] = []
 
     def rebase(where: str, path: str) -> str:
-        if "://" in path:
+        if is_uri(path):
             return path
         try:
             rel = Path(path).resolve().relative_to(root).as_posix()
@@ -171,7 +172,7 @@ def cluster_config(cfg: LoragConfig, root: str | os.PathLike = ".") -> LoragConf
             return path
 
     def password_in(where: str, uri: str | None) -> None:
-        if uri and "://" in uri and urlsplit(uri).password:
+        if uri and is_uri(uri) and urlsplit(uri).password:
             problems.append(f"  {where}: the URI holds a password, which would be written in plain text into ConfigMap {CONFIG_MAP}: "
                             "remove it from the URI (a Milvus token comes from the Secret, storage credentials from k8s.storage_secret)")
 
@@ -189,7 +190,7 @@ def cluster_config(cfg: LoragConfig, root: str | os.PathLike = ".") -> LoragConf
     password_in("storage", data["storage"])
     password_in("k8s.storage", cfg.k8s.storage)
     data["cache_dir"] = None
-    if not (data["storage"] and "://" in data["storage"]):
+    if not (data["storage"] and is_uri(data["storage"])):
         if cfg.k8s.storage is None:
             problems.append(
                 f"  k8s.storage: not set, and storage ({data['storage'] or 'default: the workdir'}) is not a URI, so the pods would "
@@ -209,14 +210,14 @@ def cluster_config(cfg: LoragConfig, root: str | os.PathLike = ".") -> LoragConf
             )
         kb["token"] = None  # the pods' own $LORAG_MILVUS_TOKEN, never this machine's
         password_in(f"knowledge_bases.{i}.uri", kb["uri"])
-        if not (kb["uri"] and "://" in kb["uri"]):  # a Milvus Lite file works on one node only
+        if not (kb["uri"] and is_uri(kb["uri"])):  # a Milvus Lite file works on one node only
             kb["uri"] = milvus_uri
     for i, ad in enumerate(data["adapters"]):
         ad["dataset"] = rebase(f"adapters.{i}.dataset", ad["dataset"])
         train = ad["train"]
         if train["deepspeed_config"]:
             train["deepspeed_config"] = rebase(f"adapters.{i}.train.deepspeed_config", train["deepspeed_config"])
-        if train["storage_path"] and "://" not in train["storage_path"]:
+        if train["storage_path"] and not is_uri(train["storage_path"]):
             train["storage_path"] = None  # the default, <storage>/ray_results, is reachable from every pod
     serve = data["serve"]
     serve["host"] = "0.0.0.0"  # the Serve proxy must answer on the pod IP behind KubeRay's serve Service

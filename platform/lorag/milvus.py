@@ -1,4 +1,5 @@
-"""Milvus access for knowledge bases: the collection schema, upserts, counts and vector search.
+"""Milvus access for knowledge bases: the chunk row and collection schema, writes, counts, locks,
+and each ranking's search candidates (ranking them is `lorag.retrieval`'s).
 
 `MilvusStore` wraps one `pymilvus.MilvusClient`. Milvus Lite (a local `*.db` file) may be opened by
 one process at a time, so `open_store` routes Lite access through a single named Ray actor per
@@ -31,9 +32,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypedDict, get_type_hints
 
 from lorag.errors import MILVUS_HINT
+from lorag.storage import is_uri
+from lorag.text import BM25_B, BM25_K1, Bm25Index, passage, terms
 
 ACTOR_NAMESPACE = "lorag"
 TEXT_MAX = 16384
@@ -64,7 +67,7 @@ def lock_collection(collection: str) -> str:
 
 def is_lite(uri: str) -> bool:
     """Milvus Lite URIs are local file paths; servers are reached over a scheme (http, https, tcp)."""
-    return "://" not in uri
+    return not is_uri(uri)
 
 
 class MilvusStore:
@@ -164,8 +167,6 @@ class MilvusStore:
         """
         from pymilvus import DataType, Function, FunctionType, MilvusClient
 
-        from lorag.retrieval import BM25_B, BM25_K1
-
         kb = kb or collection
         if self.client.has_collection(collection):
             reason = self.incompatible(collection, dim, kb)
@@ -174,21 +175,16 @@ class MilvusStore:
             return
         bm25 = self.native_bm25
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX)
-        # The chunk's English-analysed terms (`lorag.retrieval.terms`): Milvus's standard analyzer
-        # splits them back into the same words (Milvus Lite has no whitespace tokenizer).
-        schema.add_field("terms", DataType.VARCHAR, max_length=TEXT_MAX, **({"enable_analyzer": True} if bm25 else {}))
-        schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX)
-        schema.add_field("source_hash", DataType.VARCHAR, max_length=64)
-        schema.add_field("title", DataType.VARCHAR, max_length=512)
-        schema.add_field("section", DataType.VARCHAR, max_length=512)
-        schema.add_field("chunk_index", DataType.INT64)
-        schema.add_field("start", DataType.INT64)
-        schema.add_field("end", DataType.INT64)
-        schema.add_field("doc_hash", DataType.VARCHAR, max_length=64)
-        schema.add_field("n_chunks", DataType.INT64)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        for name, kind in get_type_hints(ChunkRow).items():
+            if kind is str:
+                # `terms`: the chunk's English-analysed terms (`lorag.text.terms`); Milvus's standard
+                # analyzer splits them back into the same words (Milvus Lite has no whitespace tokenizer).
+                extra = {"enable_analyzer": True} if name == "terms" and bm25 else {"is_primary": True} if name == "id" else {}
+                schema.add_field(name, DataType.VARCHAR, max_length=FIELD_BYTES[name], **extra)
+            elif kind is int:
+                schema.add_field(name, DataType.INT64)
+            else:
+                schema.add_field(name, DataType.FLOAT_VECTOR, dim=dim)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
         if bm25:
@@ -219,17 +215,14 @@ class MilvusStore:
     def upsert(self, collection: str, rows: list[dict[str, Any]]) -> int:
         if not rows:
             return 0
-        from lorag.retrieval import passage, terms
-
         self._forget_bm25(collection)
-        limits = {"text": TEXT_MAX, "terms": TEXT_MAX, "source": SOURCE_MAX, "title": 512, "section": 512}
         # source_hash from the full path, before `source` is clipped for display; the ingest
         # pipeline computes `terms` in its chunker actors, other writers get them here.
         rows = [
             {"source_hash": source_key(r["source"]), **r, "terms": r.get("terms") or terms(passage(r["title"], r["section"], r["text"]))}
             for r in rows
         ]
-        rows = [{k: _clip(r[k], limits[k]) if k in limits else r[k] for k in FIELDS} for r in rows]
+        rows = [{k: _clip(r[k], FIELD_BYTES[k]) if k in CLIPPED else r[k] for k in FIELDS} for r in rows]
         return int(self.client.upsert(collection, rows)["upsert_count"])
 
     def documents(self, collection: str) -> dict[str, dict[str, Any]]:
@@ -301,46 +294,27 @@ class MilvusStore:
         res = self.client.query(collection, filter="", output_fields=["count(*)"], consistency_level=consistency)
         return int(res[0]["count(*)"])
 
-    def search(
-        self, collection: str, vector: list[float] | None, query: str, k: int, mode: str = "dense", source_prefix: str | None = None,
-        ranking: dict[str, Any] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Top-k chunks, best first, each with its citation fields and `score`.
+    def candidates(self, collection: str, vector: list[float] | None, query: str | None, depth: int,
+                   source_prefix: str | None = None) -> tuple[list[Hit], list[Hit]]:
+        """Each ranking's top `depth` chunks, best first: (dense, full text). `lorag.retrieval.rank` turns them into a search's hits.
 
         Args:
-            vector: the embedded query (dense and hybrid modes).
-            query: the query text (bm25 and hybrid modes).
-            mode: "dense" (cosine), "bm25" (full text) or "hybrid" (both, fused: `lorag.retrieval.fuse`).
+            vector: the embedded query, for the dense ranking (None: no dense ranking).
+            query: the query text, for the full-text ranking (None: no full-text ranking).
             source_prefix: only chunks whose source path starts with this.
-            ranking: a knowledge base's `ranking_options()`: the fusion's `dense_weight`,
-                `lexical_floor`, `rrf_k`, `fusion`, `max_per_source` and `source_weight` (each
-                missing one: `lorag.retrieval.ranking_defaults()`; `max_per_source` None: no cap).
         """
-        from lorag.retrieval import rank, ranking_defaults, search_depth
-
-        opts = {**ranking_defaults(), **(ranking or {})}
-
         if collection not in self._loaded and not self.client.has_collection(collection):
             raise LookupError(f"knowledge base collection {collection!r} does not exist at {self.uri}: run `lorag kb ingest` first")
-        if mode not in ("dense", "bm25", "hybrid"):
-            raise ValueError(f"search mode must be dense, bm25 or hybrid, not {mode!r}")
         self._load(collection)
-        depth = search_depth(k, mode, opts)
-        if mode == "dense":
-            return rank(self._dense(collection, vector, depth, source_prefix), [], k, mode, opts)
-        if mode == "bm25":
-            return rank([], self._full_text(collection, query, depth, source_prefix), k, mode, opts)
-        if is_lite(self.uri):  # Milvus Lite computes in this process: nothing to overlap
-            dense, lexical = self._dense(collection, vector, depth, source_prefix), self._full_text(collection, query, depth, source_prefix)
-        else:  # a server answers the dense search while the full-text one runs (or waits on it too)
-            pending = self._pool.submit(self._dense, collection, vector, depth, source_prefix)
-            lexical = self._full_text(collection, query, depth, source_prefix)
-            dense = pending.result()
-        return rank(dense, lexical, k, mode, opts)
+        if vector is None or query is None or is_lite(self.uri):  # one ranking, or Milvus Lite (in this process): nothing to overlap
+            dense = self._dense(collection, vector, depth, source_prefix) if vector is not None else []
+            return dense, (self._full_text(collection, query, depth, source_prefix) if query is not None else [])
+        # a server answers the dense search while the full-text one runs (or waits on it too)
+        pending = self._pool.submit(self._dense, collection, vector, depth, source_prefix)
+        lexical = self._full_text(collection, query, depth, source_prefix)
+        return pending.result(), lexical
 
-    def _dense(self, collection: str, vector, k: int, prefix: str | None) -> list[dict[str, Any]]:
-        if vector is None:
-            raise ValueError("dense and hybrid search need the query vector")
+    def _dense(self, collection: str, vector, k: int, prefix: str | None) -> list[Hit]:
         res = self.client.search(
             collection, data=[list(map(float, vector))], anns_field="vector", limit=k, output_fields=OUTPUT, consistency_level=SEARCH_CONSISTENCY,
             # HNSW's default beam (ef = k) gave recall@10 0.93 on a 100k-chunk server collection; a wider one buys it back.
@@ -348,9 +322,7 @@ class MilvusStore:
         )
         return [{"id": hit["id"], "score": float(hit["distance"]), **hit["entity"]} for hit in res[0]]
 
-    def _full_text(self, collection: str, query: str, k: int, prefix: str | None) -> list[dict[str, Any]]:
-        from lorag.retrieval import terms
-
+    def _full_text(self, collection: str, query: str, k: int, prefix: str | None) -> list[Hit]:
         analysed = terms(query)
         if not analysed:  # nothing but stop words and punctuation
             return []
@@ -378,8 +350,6 @@ class MilvusStore:
 
     def _build_bm25(self, collection: str) -> Any:
         """Build the collection's in-process full-text index from its stored terms, and keep it unless a write came meanwhile."""
-        from lorag.retrieval import Bm25Index
-
         writes = self._bm25_writes.get(collection, 0)
         fields = ["id", "terms", *OUTPUT]
         if is_lite(self.uri):  # one query: Lite has no limit on its size, and its iterator logs an error for a call it lacks
@@ -494,8 +464,45 @@ class MilvusStore:
 # Searches read with bounded staleness: a strong read waits for the next time tick (~200 ms on a
 # server). Ingest ends with `settle`, so a finished ingest is fully visible to them.
 SEARCH_CONSISTENCY = "Bounded"
-FIELDS = ("id", "text", "terms", "source", "source_hash", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks", "vector")
-OUTPUT = ["text", "source", "title", "section", "chunk_index", "start", "end"]
+
+
+class ChunkRow(TypedDict):
+    """One chunk as a knowledge base's collection stores it: the one definition of its fields, from
+    which the collection's schema (`MilvusStore.ensure_collection`) and every write are built."""
+
+    id: str  # the chunk's primary key: a hash of its document, position and text (`lorag.documents`)
+    text: str  # the chunk's text, as cited
+    terms: str  # its passage's English-analysed terms, for full-text search (`lorag.text.terms`)
+    source: str  # the document's path or URI (clipped to SOURCE_MAX bytes for display)
+    source_hash: str  # sha256 of the full source path (`source_key`): per-document filters and deletes
+    title: str
+    section: str  # the heading path inside the document ("Title > Heading > Subheading")
+    chunk_index: int
+    start: int  # character offsets of the chunk in the document's text
+    end: int
+    doc_hash: str  # the document's content and indexing parameters: unchanged documents are skipped
+    n_chunks: int  # chunks of the document: a document is complete when it holds them all
+    vector: list[float]  # the passage's embedding
+
+
+class Hit(TypedDict):
+    """A search candidate or result: a chunk's citation fields (`OUTPUT`) and its `score`."""
+
+    id: str
+    text: str
+    source: str
+    title: str
+    section: str
+    chunk_index: int
+    start: int
+    end: int
+    score: float  # cosine, BM25, or (after `lorag.retrieval.rank`) the fused score
+
+
+FIELDS = tuple(ChunkRow.__annotations__)
+OUTPUT = [f for f in Hit.__annotations__ if f not in ("id", "score")]  # what searches return beside the id
+FIELD_BYTES = {"id": 64, "text": TEXT_MAX, "terms": TEXT_MAX, "source": SOURCE_MAX, "source_hash": 64, "title": 512, "section": 512, "doc_hash": 64}
+CLIPPED = ("text", "terms", "source", "title", "section")  # clipped to their field's bytes on write (ids and hashes always fit)
 
 
 def _clip(value: str, max_bytes: int) -> str:
@@ -631,14 +638,14 @@ def _stale(holder: dict[str, Any]) -> bool:
 
 
 class StoreHandle:
-    """Synchronous calls to a `MilvusStore`, in this process or in its file's owner actor.
+    """A `MilvusStore`'s methods, run in this process or in its file's owner actor.
 
-    Every method of `MilvusStore` is available; `await handle.acall(name, ...)` is the async form
-    for event-loop callers such as Serve replicas. An owner actor dies with the last handle held by
-    the process that created it, and a handle can meet it dying (a name lookup that lands in its
-    teardown, or the ingest job that created it exiting under a Serve replica): the call then
-    reopens the owner and retries. Every store method is idempotent (upserts by id, deletes by
-    filter), so a retried call leaves the same state.
+    Each method below is the store's own, with its signature; `acandidates` is the async form of
+    `candidates` for event-loop callers such as Serve replicas. An owner actor dies with the last
+    handle held by the process that created it, and a handle can meet it dying (a name lookup that
+    lands in its teardown, or the ingest job that created it exiting under a Serve replica): the
+    call then reopens the owner and retries. Every store method is idempotent (upserts by id,
+    deletes by filter), so a retried call leaves the same state.
     """
 
     def __init__(self, store: MilvusStore | None = None, uri: str | None = None, token: str | None = None):
@@ -646,11 +653,71 @@ class StoreHandle:
         self.uri = store.uri if store is not None else uri
         self._actor = None if store is not None else _owner(uri, token)
 
-    def call(self, method: str, *args: Any) -> Any:
+    def ensure_collection(self, collection: str, dim: int, kb: str | None = None) -> None:
+        return self._run(MilvusStore.ensure_collection, collection, dim, kb)
+
+    def incompatible(self, collection: str, dim: int, kb: str | None = None) -> str | None:
+        return self._run(MilvusStore.incompatible, collection, dim, kb)
+
+    def owner(self, collection: str) -> str | None:
+        return self._run(MilvusStore.owner, collection)
+
+    def dim(self, collection: str) -> int:
+        return self._run(MilvusStore.dim, collection)
+
+    def upsert(self, collection: str, rows: list[dict[str, Any]]) -> int:
+        return self._run(MilvusStore.upsert, collection, rows)
+
+    def documents(self, collection: str) -> dict[str, dict[str, Any]]:
+        return self._run(MilvusStore.documents, collection)
+
+    def document_index(self, collection: str) -> dict[str, dict[str, Any]]:
+        return self._run(MilvusStore.document_index, collection)
+
+    def prune(self, collection: str, keep: dict[str, list[str]], gone: list[str]) -> int:
+        return self._run(MilvusStore.prune, collection, keep, gone)
+
+    def settle(self, collection: str, timeout: float = 60.0) -> None:
+        return self._run(MilvusStore.settle, collection, timeout)
+
+    def count(self, collection: str) -> int:
+        return self._run(MilvusStore.count, collection)
+
+    def candidates(self, collection: str, vector: list[float] | None, query: str | None, depth: int,
+                   source_prefix: str | None = None) -> tuple[list[Hit], list[Hit]]:
+        return self._run(MilvusStore.candidates, collection, vector, query, depth, source_prefix)
+
+    async def acandidates(self, collection: str, vector: list[float] | None, query: str | None, depth: int,
+                          source_prefix: str | None = None) -> tuple[list[Hit], list[Hit]]:
+        return await self._arun(MilvusStore.candidates, collection, vector, query, depth, source_prefix)
+
+    def full_text_ready(self, collection: str) -> bool:
+        return self._run(MilvusStore.full_text_ready, collection)
+
+    def list_collections(self) -> list[str]:
+        return self._run(MilvusStore.list_collections)
+
+    def drop(self, collection: str, kb: str | None = None) -> None:
+        return self._run(MilvusStore.drop, collection, kb)
+
+    def lock(self, collection: str, holder: dict[str, Any]) -> dict[str, Any] | None:
+        return self._run(MilvusStore.lock, collection, holder)
+
+    def renew_lock(self, collection: str, token: str) -> bool:
+        return self._run(MilvusStore.renew_lock, collection, token)
+
+    def unlock(self, collection: str, token: str) -> None:
+        return self._run(MilvusStore.unlock, collection, token)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def _run(self, method: Callable[..., Any], *args: Any) -> Any:
         import ray
 
         if self._store is not None:
-            return getattr(self._store, method)(*args)
+            return method(self._store, *args)
         try:
             for delay in OWNER_RETRY_DELAYS:
                 try:
@@ -664,13 +731,13 @@ class StoreHandle:
                 raise e.cause from None  # its message names the fix; the owner actor's traceback adds nothing
             raise
 
-    async def acall(self, method: str, *args: Any) -> Any:
+    async def _arun(self, method: Callable[..., Any], *args: Any) -> Any:
         import asyncio
 
         import ray
 
         if self._store is not None:  # a blocking client (a Milvus server): never on the caller's event loop
-            return await asyncio.to_thread(getattr(self._store, method), *args)
+            return await asyncio.to_thread(method, self._store, *args)
         for delay in OWNER_RETRY_DELAYS:
             try:
                 return await self._actor.call.remote(method, *args)
@@ -678,11 +745,6 @@ class StoreHandle:
                 await asyncio.sleep(delay)
                 self._actor = _owner(self._uri, self._token)
         return await self._actor.call.remote(method, *args)
-
-    def __getattr__(self, method: str):
-        if method.startswith("_"):
-            raise AttributeError(method)
-        return lambda *args: self.call(method, *args)
 
 
 # Pauses before reopening a dead owner: a name lookup can return an actor in teardown until the
@@ -696,8 +758,8 @@ class _StoreOwner:
     def __init__(self, uri: str, token: str | None):
         self.store = MilvusStore(uri, token)
 
-    def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.store, method)(*args)
+    def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        return method(self.store, *args)
 
 
 def _owner(uri: str, token: str | None) -> Any:
