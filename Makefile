@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-fast venv clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: $(STAMP)
 # pytest exits 5 when it collects nothing; make treats that like any failure.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=25
+
+# The edit loop: no Ray cluster, Ray Serve or server process (markers `slow` and `cluster`), a few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not cluster and not real_model" --durations=10
 
 clean:
 	rm -rf $(VENV) .lorag

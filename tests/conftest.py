@@ -26,6 +26,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Fixtures that start a Ray cluster or a server process (a Milvus standalone server, `ray start --head`, Ray in a
+# subprocess): every test that uses one, directly or through another fixture, is marked `cluster`, which
+# `make test-fast` leaves out. A test that starts one inline carries `@pytest.mark.cluster` (or `slow`) itself.
+CLUSTER_FIXTURES = {"ray_session", "milvus_server", "own_ray_runs", "head"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if CLUSTER_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     """The converted-model cache (shared with `make demo`, so the GGUF is converted once per machine)."""

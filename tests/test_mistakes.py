@@ -51,7 +51,10 @@ def mistakes_config(tmp_path_factory, tiny_model, model_cache):
     return root
 
 
-@pytest.mark.parametrize("name,args,env,code,names", ROWS, ids=[r[0] for r in ROWS])
+STARTS_RAY = {"Milvus unreachable: ingest", "model not found", "train before ingest", "Milvus unreachable: train"}  # the rows above that start a local Ray
+
+
+@pytest.mark.parametrize("name,args,env,code,names", [pytest.param(*r, id=r[0], marks=[pytest.mark.cluster] if r[0] in STARTS_RAY else []) for r in ROWS])
 def test_a_mistake_is_one_line_that_names_the_fix(mistakes_config, tmp_path, name, args, env, code, names):
     args = [a.format(cfg=mistakes_config / "lorag.yaml", tmp=tmp_path) for a in args]
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_", "LORAG_API_KEYS"))}
