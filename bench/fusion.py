@@ -37,7 +37,7 @@ def main() -> None:
     from lorag.config import load_config
     from lorag.data import ingest
     from lorag.embed import Embedder
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
     from lorag.retrieval import search
 
     raw = yaml.safe_load((QUICKSTART / "lorag.yaml").read_text())
@@ -55,7 +55,7 @@ def main() -> None:
     try:
         ingest(cfg, kb.name)
         store = open_store(cfg.milvus_uri(kb), kb.token)
-        embedder = Embedder(cfg.embedder, cache_dir=cfg.cache_dir)
+        embedder = Embedder.of(cfg)
         rows = []
         for fusion, weight in SETTINGS:
             recall = mrr = first = 0.0

@@ -47,7 +47,7 @@ CHUNK_SIZE, CHUNK_OVERLAP, EMBED_BATCH = 200, 32, 64
 WRITE_BATCH = 256  # rows per upsert, as lorag.data.ingest writes them
 STDLIB_SKIP = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages", "dist-packages", "__pycache__"}
 MIN_DOC_CHARS = 200
-LIBRARY_MODULES = ("config.py", "data.py", "documents.py", "embed.py", "milvus.py", "models.py", "retrieval.py")
+LIBRARY_MODULES = ("chunking.py", "config.py", "data.py", "documents.py", "embed.py", "milvus.py", "models.py", "retrieval.py")
 
 
 # -- corpus -------------------------------------------------------------------------------------
@@ -151,7 +151,8 @@ def library_fingerprint() -> str:
 
 def chunk_corpus(corpus: Path) -> list[dict]:
     """Every chunk row of the corpus, as the pipeline's DocumentChunker makes them (untimed helper)."""
-    from lorag.documents import DocumentChunker, find_documents
+    from lorag.chunking import DocumentChunker
+    from lorag.documents import find_documents
 
     chunker = DocumentChunker(KB, CHUNK_SIZE, CHUNK_OVERLAP, str(_embedder_path()))
     rows = []
@@ -181,9 +182,10 @@ def single_process(corpus: Path, workdir: Path) -> dict:
     """The baseline: one process reads, chunks, embeds and upserts into a fresh Milvus Lite file, in turn."""
     import torch
 
+    from lorag.chunking import DocumentChunker
     from lorag.config import LoragConfig
     from lorag.data import ROW_KEYS, fingerprint
-    from lorag.documents import DocumentChunker, find_documents
+    from lorag.documents import find_documents
     from lorag.embed import Embedder
     from lorag.milvus import MilvusStore
 

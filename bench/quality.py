@@ -298,7 +298,7 @@ def lorag_rankings(c: Corpus, root: Path, pages: list[str], questions: list[dict
 
     from lorag.config import load_config
     from lorag.data import ingest
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
     from lorag.retrieval import search
 
     config = {
@@ -377,8 +377,8 @@ def sweep(candidates: list[dict], questions: list[dict]) -> dict:
     """
     import itertools
 
-    from lorag.config import HybridConfig, KnowledgeBaseConfig
     from lorag.retrieval import rank
+    from lorag.sections import HybridConfig, KnowledgeBaseConfig
 
     dev = [i for i in range(len(questions)) if i % 2 == 0]
     test = [i for i in range(len(questions)) if i % 2 == 1]

@@ -3,8 +3,8 @@
     .venv/bin/python bench/retrieval.py                             # 100k chunks, 200 queries, CPU
     .venv/bin/python bench/retrieval.py --chunks 20000 --queries 50 --out /tmp/retrieval.json
 
-4. Search latency, p50 and p99 of `MilvusStore.search` (top 10), for dense, bm25 and hybrid, on
-   Milvus Lite and on a Milvus 2.3 standalone server (`lorag.milvus.local_server`).
+4. Search latency, p50 and p99 of `lorag.retrieval.search` from an embedded query (top 10), for dense, bm25 and hybrid, on
+   Milvus Lite and on a Milvus 2.3 standalone server (`lorag.standalone.local_server`).
                                                                               goal p99 < 20 ms
    Recall@10 of dense search against exact brute force (numpy inner products over every
    normalised vector).                                                        goal >= 0.95
@@ -156,8 +156,8 @@ def write(store, rows: list[dict], vecs: np.ndarray) -> dict:
 
 def ranked(store, text: str, vector, mode: str) -> list[dict]:
     """One search as `lorag.retrieval.search` runs it, from an embedded query (embedding is not timed)."""
-    from lorag.config import KnowledgeBaseConfig
     from lorag.retrieval import Query
+    from lorag.sections import KnowledgeBaseConfig
 
     q = Query.of(KnowledgeBaseConfig(name="bench", sources=["-"], milvus_collection=COLLECTION, **RAW), text, K, mode)
     return q.rank(store.candidates(*q.candidates_args(vector.tolist())))
@@ -214,7 +214,8 @@ def lite_child(work: Path, phase: str, budget: float) -> dict:
 
 
 def server_child(work: Path, budget: float) -> dict:
-    from lorag.milvus import MilvusStore, local_server
+    from lorag.milvus import MilvusStore
+    from lorag.standalone import local_server
 
     data = load_data(work)
     t0 = time.time()

@@ -157,9 +157,10 @@ def main() -> None:
 
     from peft import PeftModel
 
-    from lorag.config import LoraConfig, ServeConfig
     from lorag.models import load_causal_lm, load_tokenizer, resolve_model
-    from lorag.multilora import LoraWeights, MultiLoraModel
+    from lorag.lora_weights import LoraWeights
+    from lorag.multilora import MultiLoraModel
+    from lorag.sections import LoraConfig, ServeConfig
 
     tmp = tempfile.TemporaryDirectory(prefix="lorag-bench-serve-")
     if args.random_1b:
@@ -342,7 +343,7 @@ def http_vs_inprocess(args, adapter_dir: Path) -> dict[str, float]:
 
     from lorag.adapters import AdapterStore
     from lorag.config import load_config
-    from lorag.milvus import _free_ports  # the free-loopback-port helper local_server uses
+    from lorag.standalone import _free_ports  # the free-loopback-port helper local_server uses
     from lorag.engine import Engine, SamplingParams
     from lorag.serving import build_app
 

@@ -34,9 +34,9 @@ def plain_loop(method: str, steps: int, seq: int, batch: int, threads: int) -> d
     import torch
 
     from lorag.config import LoragConfig
-    from lorag.data import encode_example, load_examples
+    from lorag.examples import encode_example, load_examples
     from lorag.models import load_tokenizer, resolve_model
-    from lorag.train import _batches, _build_model
+    from lorag.worker import _batches, _build_model
 
     torch.set_num_threads(threads)
     cfg = _config(method, steps, seq, batch, workers=1, stage=0)
@@ -102,7 +102,7 @@ def ray_run(steps: int, seq: int, batch: int, workers: int, stage: int) -> dict:
             done.set()
             ray.shutdown()
     # tokens_per_s in the report includes the first (warm-up) step; steps + 1 are run to match the plain loop.
-    return {"tokens_per_s": m["tokens_per_s"], "peak_worker_rss_mb": peak["rss"] / 2**20, "final_loss": m["final_train_loss"]}
+    return {"tokens_per_s": m.tokens_per_s, "peak_worker_rss_mb": peak["rss"] / 2**20, "final_loss": m.final_train_loss}
 
 
 def _config(method: str, steps: int, seq: int, batch: int, workers: int, stage: int) -> dict:

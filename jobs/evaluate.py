@@ -7,30 +7,27 @@ local directory of the node the job runs on) and into each compared adapter's ve
 adapter store (`<store>/<name>/v<N>/eval/<timestamp>/`), which every node reaches.
 """
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from lorag.config import load_config
+from jobs import job_parser, parse_config
 from lorag.errors import run_job
-from lorag.evaluation import evaluate, report_markdown, store_reports, write_report
+from lorag.evaluation import evaluate
+from lorag.report import report_markdown, store_reports, write_report
+from lorag.storage import is_uri
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the lorag.yaml")
+    parser = job_parser(__doc__, "serve.max_batch_size=16")
     parser.add_argument("--dataset", required=True, help="the JSONL evaluation set")
     parser.add_argument("--adapter", action="append", help="only this adapter, name or name@vN (repeatable; default: every trained one)")
     parser.add_argument("--out", default=None, help="where eval.json, eval.md and eval.png go (default: <workdir>/eval)")
     parser.add_argument("--max-tokens", type=int, default=64, help="longest answer in tokens")
-    parser.add_argument("--set", action="append", default=[], help="override, e.g. serve.max_batch_size=16")
-    args = parser.parse_args()
-
-    cfg = load_config(args.config, args.set)
+    args, cfg = parse_config(parser)
     result = evaluate(cfg, args.dataset, args.adapter, args.max_tokens, progress=lambda done, total: print(f"{done}/{total} answers", flush=True) if done % 20 == 0 or done == total else None)
     print(report_markdown(result))  # so the report is also in the job's logs (`lorag jobs logs ID`)
     with tempfile.TemporaryDirectory() as tmp:  # a URI workdir: the files still reach the adapter store
-        out = args.out or (Path(cfg.workdir) / "eval" if "://" not in cfg.workdir else tmp)
+        out = args.out or (Path(cfg.workdir) / "eval" if not is_uri(cfg.workdir) else tmp)
         written = write_report(result, out)
         if out != tmp:
             print("written: " + ", ".join(map(str, written)))

@@ -6,31 +6,20 @@ Cluster:  ray job submit --working-dir . -- python -m jobs.finetune --config exa
 Override: python -m jobs.finetune --config F --adapter NAME --set adapters.NAME.train.max_steps=5
 """
 
-import argparse
-
-from lorag.cli import train_summary
+from jobs import check_names, job_parser, parse_config
 from lorag.cluster import connect
-from lorag.config import load_config
 from lorag.errors import run_job
-from lorag.train import train_adapter
+from lorag.train import train_adapter, train_summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the lorag.yaml")
+    parser = job_parser(__doc__, "adapters.NAME.train.max_steps=5")
     parser.add_argument("--adapter", action="append", help="only this adapter (a name under `adapters:`; repeatable; default: all)")
-    parser.add_argument("--set", action="append", default=[], help="override, e.g. adapters.NAME.train.max_steps=5")
-    args = parser.parse_args()
-
-    cfg = load_config(args.config, args.set)
+    args, cfg = parse_config(parser)
     names = args.adapter or [a.name for a in cfg.adapters]
     if not names:
         parser.error(f"{args.config} defines no adapters")
-    for name in names:  # fail on a wrong name before Ray starts
-        try:
-            cfg.adapter(name)
-        except KeyError as e:
-            parser.error(e.args[0])
+    check_names(parser, cfg.adapter, names)
     connect()
     for name in names:
         result = train_adapter(cfg, name)

@@ -6,22 +6,17 @@ Cluster:  ray job submit --working-dir . -- python -m jobs.ingest --config examp
 Override: python -m jobs.ingest --config F --kb tidewell-handbook --set knowledge_bases.0.top_k=4
 """
 
-import argparse
-
+from jobs import check_names, job_parser, parse_config
 from lorag.cluster import connect
-from lorag.config import load_config
-from lorag.errors import run_job
 from lorag.data import ingest
+from lorag.errors import run_job
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the lorag.yaml")
+    parser = job_parser(__doc__, "knowledge_bases.0.top_k=4")
     parser.add_argument("--kb", action="append", help="only this knowledge base (repeatable; default: all)")
-    parser.add_argument("--set", action="append", default=[], help="override, e.g. knowledge_bases.0.top_k=4")
-    args = parser.parse_args()
-
-    cfg = load_config(args.config, args.set)
+    args, cfg = parse_config(parser)
+    check_names(parser, cfg.knowledge_base, args.kb)
     connect()
     for name in args.kb or [kb.name for kb in cfg.knowledge_bases]:
         r = ingest(cfg, name, progress=lambda chunks, done, total, name=name: print(f"{name}: {chunks} chunks written ({done}/{total} documents)", flush=True))

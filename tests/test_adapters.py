@@ -37,6 +37,24 @@ def test_each_save_is_a_new_immutable_version(tmp_path, peft_dir):
     assert not [p for p in (tmp_path / "store" / "bot").iterdir() if p.name.startswith(".tmp")], "no temp dirs left behind"
 
 
+def test_a_version_record_is_typed_and_an_older_lorags_record_still_loads(tmp_path, peft_dir):
+    """`record` reads lorag.json as an `AdapterRecord`: keys it does not name (an older lorag's
+    `model_path`, `examples` as one count) load as they are, and a save writes only the keys given."""
+    from lorag.adapter_record import AdapterRecord
+
+    store = AdapterStore(tmp_path / "store")
+    location = Path(store.save("bot", peft_dir, {"knowledge_base": "kb", "examples": 12, "model_path": "/old"}))
+    rec = store.record("bot")
+    assert isinstance(rec, AdapterRecord) and (rec.name, rec.version, rec.method, rec.knowledge_base, rec.examples) == ("bot", 1, "lora", "kb", 12)
+    assert rec.model_extra == {"model_path": "/old"} and rec.metrics is None
+    on_disk = json.loads((location / "lorag.json").read_text())
+    assert list(on_disk) == ["name", "version", "created_at", "knowledge_base", "examples", "model_path", "files"], "no defaults are added on disk"
+    assert rec.files == on_disk["files"] and store.metadata("bot") == on_disk
+    with pytest.raises(ValueError, match="method"):
+        store.save("bot", peft_dir, {"method": "qlora"})
+    assert store.versions("bot") == [1], "a record that does not fit is refused before anything is written"
+
+
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", "..", "Upper", "", ".hidden", "a..b", "bot\n"])
 def test_malicious_or_invalid_names_are_refused(tmp_path, peft_dir, name):
     store = AdapterStore(tmp_path / "store")

@@ -143,7 +143,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch
 
     from lorag.checkpoint import load_state, save_state
-    from lorag.train import skip_shm_comm_build
+    from lorag.worker import skip_shm_comm_build
 
     torch.set_num_threads(1)  # two ranks on two cores; also keeps CPU kernels' reduction order fixed
     skip_shm_comm_build()  # as lorag.train's CPU workers do
@@ -195,8 +195,8 @@ def _engine(stage: int, bf16: bool, lora_seed: int, r: int = 4):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorag.config import TrainConfig
-    from lorag.train import deepspeed_config
+    from lorag.sections import TrainConfig
+    from lorag.worker import deepspeed_config
 
     torch.manual_seed(0)  # the frozen base is the same in every engine
     base = LlamaForCausalLM(

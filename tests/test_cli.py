@@ -4,12 +4,15 @@ import os
 import re
 import subprocess
 import sys
+from typing import get_args
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from conftest import free_port
 from lorag.cli import app
+from lorag.sections import KnowledgeBaseConfig, SearchMode, ServeConfig
 
 runner = CliRunner()
 COMMANDS = ["quickstart", "ingest", "train", "serve", "ask", "eval", "adapters", "kb", "submit", "jobs", "deploy", "k8s", "config"]
@@ -50,6 +53,51 @@ def test_unknown_names_are_rejected_before_ray_starts(tmp_path):
 def test_ask_without_a_server_says_so():
     r = runner.invoke(app, ["ask", "hi", "-m", "x", "--url", "http://127.0.0.1:9"])
     assert r.exit_code == 1 and "Is `lorag serve` running?" in r.output
+
+
+# Every option that mirrors a config field: (command, option, config model, field). They are built by
+# lorag.cli.options.field_option from the field, so the command line accepts what the config accepts.
+MIRRORED = [
+    (["kb", "search"], "-k", KnowledgeBaseConfig, "top_k"),
+    (["ask"], "--max-tokens", ServeConfig, "max_tokens"),
+    (["eval"], "--max-tokens", ServeConfig, "max_tokens"),
+    (["eval"], "--threshold", ServeConfig, "route_threshold"),
+]
+
+
+def _leaf(path: list[str]):
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def _option(path: list[str], flag: str):
+    return next(p for p in _leaf(path).params if flag in p.opts)
+
+
+@pytest.mark.parametrize("path,flag,model,field", MIRRORED, ids=[f"{' '.join(m[0])} {m[1]}" for m in MIRRORED])
+def test_options_that_mirror_a_config_field_have_its_bounds(path, flag, model, field):
+    bounds = {"ge": None, "le": None}
+    for constraint in model.model_fields[field].metadata:
+        bounds.update({k: getattr(constraint, k) for k in bounds if getattr(constraint, k, None) is not None})
+    assert bounds["ge"] is not None, f"{model.__name__}.{field} has no lower bound: is it still the field this option mirrors?"
+    param = _option(path, flag)
+    # click keeps the bounds on the type (IntRange); the typer that vendors click, on the parameter
+    lo, hi = (getattr(param, "min", None), getattr(param, "max", None)) if hasattr(param, "min") else (param.type.min, param.type.max)
+    assert (lo, hi) == (bounds["ge"], bounds["le"]), (
+        f"lorag {' '.join(path)} {flag} allows {lo}..{hi} but {model.__name__}.{field} allows {bounds['ge']}..{bounds['le']}: "
+        "build the option with lorag.cli.options.field_option")
+
+
+def test_search_mode_choices_are_the_configs():
+    modes = get_args(KnowledgeBaseConfig.model_fields["search"].annotation)
+    assert modes == get_args(SearchMode) and len(modes) == 3
+    cmd = _leaf(["kb", "search"])
+    for mode in modes:
+        cmd.make_context("search", ["q", "--kb", "x", "--mode", mode])  # parses: a choice of the config is a choice here
+    r = runner.invoke(app, ["kb", "search", "q", "--kb", "x", "--mode", "sparse"])
+    assert r.exit_code == 2 and "sparse" in r.output and "Traceback" not in r.output, r.output
 
 
 GOAWAY = """

@@ -21,8 +21,10 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, project_copy, readme_block, write_config
-from lorag.cluster import ClusterError, cluster, job_entrypoint, project_paths, project_runtime_env
+from lorag.cluster import ClusterError, cluster
 from lorag.config import parse_config
+from lorag.submission import job_entrypoint
+from lorag.upload import project_paths, project_runtime_env
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -103,7 +105,7 @@ def test_deploy_ships_key_digests_and_the_gateway_accepts_the_keys(monkeypatch, 
 
     import uvicorn
 
-    from lorag.cluster import deploy_runtime_env
+    from lorag.deploy import deploy_runtime_env
     from lorag.engine import Engine
     from lorag.gateway import Gateway, base_name, build_api
 
@@ -164,7 +166,7 @@ def test_submit_refuses_a_credential_in_set_before_contacting_the_cluster(tmp_pa
 
 
 def test_set_values_that_are_no_credentials_pass():
-    from lorag.cluster import secret_problems
+    from lorag.upload import secret_problems
 
     cfg = parse_config({})
     assert secret_problems(cfg, ["storage=s3://bucket/lorag", "knowledge_bases.kb.uri=http://milvus:19530", "knowledge_bases.kb.token=null",
@@ -332,7 +334,8 @@ REMOTE = "http://head.example:8265"  # never contacted: check_for_cluster makes 
     ("examples/cluster/lorag.yaml", ["storage=/srv/store"], "ingest", REMOTE, 2, []),
 ])
 def test_a_config_that_cannot_run_on_the_cluster_is_refused_before_upload(config, overrides, kind, address, nodes, problems):
-    from lorag.cluster import Cluster, check_for_cluster
+    from lorag.cluster import Cluster
+    from lorag.upload import check_for_cluster
     from lorag.config import ConfigError, load_config
 
     cfg = load_config(REPO / config, overrides)
@@ -395,7 +398,7 @@ def test_the_readmes_cluster_block_runs_as_written(head, s3, tmp_path, tiny_mode
     free port (tests bind no other address)."""
     import shlex
 
-    from lorag.milvus import local_server
+    from lorag.standalone import local_server
 
     lines = readme_block("## Run on a Ray cluster")
     assert any("lorag submit ingest" in line for line in lines) and any("lorag deploy" in line for line in lines), lines

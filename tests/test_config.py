@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorag.config import ConfigError, apply_override, load_config, reference, reference_markdown
+from lorag.config import ConfigError, apply_override, load_config
+from lorag.reference import reference, reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (REPO / "examples").rglob("lorag.yaml"))

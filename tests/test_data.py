@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lorag.documents import DocumentChunker
+from lorag.chunking import DocumentChunker
 
 ERROR_CODE = "TW-E417"  # an identifier dense embeddings blur but full-text search matches exactly
 
@@ -47,7 +47,7 @@ def handbook(ray_session, tmp_path_factory, tiny_model, model_cache) -> Path:
 def test_ingest_is_incremental_exact_and_searchable(ray_session, make_config, embedder_path):
     from lorag.data import ingest
     from lorag.embed import Embedder
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
     from lorag.retrieval import search
 
     cfg = make_config()
@@ -89,7 +89,7 @@ def test_ingest_is_incremental_exact_and_searchable(ray_session, make_config, em
 def test_full_text_and_hybrid_find_an_exact_identifier_that_dense_misses(handbook, embedder_path):
     from lorag.config import load_config
     from lorag.embed import Embedder
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
     from lorag.retrieval import search
 
     cfg = load_config(handbook)
@@ -122,7 +122,7 @@ def test_bad_documents_are_reported_and_skipped_and_other_formats_index(ray_sess
     assert "PDF" in failed["broken.pdf"] and "line 2" in failed["notes.jsonl"], failed
     assert r.documents == 12 and r.entities > 0
 
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
 
     store = open_store(cfg.milvus_uri(cfg.knowledge_base("handbook")))
     docs = store.documents(cfg.knowledge_base("handbook").collection)
@@ -172,7 +172,7 @@ def test_a_store_handle_reopens_a_dead_lite_owner_with_the_data_intact(ray_sessi
     same). A handle that meets its owner dead reopens it, sync and async."""
     import asyncio
 
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
 
     store = open_store(str(tmp_path / "kb.db"))
     store.ensure_collection("c", 4)
@@ -198,7 +198,8 @@ def test_lite_and_a_milvus_server_give_the_same_top_hits(handbook, embedder_path
     from lorag.config import load_config
     from lorag.data import ingest
     from lorag.embed import Embedder
-    from lorag.milvus import local_server, open_store
+    from lorag.handle import open_store
+    from lorag.standalone import local_server
     from lorag.retrieval import search
 
     lite_cfg = load_config(handbook)
@@ -271,7 +272,9 @@ def test_a_lock_taken_away_is_lost_loudly(tmp_path):
     so does the end of the block, whose own release leaves the new holder's lock alone."""
     import time
 
-    from lorag.milvus import LockLost, MilvusStore, StoreHandle, ingest_lock
+    from lorag.handle import StoreHandle
+    from lorag.lease import LockLost, ingest_lock
+    from lorag.milvus import MilvusStore
 
     milvus = MilvusStore(str(tmp_path / "kb.db"))
     store = StoreHandle(store=milvus)
@@ -297,7 +300,8 @@ def test_an_ingest_whose_lock_is_taken_stops_before_deleting(ray_session, make_c
     this ingest stops with LockLost instead of pruning, so the chunks of a deleted document, which
     the other ingest may still need, stay; the other's lock stays too."""
     from lorag.data import ingest
-    from lorag.milvus import LockLost, open_store
+    from lorag.handle import open_store
+    from lorag.lease import LockLost
 
     cfg = make_config()
     kb = cfg.knowledge_base("handbook")

@@ -11,18 +11,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lorag.documents import (
-    DOC_SUFFIXES,
-    Chunk,
-    DocumentChunker,
-    DocumentError,
-    Unit,
-    chunk_id,
-    chunk_text,
-    document_hash,
-    find_documents,
-    parse_document,
-)
+from lorag.chunking import Chunk, DocumentChunker, chunk_id, chunk_text
+from lorag.documents import DOC_SUFFIXES, DocumentError, Unit, document_hash, find_documents, parse_document
 from lorag.text import terms
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart"

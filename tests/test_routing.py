@@ -54,21 +54,21 @@ def test_routing_on_two_domains_is_accurate_and_falls_back_to_the_base_model(tmp
     """The shipped example: Tidewell support vs cooking, and questions for neither, with the
     bundled embedder and the default threshold. Untrained adapters are profiled from the config."""
     from lorag.config import load_config
-    from lorag.evaluation import BASE, evaluate_routing, routing_markdown
+    from lorag.routing_eval import BASE, evaluate_routing, routing_markdown
 
     cfg = load_config(ROUTING / "lorag.yaml", [f"workdir={tmp_path}", f"cache_dir={model_cache}"])
     result = evaluate_routing(cfg, ROUTING / "routes.jsonl")
-    assert result["questions"] == 38 and result["accuracy"]["mean"] >= 0.9, routing_markdown(result)
-    c = result["confusion"]
+    assert result.questions == 38 and result.accuracy.mean >= 0.9, routing_markdown(result)
+    c = result.confusion
     assert c["tidewell-support"]["kitchen"] == 0 and c["kitchen"]["tidewell-support"] == 0, "the two domains are never confused"
     assert c[BASE][BASE] >= 7, "questions for neither adapter go to the base model"
     low = evaluate_routing(cfg, ROUTING / "routes.jsonl", threshold=-1.0)
-    assert low["confusion"][BASE][BASE] == 0, "with no threshold every question goes to some adapter"
+    assert low.confusion[BASE][BASE] == 0, "with no threshold every question goes to some adapter"
     assert "| kitchen | 0 | 15 | 0 |" in routing_markdown(result)
 
 
 def test_routing_sets_name_every_bad_line(tmp_path):
-    from lorag.evaluation import load_routing_set
+    from lorag.routing_eval import load_routing_set
 
     bad = tmp_path / "r.jsonl"
     bad.write_text('{"question": "q", "adapter": null}\n[1]\n{"question": "q"}\n{"question": "", "adapter": "a"}\nnot json\n')

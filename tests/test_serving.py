@@ -279,7 +279,7 @@ def test_over_capacity_is_503_never_5xx_and_replicas_scale(ray_session, served, 
 
     from ray import serve
 
-    from lorag.config import AutoscalingConfig
+    from lorag.sections import AutoscalingConfig
     from lorag.serving import build_app
 
     _, cfg = served

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lorag.data import IGNORE_INDEX, DatasetError, encode_example, load_examples
+from lorag.examples import IGNORE_INDEX, DatasetError, encode_example, load_examples
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_two_steps_on_ray_train_make_a_peft_adapter_that_changes_the_model(make_
 
 @pytest.mark.slow
 def test_retrieved_sources_wrap_the_question_as_serving_does(trained):
-    from lorag.train import with_retrieved_sources
+    from lorag.examples import with_retrieved_sources
 
     cfg, _, _ = trained
     ex = {"messages": [{"role": "user", "content": "How long is the Tidewell T4 warranty?"}, {"role": "assistant", "content": "Tidewell Support: 39 months."}]}
@@ -109,7 +109,7 @@ def test_retrieved_sources_wrap_the_question_as_serving_does(trained):
 def test_raft_examples_hold_the_oracle_in_the_configured_fraction_among_distractors_from_other_documents():
     import re
 
-    from lorag.train import raft_examples
+    from lorag.examples import raft_examples
 
     # d<i>'s passages hold answer <i> (so they ground it); example 9's answer is in none of them
     hit = lambda doc, n: {"source": f"/kb/{doc}.md", "title": doc, "text": f"passage {doc}-{n}: the answer is {doc[1:]}"}  # noqa: E731
@@ -158,7 +158,7 @@ def test_raft_examples_hold_the_oracle_in_the_configured_fraction_among_distract
     ],
 )
 def test_an_answer_cites_its_passage_after_the_sentence_it_supports(answer, passage, cited):
-    from lorag.train import GROUNDED, cite_inline, support
+    from lorag.examples import GROUNDED, cite_inline, support
 
     share, sentence = support(answer, {"title": "t", "text": passage})
     assert (share >= GROUNDED) == (cited is not None), share
@@ -167,7 +167,7 @@ def test_an_answer_cites_its_passage_after_the_sentence_it_supports(answer, pass
 
 
 def test_the_raft_oracle_is_the_hit_that_holds_the_answer_not_the_top_ranked_one():
-    from lorag.train import raft_examples
+    from lorag.examples import raft_examples
 
     hit = lambda doc, text: {"source": f"/kb/{doc}.md", "title": doc, "text": text}  # noqa: E731
     examples = [{"messages": [{"role": "user", "content": "How long is the warranty?"}, {"role": "assistant", "content": "The warranty runs 39 months. Anything else?"}]}]
@@ -184,11 +184,12 @@ def test_raft_training_prompts_come_from_the_knowledge_base(trained):
     """On the real knowledge base: each question's top chunk (as a RAFT search ranks it) is in
     exactly half of the prompts, among 2 distractors from other pages; answers stay as written
     with `cite` off."""
-    from lorag.config import RaftConfig
     from lorag.embed import Embedder
-    from lorag.milvus import open_store
+    from lorag.handle import open_store
     from lorag.models import resolve_model
-    from lorag.train import with_retrieved_sources
+    from lorag.retrieval import search
+    from lorag.sections import RaftConfig
+    from lorag.examples import with_retrieved_sources
 
     cfg, _, _ = trained
     ad = cfg.adapters[0]
@@ -198,8 +199,7 @@ def test_raft_training_prompts_come_from_the_knowledge_base(trained):
     out = with_retrieved_sources(cfg, ad, examples)
     kb = cfg.knowledge_base(ad.knowledge_base)
     store, embedder = open_store(cfg.milvus_uri(kb), kb.token), Embedder(resolve_model(cfg.embedder, cfg.model_cache))
-    ranking = {**kb.ranking_options(), "max_per_source": None}
-    oracles = [store.search(kb.collection, embedder.embed([q])[0].tolist(), q, 16, kb.search, None, ranking)[0] for q in qs]
+    oracles = [search(store, kb.model_copy(update={"max_per_source": None}), q, embedder, 16)[0] for q in qs]
     held = [oracle["text"] in ex["messages"][0]["content"] for ex, oracle in zip(out, oracles)]
     assert sum(held) == 2, held
     for ex in out:
@@ -254,9 +254,9 @@ def test_zero_stages_reduce_validation_loss(request, make_config, stage):
     else:
         request.getfixturevalue("ray_session")
         m = train_adapter(make_config([*RESUME_OVERRIDES, f"adapters.support.train.zero_stage={stage}"]), "support").metrics
-    assert m["zero_stage"] == stage and m["resumed_from_step"] is None
-    assert m["val_loss"] < m["base_val_loss"], f"ZeRO-{stage}: validation loss {m['val_loss']} did not drop below the base model's {m['base_val_loss']}"
-    assert [s for s, _ in m["history"]["val_loss"]] == [2, 4, 6], "validation runs at every checkpoint"
+    assert m.zero_stage == stage and m.resumed_from_step is None
+    assert m.val_loss < m.base_val_loss, f"ZeRO-{stage}: validation loss {m.val_loss} did not drop below the base model's {m.base_val_loss}"
+    assert [s for s, _ in m.history["val_loss"]] == [2, 4, 6], "validation runs at every checkpoint"
 
 
 @pytest.mark.slow
@@ -289,12 +289,12 @@ def test_killing_a_worker_mid_run_resumes_from_its_last_checkpoint(reference_run
     killer.join(timeout=5)
     assert killed, "the test never found a training worker to kill"
     m = result.metrics
-    assert m["resumed_from_step"] in (2, 4), f"the run should resume from a checkpoint, got {m['resumed_from_step']}"
-    assert m["steps"] == 6 and [s for s, _ in m["history"]["train_loss"]] == [1, 2, 3, 4, 5, 6], "no step is lost or repeated"
-    ours = [loss for _, loss in m["history"]["train_loss"]]
-    ref = [loss for _, loss in reference_run["history"]["train_loss"]]
+    assert m.resumed_from_step in (2, 4), f"the run should resume from a checkpoint, got {m.resumed_from_step}"
+    assert m.steps == 6 and [s for s, _ in m.history["train_loss"]] == [1, 2, 3, 4, 5, 6], "no step is lost or repeated"
+    ours = [loss for _, loss in m.history["train_loss"]]
+    ref = [loss for _, loss in reference_run.history["train_loss"]]
     assert ours == pytest.approx(ref, rel=1e-3, abs=1e-3), "the resumed run repeats the uninterrupted run's losses"
-    assert m["val_loss"] == pytest.approx(reference_run["val_loss"], rel=1e-3, abs=1e-3)
+    assert m.val_loss == pytest.approx(reference_run.val_loss, rel=1e-3, abs=1e-3)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.base_model), str(result.path))  # a valid adapter
 
 

@@ -24,7 +24,8 @@ def test_ingest_train_and_serve_on_two_nodes_with_artifacts_in_s3(s3, tmp_path, 
 
     from lorag.adapters import AdapterStore
     from lorag.config import load_config
-    from lorag.milvus import MilvusStore, local_server
+    from lorag.milvus import MilvusStore
+    from lorag.standalone import local_server
 
     root = tmp_path / "project"
     root.mkdir()

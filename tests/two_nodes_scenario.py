@@ -54,7 +54,7 @@ def main() -> None:
             result.setdefault("ingest", {})[kb.name] = {"documents": r.documents, "chunks": r.chunks_written, "uri": r.uri}
         for ad in cfg.adapters:
             r = train_adapter(cfg, ad.name)
-            result.setdefault("train", {})[ad.name] = {"location": r.path, "version": r.version, "metrics": r.metrics}
+            result.setdefault("train", {})[ad.name] = {"location": r.path, "version": r.version, "metrics": r.metrics.model_dump()}
 
         keys = os.environ[cfg.serve.api_keys_env]
         # Both raylets share one machine (one port): one HTTP proxy, on the head.

@@ -3,9 +3,10 @@
 Layout: `<store>/<name>/v<N>/` holds plain PEFT files (`adapter_config.json`,
 `adapter_model.safetensors`, loadable by `peft.PeftModel.from_pretrained`) plus `lorag.json`
 (base model, knowledge base, metrics, timings, lorag version, and the sha256 of every file) and
-`lorag.yaml` (the resolved config that trained it, secrets redacted). Beside the versions,
-`<store>/<name>/tags.json` maps tags to version numbers and `counter.json` holds the highest
-number ever given out. A new save is a new version; nothing is overwritten, and a number is never
+`lorag.yaml` (the resolved config that trained it, secrets redacted by `lorag.redaction`).
+`lorag.adapter_record.AdapterRecord` is the typed `lorag.json`; keys it does not know (from older or
+newer lorag) are kept, so every version loads. Beside the versions, `<store>/<name>/tags.json` maps
+tags to version numbers and `counter.json` holds the highest number ever given out. A new save is a new version; nothing is overwritten, and a number is never
 given out twice, even after its version is removed. Names are validated and every resolved path
 is checked to stay inside the store.
 
@@ -32,12 +33,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Callable
 
 from lorag import storage
-from lorag.config import validate_name
+from lorag.adapter_record import AdapterRecord, Binding
+from lorag.redaction import redact_secrets, redact_yaml
+from lorag.sections import validate_name
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 FULL_FILES = ("config.json", "model.safetensors")  # method: full (a whole model, for baselines)
@@ -45,10 +46,6 @@ _VERSION = re.compile(r"v?([1-9][0-9]{0,8})")  # always fullmatch: `$` would acc
 _VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
 _TAG = re.compile(r"[a-z][a-z0-9._-]{0,62}")
 _OWN_FILES = re.compile(r"(tags|counter)\.json(\.tmp-.*)?")  # with their in-flight local writes
-REDACTED = "<redacted>"
-_SECRET_FIELDS = {"token", "password"}
-_SECRET_ENV = re.compile(r"(?i).*(token|secret|passw(or)?d|credential|api_?keys?|access_?key|private_?key).*")
-_URL_USER = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s]+)@")
 
 
 class AdapterNotFoundError(LookupError):
@@ -77,20 +74,22 @@ class AdapterStore:
         leaves a half-written version and concurrent saves get different numbers. On an object
         store the files are uploaded first and `lorag.json` last (a version without it is
         invisible); there is no lock there, so saves of one adapter must not run at the same time.
-        Secrets in `metadata` and `config_yaml` are redacted (`redact_secrets`).
+        `metadata` holds the `AdapterRecord` fields but name, version, created_at and files (the
+        store sets them) and any others to keep. Secrets in it and in `config_yaml` are redacted.
 
         Raises:
-            ValueError: bad name, `source_dir` lacks the PEFT files, or `config_yaml` is not YAML.
+            ValueError: bad name, `metadata` does not fit `AdapterRecord`, `source_dir` lacks the
+                PEFT files, or `config_yaml` is not YAML.
         """
         base = self._name_path(name)
         source_dir = Path(source_dir)
-        files = PEFT_FILES if metadata.get("method", "lora") == "lora" else FULL_FILES
+        record = AdapterRecord.model_validate({**redact_secrets(metadata), "name": name, "version": 0, "created_at": ""})
+        files = PEFT_FILES if record.method == "lora" else FULL_FILES
         missing = [f for f in files if not (source_dir / f).is_file()]
         if missing:
             raise ValueError(f"{source_dir} is not a {'PEFT adapter' if files == PEFT_FILES else 'model'} directory: missing {missing}")
         if config_yaml is not None:
-            config_yaml = _redact_yaml(config_yaml)
-        metadata = redact_secrets(metadata)
+            config_yaml = redact_yaml(config_yaml)
         if self.local:  # staged beside the versions, so the final rename is atomic
             os.makedirs(base, exist_ok=True)
             staged = Path(base) / f".tmp-{os.getpid()}-{time.time_ns()}"
@@ -98,34 +97,19 @@ class AdapterStore:
         else:
             staged = Path(tempfile.mkdtemp(prefix="lorag-adapter-"))
         try:
-            for f in source_dir.iterdir():
-                if f.is_file() and (f.name in files or f.suffix in (".json", ".safetensors", ".md")) and f.name != "lorag.json":
-                    shutil.copy2(f, staged / f.name)
-            if config_yaml is not None:
-                (staged / "lorag.yaml").write_text(config_yaml)
-            metadata = {**metadata, "files": {f.name: storage.file_sha256(f) for f in sorted(staged.iterdir())}}
+            hashes = _stage(source_dir, staged, files, config_yaml)
 
             def meta(version: int) -> str:
-                return json.dumps({"name": name, "version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **metadata}, indent=2, default=str)
+                stamp = {"version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": hashes}
+                return record.model_copy(update=stamp).to_json(["name", "version", "created_at", *metadata, "files"])
 
-            if not self.local:
-                version = self._allocate(name)
-                target = f"{base}/v{version}"
-                storage.upload_dir(staged, self.fs, target)
-                storage.write_bytes(self.fs, f"{target}/lorag.json", meta(version).encode())  # last: the version now exists
-                return self.location(name, version)
-            with self._lock(name):
-                while True:
-                    version = self._allocate(name)
-                    target = f"{base}/v{version}"
-                    (staged / "lorag.json").write_text(meta(version))
-                    try:
-                        os.rename(staged, target)  # fails if the version appeared meanwhile (a writer without the lock)
-                        return target
-                    except OSError:
-                        if os.path.exists(target):
-                            continue
-                        raise
+            if self.local:
+                return self._rename_into_place(name, staged, meta)
+            version = self._allocate(name)
+            target = f"{base}/v{version}"
+            storage.upload_dir(staged, self.fs, target)
+            storage.write_bytes(self.fs, f"{target}/lorag.json", meta(version).encode())  # last: the version now exists
+            return self.location(name, version)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
@@ -212,7 +196,7 @@ class AdapterStore:
         """
         number = self.resolve_number(name, version)
         location = self.location(name, number)
-        expected = self.metadata(name, number).get("files")
+        expected = self.record(name, number).files
         try:
             return storage.fetch_dir(location, cache_dir, expected)
         except (OSError, ValueError) as e:
@@ -303,8 +287,25 @@ class AdapterStore:
         return [storage.join(self.location(name, number), kind, i.base_name) for i in sorted(infos, key=lambda i: i.base_name)
                 if i.type == pyarrow.fs.FileType.Directory]
 
+    def record(self, name: str, version: str | int | None = None) -> AdapterRecord:
+        """The `lorag.json` of a version (as `resolve`), typed.
+
+        Raises:
+            ValueError, AdapterNotFoundError: as `metadata`; ValueError also when the file does not fit `AdapterRecord`.
+        """
+        return AdapterRecord.model_validate(self.metadata(name, version))
+
+    def binding(self, cfg, name: str, version: str | int | None = None) -> Binding:
+        """What version `version` of `name` (as `resolve`) serves with under config `cfg` (`Binding.of`).
+
+        Raises:
+            ValueError, AdapterNotFoundError: as `record`.
+        """
+        number = self.resolve_number(name, version)
+        return Binding.of(cfg, name, number, self.record(name, number))
+
     def metadata(self, name: str, version: str | int | None = None) -> dict[str, Any]:
-        """The `lorag.json` of a version (as `resolve`).
+        """The `lorag.json` of a version (as `resolve`), as the JSON object on disk (`record` gives it typed).
 
         Raises:
             ValueError, AdapterNotFoundError: as `resolve`; AdapterNotFoundError also when the
@@ -346,6 +347,22 @@ class AdapterStore:
                 _skip(storage.join(self.root, name, entry), "no lorag.json: a save still running or one that crashed, or not written by lorag")
             found[int(m.group(1))] = whole
         return found
+
+    def _rename_into_place(self, name: str, staged: Path, meta: Callable[[int], str]) -> str:
+        """Number a staged local copy and rename it into place under the lock (`save`); `meta(version)` is its lorag.json."""
+        base = self._name_path(name)
+        with self._lock(name):
+            while True:
+                version = self._allocate(name)
+                target = f"{base}/v{version}"
+                (staged / "lorag.json").write_text(meta(version))
+                try:
+                    os.rename(staged, target)  # fails if the version appeared meanwhile (a writer without the lock)
+                    return target
+                except OSError:
+                    if os.path.exists(target):
+                        continue
+                    raise
 
     def _allocate(self, name: str) -> int:
         """A version number never given out before: above the counter and above every `v<N>`
@@ -410,44 +427,14 @@ class AdapterStore:
         return path
 
 
-def redact_secrets(value: Any) -> Any:
-    """A copy of a config or metadata tree with every secret replaced by `"<redacted>"`.
-
-    Secrets are the values of `token` and `password` fields (a knowledge base's Milvus token),
-    the values of `env_vars` entries whose names say TOKEN, SECRET, PASSWORD, CREDENTIAL, API_KEY
-    or ACCESS_KEY, and the user part of a URL (`http://user:<redacted>@host`). The copy keeps
-    every field, so a redacted `lorag.yaml` still loads as a config.
-    """
-    if isinstance(value, dict):
-        out = {}
-        for key, v in value.items():
-            if key in _SECRET_FIELDS and isinstance(v, str) and v:
-                out[key] = REDACTED
-            elif key == "env_vars" and isinstance(v, dict):
-                out[key] = {k: REDACTED if isinstance(x, str) and x and _SECRET_ENV.fullmatch(str(k)) else redact_secrets(x) for k, x in v.items()}
-            else:
-                out[key] = redact_secrets(v)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [redact_secrets(v) for v in value]
-    if isinstance(value, str):
-        return _URL_USER.sub(_redact_url_user, value)
-    return value
-
-
-def _redact_url_user(m: re.Match) -> str:
-    user, colon, _ = m.group(2).partition(":")
-    return f"{m.group(1)}{user}:{REDACTED}@" if colon else f"{m.group(1)}{REDACTED}@"  # no colon: the user is a token
-
-
-def _redact_yaml(text: str) -> str:
-    """`text` with secrets redacted; unchanged (byte for byte) when it holds none."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ValueError(f"the config to store with the adapter is not YAML: {e}") from e
-    clean = redact_secrets(data)
-    return text if clean == data else yaml.safe_dump(clean, sort_keys=False)
+def _stage(source_dir: Path, staged: Path, files: tuple[str, ...], config_yaml: str | None) -> dict[str, str]:
+    """Copy a version's files and `lorag.yaml` into `staged` (`save`); returns file name -> sha256 of each."""
+    for f in source_dir.iterdir():
+        if f.is_file() and (f.name in files or f.suffix in (".json", ".safetensors", ".md")) and f.name != "lorag.json":
+            shutil.copy2(f, staged / f.name)
+    if config_yaml is not None:
+        (staged / "lorag.yaml").write_text(config_yaml)
+    return {f.name: storage.file_sha256(f) for f in sorted(staged.iterdir())}
 
 
 def _skip(location: str, why: str) -> None:

@@ -22,9 +22,9 @@ A checkpoint directory holds:
   hashes, so it is complete even though Ray Train merges the ranks' directories into one.
 
 Under ZeRO-1/2/3 weights and optimizer state are gathered to full tensors through DeepSpeed's
-tensor-fragment API (`deepspeed.utils.safe_get_full_*` / `safe_set_full_*`); at stage 0 they are
-read from the torch optimizer's own parameters and state. The files are the same whatever the stage
-or sharding. The world size must still match on resume: each rank's data shard and RNG depend on it.
+tensor-fragment API; at stage 0 they are read from the torch optimizer's own parameters and state
+(`lorag.deepspeed_state` owns where each lives). The files are the same whatever the stage or
+sharding. The world size must still match on resume: each rank's data shard and RNG depend on it.
 
 `load_state` checks everything before it changes anything: the manifest, every file's sha256
 (each rank checks every file, so all ranks fail alike instead of one hanging in a collective),
@@ -42,14 +42,16 @@ import random
 from pathlib import Path
 from typing import Any
 
+from lorag.deepspeed_state import (ENGINE_COUNTERS, LOSS_SCALE_FIELDS, base_optimizer, fp32_masters, full_shape, gather_full,
+                                   init_optimizer_state, loss_scale, optimizer_layout, restore_counters, set_full,
+                                   state_owners, trainable_params)
+
 FORMAT = "lorag-training-state"
 VERSION = 1
 MANIFEST = "manifest.json"
 STATE = "state.json"
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
-_LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # dynamic fp16 loss scaling
-_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 _STATE_FIELDS = ("step", "extra", "optimizer", "scheduler", "engine", "loss_scale")  # what state.json holds, and all resume reads
 
 
@@ -75,7 +77,6 @@ def save_state(engine, directory: str | Path, rank: int, world: int, *, step: in
         ValueError: `extra` is not JSON or uses the key `step`; or the optimizer is one lorag cannot save.
         RuntimeError: the optimizer's parameters disagree on their step count.
     """
-    import torch
     from safetensors.torch import save_file
 
     if "step" in extra:
@@ -86,29 +87,12 @@ def save_state(engine, directory: str | Path, rank: int, world: int, *, step: in
         raise ValueError(f"save_state: extra must hold only JSON values ({e})") from e
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    params = _trainable(engine)
-    masters = _masters(engine, params)
-    opt_keys, opt_step, without_state = _optimizer_layout(engine, params, masters)
-
+    params = trainable_params(engine)
+    masters = fp32_masters(engine, params)
+    opt_keys, opt_step, without_state = optimizer_layout(engine, params, masters)
     # Every rank joins the gathers (they are collective under ZeRO); only rank 0 keeps the tensors.
-    weights: dict[str, torch.Tensor] = {}
-    moments: dict[str, torch.Tensor] = {}
-    for name, p in params.items():
-        full = _get_full(engine, p, None if masters is None else masters[name])
-        if rank == 0:
-            weights[name] = full
-    for name, p in params.items():
-        for key in [] if name in without_state else opt_keys:
-            full = _get_full(engine, p, None if masters is None else masters[name], key)
-            if rank == 0:
-                moments[f"{key}.{name}"] = full
-
-    python_state = random.getstate()
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, directory / _rng_file(rank), metadata={"python_random": json.dumps([python_state[0], list(python_state[1]), python_state[2]])})
-    hashes = _gather_hashes(_sha256(directory / _rng_file(rank)), world, engine.device)
+    weights, moments = gather_full(engine, params, masters, opt_keys, without_state, rank)
+    hashes = _save_rng(directory / _rng_file(rank), world, engine.device)
     if rank != 0:
         return
 
@@ -122,21 +106,26 @@ def save_state(engine, directory: str | Path, rank: int, world: int, *, step: in
             "step": opt_step,
             "keys": opt_keys,
             "without_state": sorted(without_state),
-            "lr": [g["lr"] for g in _base_optimizer(engine).param_groups],
+            "lr": [g["lr"] for g in base_optimizer(engine).param_groups],
         },
         "scheduler": None if scheduler is None else {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-        "engine": {k: int(getattr(engine, k)) for k in _ENGINE_COUNTERS},
-        "loss_scale": _loss_scale(engine),
+        "engine": {k: int(getattr(engine, k)) for k in ENGINE_COUNTERS},
+        "loss_scale": loss_scale(engine),
     }
     (directory / STATE).write_text(json.dumps(state, indent=1))
+    _write_manifest(directory, world, int(engine.zero_optimization_stage()), {name: full_shape(p) for name, p in params.items()}, hashes)
+
+
+def _write_manifest(directory: Path, world: int, zero_stage: int, params: dict[str, list[int]], rng_hashes: list[str]) -> None:
+    """Write `manifest.json` last, once every file it hashes is complete (the RNG files' hashes come from their ranks)."""
     files = {STATE: _sha256(directory / STATE), WEIGHTS: _sha256(directory / WEIGHTS), OPTIMIZER: _sha256(directory / OPTIMIZER)}
-    files.update({_rng_file(r): h for r, h in enumerate(hashes)})
+    files.update({_rng_file(r): h for r, h in enumerate(rng_hashes)})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "world_size": world,
-        "zero_stage": int(engine.zero_optimization_stage()),
-        "params": {name: _shape(p) for name, p in params.items()},
+        "zero_stage": zero_stage,
+        "params": params,
         "files": files,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -160,8 +149,8 @@ def load_state(engine, directory: str | Path, rank: int, world: int) -> dict[str
 
     directory = Path(directory)
     manifest = verify(directory, world)
-    params = _trainable(engine)
-    _check_params(directory / MANIFEST, manifest["params"], {name: _shape(p) for name, p in params.items()})
+    params = trainable_params(engine)
+    _check_params(directory / MANIFEST, manifest["params"], {name: full_shape(p) for name, p in params.items()})
     state = _read_json(directory / STATE)  # its fields were checked by `verify`
     scheduler_state = _scheduler_state(directory / STATE, state["scheduler"], engine.lr_scheduler)
     opt = state["optimizer"]
@@ -173,30 +162,24 @@ def load_state(engine, directory: str | Path, rank: int, world: int) -> dict[str
         _check_tensors(directory / OPTIMIZER, f, {f"{key}.{name}": manifest["params"][name] for name in stateful for key in opt["keys"]})
         moments = {f"{key}.{name}": f.get_tensor(f"{key}.{name}") for name in stateful for key in opt["keys"]}
     rng = _read_rng(directory / _rng_file(rank))
-    base = _base_optimizer(engine)
+    base = base_optimizer(engine)
     if len(opt["lr"]) != len(base.param_groups):
         raise ValueError(f"{directory / STATE}: {len(opt['lr'])} optimizer parameter group(s) saved, this optimizer has {len(base.param_groups)}")
 
-    masters = _masters(engine, params)
+    masters = fp32_masters(engine, params)
     if opt["keys"]:
-        owners = _state_owners(engine) if masters is None else [masters[name] for name in stateful]
-        _init_optimizer_state(engine, owners, opt["keys"], opt["step"])
+        owners = state_owners(engine) if masters is None else [masters[name] for name in stateful]
+        init_optimizer_state(engine, owners, opt["keys"], opt["step"])
     for name, p in params.items():
-        _set_full(engine, p, None if masters is None else masters[name], weights[name], rank)
+        set_full(engine, p, None if masters is None else masters[name], weights[name], rank)
     for name in stateful:
         for key in opt["keys"]:
-            _set_full(engine, params[name], None if masters is None else masters[name], moments[f"{key}.{name}"], rank, key)
+            set_full(engine, params[name], None if masters is None else masters[name], moments[f"{key}.{name}"], rank, key)
     for group, lr in zip(base.param_groups, opt["lr"]):
         group["lr"] = lr  # the scheduler sets it after each step, but the first resumed step reads it before that
     if scheduler_state is not None:
         engine.lr_scheduler.load_state_dict({**engine.lr_scheduler.state_dict(), **scheduler_state})
-    for key in _ENGINE_COUNTERS:  # known fields only: never an attribute named by the file
-        setattr(engine, key, state["engine"][key])
-    scaler = _loss_scaler(engine)
-    saved_scale = state["loss_scale"] or {}
-    for key in _LOSS_SCALE_FIELDS if scaler is not None else ():
-        if key in saved_scale:
-            setattr(scaler, key, saved_scale[key])
+    restore_counters(engine, state["engine"], state["loss_scale"])
     _restore_rng(directory / _rng_file(rank), *rng)
     return {**state["extra"], "step": state["step"]}
 
@@ -241,165 +224,6 @@ def verify(directory: str | Path, world: int) -> dict[str, Any]:
     return manifest
 
 
-# -- parameters and optimizer state ------------------------------------------------------------
-#
-# Where DeepSpeed keeps a trainable parameter's fp32 master weight and optimizer state:
-# - ZeRO-1/2/3: in fragments of flat fp32 partitions, one per rank, reached through the
-#   tensor-fragment API; the torch optimizer's state is keyed by those flat partitions.
-# - stage 0, fp32: the torch optimizer updates the model's parameter itself (its `state[param]`).
-# - stage 0, bf16/fp16 (FP16_UnfusedOptimizer): the torch optimizer updates an fp32 copy per
-#   parameter (`fp32_groups`, paired with `fp16_groups`) and DeepSpeed copies it back to the model.
-# In every case torch's AdamW keeps `exp_avg`/`exp_avg_sq` and a float32 scalar tensor `step`
-# (FP16_UnfusedOptimizer takes one zero-gradient step at construction, so its count is one ahead).
-
-
-def _trainable(engine) -> dict[str, Any]:
-    return {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
-
-
-def _shape(p) -> list[int]:
-    return list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)  # ZeRO-3 parameters are partitioned
-
-
-def _base_optimizer(engine):
-    """The torch optimizer that holds the state: DeepSpeed's wrappers keep it as `.optimizer`."""
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
-def _masters(engine, params: dict[str, Any]) -> dict[str, Any] | None:
-    """None under ZeRO (the fragment API finds the masters); else name -> the fp32 tensor the torch optimizer updates."""
-    import torch
-
-    if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in params.values()):
-        return None
-    opt = engine.optimizer
-    if isinstance(opt, torch.optim.Optimizer):
-        owned = {id(q): q for group in opt.param_groups for q in group["params"]}
-    elif isinstance(getattr(opt, "fp32_groups", None), list):  # FP16_UnfusedOptimizer
-        owned = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
-    else:
-        owned = {}
-    if missing := [name for name, p in params.items() if id(p) not in owned]:
-        raise ValueError(
-            f"checkpoint: cannot find the fp32 master of {missing[:3]} in DeepSpeed's {type(opt).__name__}; lorag checkpoints "
-            "support ZeRO stages 1-3 with any precision and stage 0 with a torch optimizer (not DeepSpeed's fused FP16_Optimizer)"
-        )
-    return {name: owned[id(p)] for name, p in params.items()}
-
-
-def _state_owners(engine) -> list[Any]:
-    """The flat fp32 partitions a ZeRO optimizer keeps its torch optimizer's state under.
-
-    ZeRO-3 empties the torch optimizer's param_groups between steps, so they cannot be read from there.
-    """
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):  # ZeRO-3, ZeRO-1/2, bf16
-        owners = getattr(engine.optimizer, attr, None)
-        if owners is not None:
-            return [t for t in owners if t is not None]
-    raise ValueError(f"checkpoint: unsupported DeepSpeed optimizer {type(engine.optimizer).__name__}")
-
-
-def _get_full(engine, p, master, key: str | None = None):
-    """The full fp32 master weight (key None) or optimizer state `key` of `p`, on CPU. Collective under ZeRO."""
-    import torch
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if master is None:
-        full = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-    else:
-        full = master if key is None else _base_optimizer(engine).state[master][key]
-    return full.detach().reshape(_shape(p)).to("cpu", torch.float32, copy=True).contiguous()
-
-
-def _set_full(engine, p, master, value, rank: int, key: str | None = None) -> None:
-    """Set `p`'s fp32 master weight and its model copy (key None), or its optimizer state `key`."""
-    import deepspeed
-    import torch
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    with torch.no_grad():
-        if master is not None:
-            target = master if key is None else _base_optimizer(engine).state[master][key]
-            target.copy_(value.reshape(target.shape))
-            if key is None and master is not p:
-                p.data.copy_(value.to(p.dtype))
-            return
-        value = value.to(p.device)
-        if key is not None:
-            safe_set_full_optimizer_state(p, value, key)
-            return
-        safe_set_full_fp32_param(p, value)
-        # The fragment API sets the fp32 master only; the model's (possibly bf16) copy follows it, as
-        # DeepSpeed does after each step. ZeRO-3 partitions it: gather, set on one rank, re-partition.
-        if hasattr(p, "ds_id"):
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if rank == 0:
-                    p.data.copy_(value.to(p.dtype))
-        else:
-            p.data.copy_(value.to(p.dtype))
-
-
-def _optimizer_layout(engine, params: dict[str, Any], masters: dict[str, Any] | None) -> tuple[list[str], int, set[str]]:
-    """(state keys that hold one value per element, the shared step count, trainable names with no state yet)."""
-    base = _base_optimizer(engine)
-    if masters is None:
-        without: set[str] = set()
-        states = [base.state[q] for q in _state_owners(engine) if len(base.state.get(q, {}))]
-    else:
-        without = {name for name, m in masters.items() if not len(base.state.get(m, {}))}
-        states = [base.state[m] for name, m in masters.items() if name not in without]
-    if not states:
-        return [], 0, set(params)
-    keys = sorted(k for k, v in states[0].items() if hasattr(v, "dim") and v.dim() > 0)
-    steps = {int(s["step"]) for s in states if "step" in s}
-    if len(steps) > 1:
-        raise RuntimeError(f"checkpoint: the optimizer's parameters are at different steps {sorted(steps)}; cannot save one step count")
-    return keys, steps.pop() if steps else 0, without
-
-
-def _init_optimizer_state(engine, owners: list[Any], keys: list[str], step: int) -> None:
-    """Give a fresh optimizer the state entries its first step would create, so the saved values can be copied in.
-
-    torch's AdamW creates its state on the first step, and ZeRO-1/2 link their fp32 fragments to
-    that state only then; a resumed engine has taken no step yet.
-    """
-    import torch
-
-    base = _base_optimizer(engine)
-    group = base.param_groups[0] if base.param_groups else {}
-    for q in owners:
-        state = base.state[q]
-        for key in keys:
-            if key not in state:
-                state[key] = torch.zeros_like(q, memory_format=torch.preserve_format)
-        if torch.is_tensor(state.get("step")):
-            state["step"].fill_(step)
-        elif "step" in state:
-            state["step"] = step
-        else:  # as torch's AdamW creates it: float32, on the parameter's device only when fused or capturable
-            device = q.device if group.get("fused") or group.get("capturable") else "cpu"
-            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not group.get("fused") else torch.float32
-            state["step"] = torch.tensor(float(step), dtype=dtype, device=device)
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO-1/2 and the bf16 optimizer: point each parameter's fragment at the state
-        link()
-
-
-def _loss_scaler(engine):
-    """The dynamic fp16 loss scaler, if any: ZeRO keeps `loss_scaler`, FP16_UnfusedOptimizer `loss_scale_config`."""
-    for attr, dynamic in (("loss_scaler", "dynamic"), ("loss_scale_config", "dynamic_loss_scale")):
-        scaler = getattr(engine.optimizer, attr, None)
-        if scaler is not None and getattr(scaler, dynamic, False):
-            return scaler
-    return None
-
-
-def _loss_scale(engine) -> dict[str, Any] | None:
-    scaler = _loss_scaler(engine)
-    if scaler is None:
-        return None
-    return {k: float(v) if k == "cur_scale" else int(v) for k in _LOSS_SCALE_FIELDS if (v := getattr(scaler, k, None)) is not None}
-
 
 # -- checks ---------------------------------------------------------------------------------------
 
@@ -442,8 +266,8 @@ def _check_state(where: Path, state: Any) -> None:
     strings = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))  # noqa: E731
     shapes = {  # field -> {key: check}, every key required unless the field is `loss_scale`
         "optimizer": {"step": integer, "keys": strings, "without_state": strings, "lr": lambda v: isinstance(v, list) and all(map(number, v))},
-        "engine": {k: integer for k in _ENGINE_COUNTERS},
-        "loss_scale": {k: number for k in _LOSS_SCALE_FIELDS},
+        "engine": {k: integer for k in ENGINE_COUNTERS},
+        "loss_scale": {k: number for k in LOSS_SCALE_FIELDS},
     }
     for field, checks in shapes.items():
         value = state.get(field)
@@ -496,6 +320,19 @@ def _read_json(path: Path) -> Any:
 # -- RNG and hashes ---------------------------------------------------------------------------------
 
 
+def _save_rng(path: Path, world: int, device) -> list[str]:
+    """Write this rank's RNG file (torch CPU, CUDA per device, Python `random` in the metadata); return every rank's sha256 of it."""
+    import torch
+    from safetensors.torch import save_file
+
+    python_state = random.getstate()
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, path, metadata={"python_random": json.dumps([python_state[0], list(python_state[1]), python_state[2]])})
+    return _gather_hashes(_sha256(path), world, device)
+
+
 def _read_rng(path: Path) -> tuple[tuple, Any, list[Any]]:
     """(Python `random` state, torch CPU RNG state, CUDA RNG states by device) from a rank's RNG file."""
     from safetensors import safe_open
@@ -545,4 +382,3 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
-

@@ -1,7 +1,7 @@
-"""Files into rows: documents into a knowledge base (the Ray Data ingest), and JSONL into training examples.
+"""Documents into a knowledge base: the Ray Data ingest into Milvus.
 
 Knowledge bases: `ingest` is read (Ray Data `read_binary_files`) -> parse and chunk (`flat_map`
-of `lorag.documents.DocumentChunker` on an actor pool) -> embed (`map_batches(Embedder)` on an
+of `lorag.chunking.DocumentChunker` on an actor pool) -> embed (`map_batches(Embedder)` on an
 actor pool, one GPU each when the cluster has GPUs) -> upsert into Milvus, streamed so that
 writing overlaps embedding. It is incremental: chunk ids hash knowledge base, source, chunk index
 and content, writes are upserts, documents whose bytes (and indexing settings) are unchanged and
@@ -15,37 +15,28 @@ It always finishes or fails: the stages are sized from the CPUs and GPUs Ray has
 chunker and every embedder fit at once (fractions of a CPU on a 1-core machine), and a pipeline
 that moves no batch for `stall_timeout_s` fails with the stalled stage named. It never deletes on
 doubt: a source root that is present but holds no document is an error, one ingest per
-knowledge base runs at a time (`lorag.milvus.ingest_lock`), and it writes only into a collection
+knowledge base runs at a time (`lorag.lease.ingest_lock`), and it writes only into a collection
 lorag created for this knowledge base.
 
-Training examples: JSONL `{"prompt", "completion"}` or `{"messages": [{"role", "content"}, ...]}`
-(the last message is the assistant's answer), rendered with the base model's chat template; loss
-is taken on the answer tokens only (`encode_example`).
+Training examples (JSONL, RAFT prompts) are `lorag.examples`'.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from lorag.documents import DocumentChunker, DocumentError, document_hash, find_documents, read_document
-from lorag.milvus import source_key
+from lorag.chunking import DocumentChunker
+from lorag.chunks import FIELDS, source_key
+from lorag.documents import DocumentError, document_hash, find_documents, read_document
+from lorag.storage import is_uri
 
-IGNORE_INDEX = -100
-_ROLES = ("system", "user", "assistant")
 SCHEMA_VERSION = 6  # bump when chunk rows change meaning: every document is then re-indexed
-
-
-class DatasetError(ValueError):
-    """A training file is missing or has a malformed line (the message gives file:line and why)."""
 
 
 @dataclass
@@ -87,7 +78,8 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
         lorag.milvus.LockLost: another ingest took this one's lock over while it ran (it stops before its next write).
         TimeoutError: the pipeline moved no batch for `stall_timeout_s`; the message names the stage.
     """
-    from lorag.milvus import ingest_lock, open_store
+    from lorag.handle import open_store
+    from lorag.lease import ingest_lock
     from lorag.models import resolve_model
     from lorag.storage import check_cluster_paths
 
@@ -101,26 +93,10 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
     uri = cfg.milvus_uri(kb)
     store = open_store(uri, kb.token)
     with ingest_lock(store, kb.collection, kb.name) as lease:
-        # A knowledge base is derived data: one built by an older lorag or another embedder is rebuilt
-        # (only a collection lorag created for this knowledge base: anything else raises, untouched).
-        rebuilt = store.incompatible(kb.collection, dim, kb.name)
-        if rebuilt:
-            store.drop(kb.collection, kb.name)
-        store.ensure_collection(kb.collection, dim, kb.name)
-
-        # Skip documents that are stored whole with the same hash; redo the rest. Documents are
-        # matched by the hash of their full path (`source` is clipped to its field's length).
+        rebuilt = _open_collection(store, kb, dim)
         stored = store.document_index(kb.collection)
         fp = fingerprint(cfg, kb)
-        keys = {path: source_key(path) for path in files}
-        todo = []
-        for path in files:
-            have = stored.get(keys[path])
-            complete = have is not None and have["doc_hash"] and have["count"] == have["n_chunks"]
-            if not (complete and have["doc_hash"] == _current_hash(path, fp, kb.max_source_bytes)):
-                todo.append(path)
-        gone = sorted(set(stored) - set(keys.values()))
-
+        todo, gone = _changes(files, stored, fp, kb.max_source_bytes)
         written, failed, keep = _index(cfg, kb, todo, fp, store, uri, progress, lease) if todo else (0, [], {})
         # Only after every current chunk is written: drop chunks of changed and deleted documents.
         # A source the collection did not hold when this run started has no chunks but this run's,
@@ -135,6 +111,35 @@ def ingest(cfg, kb_name: str, progress=None) -> IngestReport:
                         refused + failed, rebuilt)
 
 
+def _open_collection(store, kb, dim: int) -> str | None:
+    """Create the knowledge base's collection if missing; returns why an existing one was dropped and rebuilt, if it was.
+
+    A knowledge base is derived data: one built by an older lorag or another embedder is rebuilt
+    (only a collection lorag created for this knowledge base: anything else raises, untouched).
+    """
+    rebuilt = store.incompatible(kb.collection, dim, kb.name)
+    if rebuilt:
+        store.drop(kb.collection, kb.name)
+    store.ensure_collection(kb.collection, dim, kb.name)
+    return rebuilt
+
+
+def _changes(files: list[str], stored: dict[str, dict], fp: str, max_bytes: int) -> tuple[list[str], list[str]]:
+    """(documents to index, source keys of stored documents that are gone).
+
+    Documents stored whole with the same hash are skipped; the rest are redone. Documents are
+    matched by the hash of their full path (`source` is clipped to its field's length).
+    """
+    keys = {path: source_key(path) for path in files}
+    todo = []
+    for path in files:
+        have = stored.get(keys[path])
+        complete = have is not None and have["doc_hash"] and have["count"] == have["n_chunks"]
+        if not (complete and have["doc_hash"] == _current_hash(path, fp, max_bytes)):
+            todo.append(path)
+    return todo, sorted(set(stored) - set(keys.values()))
+
+
 def _current_hash(path: str, fp: str, max_bytes: int) -> str | None:
     """The document's hash now, or None when it cannot be read whole (the pipeline then reports why)."""
     try:
@@ -147,11 +152,39 @@ def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress, lease) 
     """Run the Ray Data pipeline over `todo` and upsert its chunks; returns (chunks written,
     failed documents with reasons, `{source_key: chunk ids}` of the documents written). Stops with
     `LockLost` at the first write after `lease` (the ingest lock) is found lost."""
-    import ray
     from ray.data.exceptions import ExecutionTimeoutError
 
-    from lorag.embed import Embedder
     from lorag.milvus import is_lite
+
+    ds, plan = _pipeline(cfg, kb, todo, fp)
+    written, failed, keep = 0, [], {}
+    # A Milvus server takes writes in parallel; Milvus Lite has one writer (its owner actor).
+    pool = ThreadPoolExecutor(1 if is_lite(uri) else 4)
+    pending = []
+    done_docs: set[str] = set()
+    try:
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            rows = _rows(batch, failed, keep, done_docs)
+            if rows:
+                lease.check()
+                pending.append(pool.submit(store.upsert, kb.collection, rows))
+            while pending and (pending[0].done() or len(pending) > 8):
+                written += pending.pop(0).result()
+            if progress:
+                progress(written, len(done_docs) + len(failed), len(todo))
+        written += sum(f.result() for f in pending)
+    except ExecutionTimeoutError as e:
+        raise TimeoutError(_stall_message(kb, plan, str(e))) from None
+    finally:
+        pool.shutdown()
+    return written, failed, keep
+
+
+def _pipeline(cfg, kb, todo: list[str], fp: str):
+    """(the Ray Dataset that reads, chunks and embeds `todo`, the `StagePlan` it was sized with)."""
+    import ray
+
+    from lorag.embed import Embedder
     from lorag.models import node_ref
 
     # Chunker and embedder actors may run on other nodes: they resolve the embedder themselves.
@@ -183,37 +216,24 @@ def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress, lease) 
     )
     # Ray Data's own guard: it fails the execution when no block moves through any stage for this long.
     ds.context.execution_no_progress_timeout_s = kb.stall_timeout_s
-    written, failed, keep = 0, [], {}
-    # A Milvus server takes writes in parallel; Milvus Lite has one writer (its owner actor).
-    pool = ThreadPoolExecutor(1 if is_lite(uri) else 4)
-    pending = []
-    done_docs: set[str] = set()
-    try:
-        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-            rows = []
-            for i in range(len(batch["id"])):
-                source = str(batch["source"][i])
-                if batch["error"][i]:
-                    failed.append((source, str(batch["error"][i])))
-                    continue
-                row = {k: batch[k][i].item() if hasattr(batch[k][i], "item") else str(batch[k][i]) for k in ROW_KEYS}
-                row["vector"] = batch["vector"][i].tolist()
-                rows.append(row)
-                keep.setdefault(source_key(source), []).append(row["id"])
-                done_docs.add(source)
-            if rows:
-                lease.check()
-                pending.append(pool.submit(store.upsert, kb.collection, rows))
-            while pending and (pending[0].done() or len(pending) > 8):
-                written += pending.pop(0).result()
-            if progress:
-                progress(written, len(done_docs) + len(failed), len(todo))
-        written += sum(f.result() for f in pending)
-    except ExecutionTimeoutError as e:
-        raise TimeoutError(_stall_message(kb, plan, str(e))) from None
-    finally:
-        pool.shutdown()
-    return written, failed, keep
+    return ds, plan
+
+
+def _rows(batch: dict[str, Any], failed: list[tuple[str, str]], keep: dict[str, list[str]], done_docs: set[str]) -> list[dict[str, Any]]:
+    """A batch's chunk rows for the store; records each failed document in `failed` and each
+    written chunk's id in `keep` (by source key) and its document in `done_docs`."""
+    rows = []
+    for i in range(len(batch["id"])):
+        source = str(batch["source"][i])
+        if batch["error"][i]:
+            failed.append((source, str(batch["error"][i])))
+            continue
+        row = {k: batch[k][i].item() if hasattr(batch[k][i], "item") else str(batch[k][i]) for k in ROW_KEYS}
+        row["vector"] = batch["vector"][i].tolist()
+        rows.append(row)
+        keep.setdefault(source_key(source), []).append(row["id"])
+        done_docs.add(source)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -273,7 +293,6 @@ def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, us
 def _total_size(paths: list[str]) -> int | None:
     """The documents' size in bytes (a file that cannot be read counts 0: the pipeline reports it),
     or None when one is at a URI (its size is not known here without a round trip)."""
-    from lorag.storage import is_uri
 
     if any(map(is_uri, paths)):
         return None
@@ -321,7 +340,7 @@ def kb_documents(kb, refused: list[tuple[str, str]] | None = None) -> list[str]:
         try:
             found.update(find_documents([src], src_refused))
         except FileNotFoundError as e:
-            if "://" not in src and os.path.isdir(src) and not src_refused:
+            if not is_uri(src) and os.path.isdir(src) and not src_refused:
                 problems.append(
                     f"source {src!r} is present but holds no document (an unmounted share?); refusing to ingest, since that would "
                     f"delete every chunk it held: mount or fill it, or remove it from knowledge_bases.{kb.name}.sources"
@@ -354,7 +373,7 @@ def read_sources(sources: list[str], num_cpus: float = 1.0, max_bytes: int | Non
 
     ds = ray.data.from_items([{"path": s} for s in sources])
     # Every Ray node carries its id as the label ray.io/node-id: a hard constraint to this node.
-    pin = {"ray.io/node-id": ray.get_runtime_context().get_node_id()} if any("://" not in s for s in sources) else None
+    pin = {"ray.io/node-id": ray.get_runtime_context().get_node_id()} if any(not is_uri(s) for s in sources) else None
     return ds.map(_read_row, fn_kwargs={"max_bytes": max_bytes}, num_cpus=num_cpus, label_selector=pin)
 
 
@@ -365,122 +384,4 @@ def _read_row(row: dict[str, Any], max_bytes: int | None) -> dict[str, Any]:
         return {"path": row["path"], "bytes": b"", "error": str(e)}
 
 
-ROW_KEYS = ("id", "text", "terms", "source", "title", "section", "chunk_index", "start", "end", "doc_hash", "n_chunks")
-
-
-# -- training examples (JSONL) -----------------------------------------------------------------
-
-
-@dataclass
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool
-
-
-def dataset_files(path: str | os.PathLike) -> list[Path]:
-    """A JSONL file, or every `*.jsonl` under a directory (sorted).
-
-    Raises:
-        DatasetError: nothing there.
-    """
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.rglob("*.jsonl"))
-        if not files:
-            raise DatasetError(f"no *.jsonl files under {path}")
-        return files
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path}")
-    return [path]
-
-
-def load_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSONL training file (or a directory of them) into `{"messages": [...]}` records.
-
-    `{"prompt", "completion"}` lines become a user and an assistant message.
-
-    Raises:
-        DatasetError: the path is missing or empty, or a line is malformed (`file:line: reason`).
-    """
-    out = []
-    for file in dataset_files(path):
-        with file.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-                out.append({"messages": _messages(rec, where)})
-    if not out:
-        raise DatasetError(f"{path}: no examples")
-    return out
-
-
-def dataset_hash(path: str | os.PathLike) -> str:
-    """sha256 over the dataset's files (names relative to `path` and contents), for provenance."""
-    h = hashlib.sha256()
-    root = Path(path)
-    for file in dataset_files(path):
-        h.update(str(file.relative_to(root) if root.is_dir() else file.name).encode() + b"\0")
-        h.update(file.read_bytes())
-    return h.hexdigest()
-
-
-def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded shuffle, then (train, validation); validation gets at least one example when asked for."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_val = 0 if val_fraction <= 0 else max(1, round(len(examples) * val_fraction))
-    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
-
-
-def _messages(rec: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(rec, dict):
-        raise DatasetError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
-    if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DatasetError(f"{where}: 'messages' must be a non-empty list")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-                raise DatasetError(f"{where}: messages[{i}] must be {{'role': one of {_ROLES}, 'content': string}}")
-        if msgs[-1]["role"] != "assistant":
-            raise DatasetError(f"{where}: the last message must be the assistant's answer (got role {msgs[-1]['role']!r})")
-        if not any(m["role"] == "user" for m in msgs[:-1]):
-            raise DatasetError(f"{where}: 'messages' needs a user message before the assistant's answer")
-        return msgs
-    missing = [k for k in ("prompt", "completion") if not isinstance(rec.get(k), str) or not rec.get(k).strip()]
-    if missing:
-        raise DatasetError(f"{where}: needs non-empty string fields 'prompt' and 'completion' (or 'messages'); missing or empty: {missing}")
-    return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["completion"]}]
-
-
-def encode_example(tokenizer, example: dict[str, Any], system_prompt: str | None, max_len: int) -> Encoded:
-    """Token ids and labels for one example; only the final assistant answer carries loss.
-
-    Examples longer than `max_len` lose the start of the prompt (and, if the answer alone is
-    too long, the end of the answer), so every example keeps supervised tokens.
-
-    The prompt is rendered exactly as serving renders it (chat template with the generation
-    prompt), so the adapter learns to continue from what it will see at inference.
-    """
-    from lorag.prompts import with_system
-
-    msgs = with_system(example["messages"], system_prompt)
-    prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(msgs, tokenize=False)
-    # The answer is what the template adds for the last turn, end-of-turn token included.
-    answer = full[len(prompt):] if full.startswith(prompt) else msgs[-1]["content"] + (tokenizer.eos_token or "")
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    truncated = len(p_ids) + len(a_ids) > max_len
-    if truncated:
-        # Cutting the end would drop the answer (the only supervised part). Keep the prompt's end
-        # (question and assistant header) and the answer's start instead.
-        keep = max(max_len - len(a_ids), max_len // 4)
-        p_ids, a_ids = p_ids[-keep:], a_ids[: max_len - keep]
-    return Encoded(p_ids + a_ids, [IGNORE_INDEX] * len(p_ids) + a_ids, truncated)
+ROW_KEYS = tuple(f for f in FIELDS if f not in ("source_hash", "vector"))  # what the chunker gives a row (the store adds source_hash, the embedder vector)

@@ -46,6 +46,11 @@ class Embedder:
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
 
+    @classmethod
+    def of(cls, cfg, **options) -> "Embedder":
+        """The config's embedder (`embedder`, resolved in its `cache_dir`): the one way lorag builds it for a config."""
+        return cls(cfg.embedder, cache_dir=cfg.cache_dir, **options)
+
     def embed(self, texts: list[str]) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)

@@ -250,7 +250,7 @@ class Engine:
         and a pass that raises answers its unfinished rows with a 500 (503 out of memory) while
         the other passes run. Every answer and token counts as progress (`check_progress`).
         """
-        from lorag.multilora import generate_batch
+        from lorag.generation import generate_batch
 
         def answer(i: int, result: Any) -> None:
             self._progress = time.monotonic()
@@ -314,7 +314,7 @@ class Engine:
         once until a back-off has passed (`LOAD_RETRY_S`, doubled per failure in a row up to
         `LOAD_RETRY_MAX_S`); then loading is tried again.
         """
-        from lorag.multilora import LoraWeights
+        from lorag.lora_weights import LoraWeights
 
         waiting, running, slots = [], [], []
         for i in members:

@@ -41,7 +41,7 @@ def explain(exc: BaseException) -> tuple[str, int] | None:
     """(one line naming what to fix, exit code) for a mistake a user can fix; None for a bug."""
     from lorag.cluster import ClusterError
     from lorag.config import ConfigError
-    from lorag.data import DatasetError
+    from lorag.examples import DatasetError
     from lorag.models import ModelNotFoundError
 
     for e in causes(exc):

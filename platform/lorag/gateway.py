@@ -60,7 +60,7 @@ class Gateway:
     """
 
     def __init__(self, cfg: LoragConfig, backend, prompts: PromptEncoder, embedder_ref: str | None = None):
-        from lorag.milvus import open_store
+        from lorag.handle import open_store
 
         self.cfg, self.backend, self.prompts = cfg, backend, prompts
         self.scopes = key_scopes(cfg)
@@ -164,8 +164,7 @@ class Gateway:
 
     def _adapter(self, model: str, name: str, version: str | None, scope: Scope) -> tuple[str, str | None, str | None]:
         try:
-            number = self.store.resolve_number(name, version)
-            meta = self.store.metadata(name, number)
+            bound = self.store.binding(self.cfg, name, version)
         except (AdapterNotFoundError, ValueError) as e:
             reason = str(e).replace(self.store.root, "the adapter store")
             names = self.store.names()
@@ -173,11 +172,8 @@ class Gateway:
                 reason = f"adapter {name!r} is not in the adapter store"
             available = [m for m in [self.base, *names] if scope.models is None or m in scope.models]  # only what this key may see
             raise APIError(404, f"model {model!r} not found: {reason}. Available: {available}", code="model_not_found") from None
-        # The config's binding wins, so a knowledge base can be re-bound without retraining.
-        in_cfg = next((a for a in self.cfg.adapters if a.name == name), None)
-        kb = in_cfg.knowledge_base if in_cfg else meta.get("knowledge_base")
-        system_prompt = in_cfg.system_prompt if in_cfg else meta.get("system_prompt")
-        return f"{name}@v{number}", (kb if kb in self.kb_stores else None), system_prompt
+        kb = bound.knowledge_base
+        return f"{name}@v{bound.number}", (kb if kb in self.kb_stores else None), bound.system_prompt
 
     def _max_tokens(self, req: SamplingRequest) -> int:
         n = req.completion_tokens() or self.cfg.serve.max_tokens
@@ -309,36 +305,44 @@ def _answers(model: type[BaseModel], *errors: int, stream: type[BaseModel] | Non
 
 def build_api(gateway: Gateway) -> FastAPI:
     """The FastAPI app serving `gateway`: /health, /v1/models, /v1/chat/completions, /v1/completions,
-    and /openapi.json describing them as the handlers read them (`openapi`)."""
+    and /openapi.json describing them as the handlers read them (`_openapi`)."""
     api = FastAPI(title="lorag", description="OpenAI-compatible LoRA + RAG endpoint")
     # The handlers read the key and the body themselves (`authorize`, `parse`): the document names both.
     secured = {"security": [{"bearer": []}]} if gateway.scopes else {}
+    api.openapi = lambda: _openapi(api, gateway.cfg.serve.max_tokens_limit, secured)
+    _add_error_handlers(api)
+    _add_routes(api, gateway, secured)
+    return api
 
-    def openapi() -> dict[str, Any]:
-        """FastAPI's document plus the request bodies (with this endpoint's max_tokens limit), the
-        streamed chunks and the bearer key; no 422s (this app answers validation errors with 400)."""
-        if api.openapi_schema is None:
-            doc = FastAPI.openapi(api)
-            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-            added = [(ChatRequest, "validation"), (CompletionRequest, "validation"),
-                     (ChatCompletionChunk, "serialization"), (TextCompletionChunk, "serialization")]
-            schemas.update(models_json_schema(added, ref_template="#/components/schemas/{model}")[1]["$defs"])
-            limit = [{"type": "integer", "minimum": 1, "maximum": gateway.cfg.serve.max_tokens_limit}, {"type": "null"}]
-            schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"] = limit
-            schemas["ChatRequest"]["properties"]["max_completion_tokens"]["anyOf"] = limit
-            # chat's max_tokens is read (and limited) only without max_completion_tokens
-            schemas["ChatRequest"]["if"] = {"properties": {"max_completion_tokens": {"type": "integer"}}, "required": ["max_completion_tokens"]}
-            schemas["ChatRequest"]["else"] = {"properties": {"max_tokens": {"anyOf": limit}}}
-            for name in ("HTTPValidationError", "ValidationError"):
-                schemas.pop(name, None)
-            for operation in (op for path in doc["paths"].values() for op in path.values()):
-                operation["responses"].pop("422", None)
-            if secured:
-                key = "an API key of serve.api_keys_env, api_keys_file or api_keys"
-                doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "description": key}}
-        return api.openapi_schema
 
-    api.openapi = openapi
+def _openapi(api: FastAPI, max_tokens_limit: int, secured: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's document plus the request bodies (with this endpoint's max_tokens limit), the
+    streamed chunks and the bearer key; no 422s (this app answers validation errors with 400)."""
+    if api.openapi_schema is None:
+        doc = FastAPI.openapi(api)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        added = [(ChatRequest, "validation"), (CompletionRequest, "validation"),
+                 (ChatCompletionChunk, "serialization"), (TextCompletionChunk, "serialization")]
+        schemas.update(models_json_schema(added, ref_template="#/components/schemas/{model}")[1]["$defs"])
+        limit = [{"type": "integer", "minimum": 1, "maximum": max_tokens_limit}, {"type": "null"}]
+        schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"] = limit
+        schemas["ChatRequest"]["properties"]["max_completion_tokens"]["anyOf"] = limit
+        # chat's max_tokens is read (and limited) only without max_completion_tokens
+        schemas["ChatRequest"]["if"] = {"properties": {"max_completion_tokens": {"type": "integer"}}, "required": ["max_completion_tokens"]}
+        schemas["ChatRequest"]["else"] = {"properties": {"max_tokens": {"anyOf": limit}}}
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for operation in (op for path in doc["paths"].values() for op in path.values()):
+            operation["responses"].pop("422", None)
+        if secured:
+            key = "an API key of serve.api_keys_env, api_keys_file or api_keys"
+            doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "description": key}}
+    return api.openapi_schema
+
+
+def _add_error_handlers(api: FastAPI) -> None:
+    """Every error the app answers, in OpenAI's error shape: lorag's own, unknown routes and
+    methods, and bodies FastAPI fails to validate (400, not 422)."""
 
     @api.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -353,6 +357,10 @@ def build_api(gateway: Gateway) -> FastAPI:
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body(validation_message(e), "invalid_request_error", "invalid_request"), status_code=400)
+
+
+def _add_routes(api: FastAPI, gateway: Gateway, secured: dict[str, Any]) -> None:
+    """/health, /v1/models, /v1/models/{model}, /v1/chat/completions and /v1/completions over `gateway`."""
 
     @api.get("/health", response_model=None, responses=_answers(Health))
     async def health() -> dict[str, str]:
@@ -383,8 +391,6 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def completions(request: Request):
         scope = authorize(gateway.scopes, request.headers.get("authorization"))
         return await gateway.completions(await parse(request, CompletionRequest, gateway.cfg.serve.max_body_bytes), scope)
-
-    return api
 
 
 async def parse(request: Request, schema: type[BaseModel], limit: int):

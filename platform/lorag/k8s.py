@@ -4,8 +4,15 @@
 (`lorag k8s render`); `write` saves them as YAML; `plan` orders what `apply` would do and checks it
 (`lorag k8s apply --dry-run` prints it); `apply` sends the objects to a cluster with server-side
 apply, then runs the named RayJobs one after another, each once the one before succeeded; `status`
-reads back the Ray objects' states (`lorag k8s status`). Whether to create, replace, wait for or
-give up on a job is decided by `next_action`, a pure function of the jobs' phases (`job_phase`).
+reads back the Ray objects' states (`lorag k8s status`). These are what the CLI calls; the parts
+live beside this module:
+
+- `lorag.k8s_layout`: the names the manifests share (objects, paths, Secret keys, users, labels),
+- `lorag.k8s_config`: the config as the pods see it (`cluster_config`), its ConfigMap and the Secret,
+- `lorag.k8s_ray`: the RayCluster, the RayService and the RayJobs, and the Ray pods in them,
+- `lorag.k8s_milvus`: Milvus standalone and the NetworkPolicy that lets only the Ray pods reach it,
+- `lorag.k8s_client`: the connection to the cluster's API and the checks of the Secrets there,
+- `lorag.k8s_jobs`: running RayJobs in order (`job_phase`, `next_action`, `run_jobs`).
 
 What is rendered, all in `k8s.namespace`:
 - a RayCluster `lorag` for `lorag submit` / `ray job submit` (head + CPU group + GPU group,
@@ -20,11 +27,6 @@ What is rendered, all in `k8s.namespace`:
   pod at CONFIG_PATH, and a Secret with placeholders for the Ray token, the API keys and Milvus's
   root password.
 
-The cluster's config differs from the laptop's only where it must: Milvus Lite files become the
-in-cluster Milvus Service, local storage becomes `k8s.storage` (a URI every pod reaches; there is
-no default bucket), paths under the project root move to where k8s/Dockerfile copies the project
-(APP_DIR), and Serve binds 0.0.0.0 with API keys required.
-
 No secret is ever rendered in plain text: the ConfigMap holds no Milvus token (the Ray pods get
 MILVUS_TOKEN_ENV, `root:<Milvus's root password>`, from the Secret, which also sets that password
 in Milvus), the API keys reach the Serve replicas through a `secretKeyRef`, and `cluster_config`
@@ -37,47 +39,22 @@ in the head calls the Kubernetes API with the head pod's token.
 
 from __future__ import annotations
 
-import base64
 import os
-import re
-import shlex
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
-from urllib.parse import urlsplit
+from typing import Any, Callable, Iterable, Literal
 
 import yaml
 
-from lorag.config import ConfigError, LoragConfig, parse_config
-from lorag.storage import is_uri
+from lorag.config import ConfigError, LoragConfig
+from lorag.k8s_client import check_secret, dynamic_client, get, resource, server_side_apply
+from lorag.k8s_config import cluster_config, config_map, secret
+from lorag.k8s_jobs import POLL_S, run_jobs
+from lorag.k8s_layout import CONFIG_MAP, CONFIG_PATH, JOBS, NAME, SECRET, SERVICE, labels
+from lorag.k8s_milvus import milvus_objects
+from lorag.k8s_ray import ray_cluster, ray_job, ray_service
 
-APP_DIR = "/app"  # where k8s/Dockerfile copies the project
-CONFIG_DIR = "/etc/lorag"  # where the ConfigMap is mounted
-CONFIG_PATH = f"{CONFIG_DIR}/lorag.yaml"
-POD_WORKDIR = "/tmp/lorag"  # node-local scratch: artifacts live in storage, knowledge bases in Milvus
-NAME = "lorag"  # the RayCluster; other objects are named lorag-<part>
-CONFIG_MAP = "lorag-config"
-SECRET = "lorag-secrets"
-TOKEN_KEY = "auth_token"  # KubeRay reads the Ray token from this key of authOptions.secretName
-API_KEYS_KEY = "LORAG_API_KEYS"
-MILVUS_PASSWORD_KEY = "milvus_root_password"  # Milvus's root password, set at its first start; lorag connects as root
-MILVUS_PASSWORD_ENV = "LORAG_MILVUS_PASSWORD"  # in the Ray pods, only to build MILVUS_TOKEN_ENV from it
-MILVUS_TOKEN_ENV = "LORAG_MILVUS_TOKEN"  # knowledge_bases[].token's default (lorag.config)
-PLACEHOLDER = "REPLACE-ME"
-MILVUS = "lorag-milvus"
-MILVUS_PORT = 19530
-SERVICE = "lorag-serve"
-JOBS = {"ingest": "jobs.ingest", "finetune": "jobs.finetune", "eval": "jobs.evaluate"}  # RayJob lorag-<key> runs `python -m <module>`
-RAY_USER = (1000, 100)  # uid and gid of the `ray` user of rayproject/ray, which k8s/Dockerfile builds on
-# Milvus's image names no user (it would run as root) and its files are root:root, mode 774: uid 1000 runs them in group 0.
-MILVUS_USER = (1000, 0)
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
-SHM_SHARE = 0.5  # of a Ray pod's memory, the most /dev/shm may take (Ray's object store uses 30%)
 STORAGE_PLACEHOLDER = "replace-me"  # in k8s.storage (the quickstart's bucket): render, but never apply
-POLL_S = 10.0  # how often `apply` reads the state of a job it waits for
-DELETE_TIMEOUT_S = 600.0  # how long `apply` waits for a replaced RayJob to be gone
-FIELD_MANAGER = "lorag"
 HEADER = "# Generated by `lorag k8s render"
 
 # apply() order: what a later object refers to exists first; RayJobs start work, so they come last.
@@ -107,139 +84,18 @@ def render(cfg: LoragConfig, config_path: str, root: str | os.PathLike = ".") ->
             (`storage` not a URI and `k8s.storage` unset); a secret would be rendered in plain text
             (`cluster_config`); or a pod's memory is no Kubernetes quantity.
     """
-    from lorag.serving import serve_config
-
     in_cluster = cluster_config(cfg, root)
     k = cfg.k8s
     ann = {"lorag.io/config": str(config_path)}
-    serve_yaml = yaml.safe_dump(serve_config(in_cluster, CONFIG_PATH), sort_keys=False)
     return {
-        "00-namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": k.namespace, "labels": _labels("namespace")}}],
-        "10-config.yaml": [_config_map(in_cluster, k.namespace, ann, config_path)],
-        "20-milvus.yaml": _milvus(cfg, ann),
-        "30-raycluster.yaml": [_ray_object("RayCluster", NAME, "raycluster", cfg, ann, _ray_cluster_spec(in_cluster))],
-        "40-rayservice.yaml": [
-            _ray_object(
-                "RayService", SERVICE, "rayservice", cfg, ann,
-                {
-                    "serveConfigV2": serve_yaml,
-                    # NewCluster: a changed cluster spec starts a new cluster and moves traffic once its
-                    # app is healthy (NewClusterWithIncrementalUpgrade needs a Gateway API controller).
-                    "upgradeStrategy": {"type": "NewCluster"},
-                    "rayClusterConfig": _ray_cluster_spec(in_cluster, serve=True),
-                },
-            )
-        ],
-        **{f"jobs/{job}.yaml": [_ray_job(in_cluster, job, ann)] for job in JOBS if job != "eval" or in_cluster.k8s.eval_dataset},
-        "secret/lorag-secrets.yaml": [_secret(cfg, ann)],
+        "00-namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": k.namespace, "labels": labels("namespace")}}],
+        "10-config.yaml": [config_map(in_cluster, k.namespace, ann, config_path)],
+        "20-milvus.yaml": milvus_objects(cfg, ann),
+        "30-raycluster.yaml": [ray_cluster(in_cluster, ann)],
+        "40-rayservice.yaml": [ray_service(in_cluster, ann)],
+        **{f"jobs/{job}.yaml": [ray_job(in_cluster, job, ann)] for job in JOBS if job != "eval" or in_cluster.k8s.eval_dataset},
+        "secret/lorag-secrets.yaml": [secret(cfg, ann)],
     }
-
-
-def cluster_config(cfg: LoragConfig, root: str | os.PathLike = ".") -> LoragConfig:
-    """`cfg` as the pods see it (the ConfigMap's lorag.yaml).
-
-    Knowledge bases on a Milvus Lite file use the in-cluster Milvus Service; `storage` becomes
-    `k8s.storage` unless it is a URI already; paths under `root` move under APP_DIR (and so does
-    `k8s.eval_dataset`, given relative to `root`); node-local paths (workdir, model cache, a local
-    Ray Train storage_path) are left to the pods; Serve binds 0.0.0.0 and requires API keys unless
-    the config says `auth: none`. Knowledge bases have no token: the pods read MILVUS_TOKEN_ENV,
-    which they get from the Secret.
-
-    Raises:
-        ConfigError: naming each field whose path lies outside `root` (or, for `k8s.eval_dataset`,
-            is no file there), `k8s.storage` when the pods would have no storage URI, and each
-            secret that would be rendered in plain text (a token written in the config rather than
-            taken from $LORAG_MILVUS_TOKEN, a password in a URI, `serve.api_keys_file`,
-            `cluster.env_vars` named like a credential); and the fix.
-    """
-    from lorag.cluster import SECRET_NAME
-
-    root = Path(root).resolve()
-    data = cfg.model_dump(mode="json")
-    problems: list[str] = []
-
-    def rebase(where: str, path: str) -> str:
-        if is_uri(path):
-            return path
-        try:
-            rel = Path(path).resolve().relative_to(root).as_posix()
-            return APP_DIR if rel == "." else f"{APP_DIR}/{rel}"
-        except ValueError:
-            problems.append(
-                f"  {where}: {path} is outside the project root {root}, which k8s/Dockerfile copies to {APP_DIR}: "
-                "move it under the project (or render from a root that holds it), or use a storage URI"
-            )
-            return path
-
-    def password_in(where: str, uri: str | None) -> None:
-        if uri and is_uri(uri) and urlsplit(uri).password:
-            problems.append(f"  {where}: the URI holds a password, which would be written in plain text into ConfigMap {CONFIG_MAP}: "
-                            "remove it from the URI (a Milvus token comes from the Secret, storage credentials from k8s.storage_secret)")
-
-    milvus_uri = _milvus_uri(cfg.k8s.namespace)
-    data["workdir"] = POD_WORKDIR
-    secret = cfg.k8s.storage_secret or "lorag-storage"
-    for name in sorted(cfg.cluster.env_vars):
-        if SECRET_NAME.search(name):
-            problems.append(
-                f"  cluster.env_vars.{name}: its value would be written in plain text into every Ray pod spec: remove it from the "
-                f"config and put it into the Secret of k8s.storage_secret, whose keys every Ray pod gets as environment variables "
-                f"(kubectl create secret generic {secret} -n {cfg.k8s.namespace} --from-literal={name}=..."
-                + (")" if cfg.k8s.storage_secret else f", and set k8s.storage_secret: {secret})")
-            )
-    password_in("storage", data["storage"])
-    password_in("k8s.storage", cfg.k8s.storage)
-    data["cache_dir"] = None
-    if not (data["storage"] and is_uri(data["storage"])):
-        if cfg.k8s.storage is None:
-            problems.append(
-                f"  k8s.storage: not set, and storage ({data['storage'] or 'default: the workdir'}) is not a URI, so the pods would "
-                "have nowhere to keep adapters and checkpoints: set k8s.storage to a bucket every pod reaches, e.g. "
-                "`k8s: {storage: s3://my-bucket/lorag}` in the config or --set k8s.storage=s3://my-bucket/lorag"
-            )
-        data["storage"] = cfg.k8s.storage
-    for key in ("base_model", "embedder"):
-        if os.path.isabs(data[key]):  # a local model directory; names and hub ids stay as they are
-            data[key] = rebase(key, data[key])
-    for i, kb in enumerate(data["knowledge_bases"]):
-        kb["sources"] = [rebase(f"knowledge_bases.{i}.sources.{j}", s) for j, s in enumerate(kb["sources"])]
-        if kb["token"]:  # written in the config or --set (the environment's stays there)
-            problems.append(
-                f"  knowledge_bases.{i}.token: would be written in plain text into ConfigMap {CONFIG_MAP}: remove it from the config; "
-                f"the pods read ${MILVUS_TOKEN_ENV}, which they get from Secret {SECRET} (root:<{MILVUS_PASSWORD_KEY}>)"
-            )
-        kb["token"] = None  # the pods' own $LORAG_MILVUS_TOKEN, never this machine's
-        password_in(f"knowledge_bases.{i}.uri", kb["uri"])
-        if not (kb["uri"] and is_uri(kb["uri"])):  # a Milvus Lite file works on one node only
-            kb["uri"] = milvus_uri
-    for i, ad in enumerate(data["adapters"]):
-        ad["dataset"] = rebase(f"adapters.{i}.dataset", ad["dataset"])
-        train = ad["train"]
-        if train["deepspeed_config"]:
-            train["deepspeed_config"] = rebase(f"adapters.{i}.train.deepspeed_config", train["deepspeed_config"])
-        if train["storage_path"] and not is_uri(train["storage_path"]):
-            train["storage_path"] = None  # the default, <storage>/ray_results, is reachable from every pod
-    serve = data["serve"]
-    serve["host"] = "0.0.0.0"  # the Serve proxy must answer on the pod IP behind KubeRay's serve Service
-    if serve["api_keys_file"]:
-        problems.append(
-            f"  serve.api_keys_file: {serve['api_keys_file']} would be copied into the image with the project, keys in plain text: "
-            f"leave it unset; the endpoint takes its keys from Secret {SECRET} (key {API_KEYS_KEY}, comma-separated)"
-        )
-    if serve.get("auth") is None:
-        serve["auth"] = "api_keys"  # the Secret supplies them; refuse to start rather than serve openly
-    if dataset := cfg.k8s.eval_dataset:
-        path = Path(dataset) if os.path.isabs(dataset) else root / dataset
-        if path.is_file():
-            data["k8s"]["eval_dataset"] = rebase("k8s.eval_dataset", str(path))
-        else:
-            problems.append(
-                f"  k8s.eval_dataset: {path} is not a file: give the evaluation set (JSONL) as a path inside the project, "
-                f"relative to the project root {root}"
-            )
-    if problems:
-        raise ConfigError("the config cannot run in the cluster as it is:\n" + "\n".join(problems))
-    return parse_config(data, source="cluster config")
 
 
 def write(manifests: dict[str, list[dict]], out_dir: str | os.PathLike, config_path: str) -> list[Path]:
@@ -272,11 +128,6 @@ def write(manifests: dict[str, list[dict]], out_dir: str | os.PathLike, config_p
         if old not in written and old.read_text().startswith(HEADER):
             old.unlink()
     return written
-
-
-def _to_yaml(objects: list[dict]) -> str:
-    """Manifests as one multi-document YAML text, multi-line strings as literal blocks."""
-    return "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=1000) for o in objects)
 
 
 @dataclass(frozen=True)
@@ -321,14 +172,7 @@ def plan(manifests: dict[str, list[dict]], jobs: Iterable[str] = (), wait: bool 
         ConfigError: `k8s.storage` still holds the quickstart's placeholder bucket.
     """
     jobs = list(jobs)
-    unknown = sorted(set(jobs) - set(JOBS))
-    if unknown:
-        raise ValueError(f"unknown job(s) {unknown}: choose from {sorted(JOBS)}")
-    repeated = sorted({j for j in jobs if jobs.count(j) > 1})
-    if repeated:
-        raise ValueError(f"job(s) {repeated} named more than once: name each job once, in the order to run them")
-    if not wait and len(jobs) > 1:
-        raise ValueError(f"--no-wait runs one job, not {len(jobs)}: each of {jobs} needs what the one before it writes, so lorag must wait for it")
+    _check_jobs(jobs, wait)
     objects = sorted((o for objs in manifests.values() for o in objs), key=lambda o: _KIND_ORDER.index(o["kind"]))
     by_name = {o["metadata"]["name"]: o for o in objects if o["kind"] == "RayJob"}
     missing = [j for j in jobs if f"lorag-{j}" not in by_name]
@@ -343,8 +187,8 @@ def plan(manifests: dict[str, list[dict]], jobs: Iterable[str] = (), wait: bool 
     for obj in objects:
         if obj["kind"] == "Secret":
             steps.append(Step("check", obj, "must exist with real values; lorag never applies its placeholders"))
-            if secret := _storage_secret(objects):
-                stub = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret, "namespace": obj["metadata"]["namespace"]}}
+            if storage_secret := _storage_secret(objects):
+                stub = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": storage_secret, "namespace": obj["metadata"]["namespace"]}}
                 steps.append(Step("check", stub, "k8s.storage_secret: must exist with the bucket's credentials"))
         elif obj["kind"] != "RayJob":
             steps.append(Step("apply", obj))
@@ -395,159 +239,24 @@ def apply(
             a job that failed, vanished or outlasted `timeout_s` (later jobs are then not started).
     """
     steps = plan(manifests, jobs, wait)
-    dyn = _dynamic_client(kubeconfig, context)
+    dyn = dynamic_client(kubeconfig, context)
     run = []
     for step in steps:
         obj = step.obj
         kind, name, ns = obj["kind"], obj["metadata"]["name"], obj["metadata"].get("namespace")
-        api = _resource(dyn, obj["apiVersion"], kind)
+        api = resource(dyn, obj["apiVersion"], kind)
         if step.action == "check":
-            _check_secret(api, ns, name, storage=name != SECRET)
+            check_secret(api, ns, name, storage=name != SECRET)
             echo(f"kept    {step.where} (it exists; lorag never applies Secrets)")
         elif step.action == "apply":
-            _call(lambda: api.server_side_apply(body=obj, field_manager=FIELD_MANAGER, force_conflicts=True), step.where)
+            server_side_apply(api, obj, step.where)
             echo(f"applied {step.where}")
         elif step.action == "skip":
             echo(f"skipped {step.where} ({step.note})")
         else:
             run.append(obj)
     if run:
-        _run_jobs(_resource(dyn, "ray.io/v1", "RayJob"), run, wait, timeout_s, poll_s, echo)
-
-
-Phase = Literal["absent", "deleting", "active", "succeeded", "failed"]
-Action = Literal["create", "replace", "wait", "done", "busy", "failed", "vanished"]
-
-
-def job_phase(obj: dict | None) -> Phase:
-    """Where a RayJob stands, from its object (None when there is none).
-
-    "succeeded" is jobStatus SUCCEEDED once KubeRay marked the deployment Complete (the submitter
-    has finished too); "failed" is a Failed or ValidationFailed deployment, or a Complete one whose
-    job did not succeed (STOPPED); "deleting" an object with a deletionTimestamp; anything else
-    (New, Initializing, Running, Waiting, Suspended, Retrying) is "active".
-    """
-    if obj is None:
-        return "absent"
-    if (obj.get("metadata") or {}).get("deletionTimestamp"):
-        return "deleting"
-    st = obj.get("status") or {}
-    deployment, job = st.get("jobDeploymentStatus") or "", st.get("jobStatus") or ""
-    if deployment == "Complete":
-        return "succeeded" if job == "SUCCEEDED" else "failed"
-    if deployment in ("Failed", "ValidationFailed"):
-        return "failed"
-    return "active"
-
-
-def next_action(jobs: list[str], phases: Mapping[str, Phase], started: list[str]) -> tuple[Action, str | None]:
-    """The next thing to do to run `jobs` in order, each only after the one before succeeded.
-
-    Args:
-        jobs: the RayJob names, in the order to run them.
-        phases: each job's `job_phase` now.
-        started: the jobs this run has created so far.
-
-    Returns:
-        `(action, job)`: "create" a job that is not there; "replace" (delete) one that ended before
-        this run, to create it again once it is gone; "wait" for a job of this run to end or for an
-        old one to be gone; "busy" when one not started by this run is still active (never replaced
-        while it runs); "failed" when a job of this run failed; "vanished" when it disappeared
-        before it ended; "done" (job None) when every job succeeded.
-    """
-    for job in jobs:
-        phase = phases[job]
-        if job not in started:
-            return {"absent": "create", "deleting": "wait", "succeeded": "replace", "failed": "replace", "active": "busy"}[phase], job
-        if phase == "succeeded":
-            continue
-        return {"failed": "failed", "active": "wait", "absent": "vanished", "deleting": "vanished"}[phase], job
-    return "done", None
-
-
-def _run_jobs(api, objs: list[dict], wait: bool, timeout_s: float | None, poll_s: float, echo: Callable[[str], None]) -> None:
-    """Run the RayJobs `objs` one after another, as `next_action` says; see `apply`."""
-    ns = objs[0]["metadata"]["namespace"]
-    by_name = {o["metadata"]["name"]: o for o in objs}
-    names = list(by_name)
-    started: list[str] = []
-    seen: dict[str, str] = {}  # the last state printed per job
-    waiting: tuple[str, float, float] | None = None  # (job, since, limit)
-    while True:
-        current = {n: _get(api, ns, n) for n in names}
-        phases = {n: job_phase(o) for n, o in current.items()}
-        for n in started:
-            if phases[n] == "succeeded" and seen.get(n) != "SUCCEEDED":
-                echo(f"RayJob {ns}/{n}: SUCCEEDED")
-                seen[n] = "SUCCEEDED"
-        action, name = next_action(names, phases, started)
-        if action == "done":
-            echo(f"all {len(names)} job(s) SUCCEEDED: {', '.join(names)}")
-            return
-        where, state = f"RayJob {ns}/{name}", _job_state(current[name])
-        logs = f"kubectl logs -n {ns} job/{name}"
-        rest = names[names.index(name) + 1:]
-        not_started = f"; not started: {', '.join(rest)}" if rest else ""
-        if action == "create":
-            _call(lambda: api.server_side_apply(body=by_name[name], field_manager=FIELD_MANAGER, force_conflicts=True), where)
-            started.append(name)
-            seen.pop(name, None)
-            echo(f"started {where} ({len(started)} of {len(names)}); its output: {logs} -f (once its cluster is up)")
-            if not wait:
-                echo(f"not waiting: follow it with `kubectl get rayjob {name} -n {ns} -w` or `lorag k8s status`")
-                return
-        elif action == "replace":
-            echo(f"{where} ended before ({state}): deleting it to run it again")
-            # Foreground: the RayJob goes only after its submitter Job (named like it) and cluster, so the
-            # new RayJob's submitter cannot be mistaken for the old one's.
-            _call(lambda: api.delete(name=name, namespace=ns, body={"propagationPolicy": "Foreground"}), where)
-        elif action == "busy":
-            raise RuntimeError(
-                f"{where} is still running from before ({state}): wait for it to end (`lorag k8s status`), or stop it "
-                f"with `kubectl delete rayjob {name} -n {ns}`, then apply again{not_started}"
-            )
-        elif action == "failed":
-            raise RuntimeError(
-                f"{where} failed ({state}): read its output with `{logs}` and its events with "
-                f"`kubectl describe rayjob {name} -n {ns}`{not_started}"
-            )
-        elif action == "vanished":
-            raise RuntimeError(
-                f"{where} was deleted before it ended (last seen {seen.get(name, 'New')}): someone deleted it, so lorag "
-                f"cannot tell how it ended; run it again with --job {name.removeprefix('lorag-')}{not_started}"
-            )
-        else:  # wait: for a job of this run to end, or for an old one to be gone
-            if state != seen.get(name):
-                echo(f"{where}: {state}")
-                seen[name] = state
-            if waiting is None or waiting[0] != name:
-                deadline = by_name[name]["spec"]["activeDeadlineSeconds"] + 600
-                limit = (timeout_s or deadline) if name in started else DELETE_TIMEOUT_S
-                waiting = (name, time.monotonic(), limit)
-            if time.monotonic() - waiting[1] > waiting[2]:
-                if name in started:
-                    raise RuntimeError(
-                        f"{where} did not end within {waiting[2]:.0f} s ({state}); lorag stopped waiting but not the job: "
-                        f"follow it with `{logs} -f` and `lorag k8s status`{not_started}"
-                    )
-                raise RuntimeError(
-                    f"{where} is still being deleted after {waiting[2]:.0f} s ({state}): see what holds it with "
-                    f"`kubectl describe rayjob {name} -n {ns}`, then apply again{not_started}"
-                )
-            time.sleep(poll_s)
-        if action != "wait":
-            waiting = None
-
-
-def _job_state(obj: dict | None) -> str:
-    """A RayJob's state in one line: deployment status, Ray job status, KubeRay's reason and message."""
-    if obj is None:
-        return "not found"
-    st = obj.get("status") or {}
-    text = f"{st.get('jobDeploymentStatus') or 'New'}, job {st.get('jobStatus') or 'not submitted'}"
-    if (obj.get("metadata") or {}).get("deletionTimestamp"):
-        text += ", being deleted"
-    return text + "".join(f": {st[k]}" for k in ("reason", "message") if st.get(k))
+        run_jobs(resource(dyn, "ray.io/v1", "RayJob"), run, wait, timeout_s, poll_s, echo)
 
 
 @dataclass
@@ -583,295 +292,13 @@ def status(cfg: LoragConfig, kubeconfig: str | None = None, context: str | None 
     Raises:
         RuntimeError: no kubeconfig, an unreachable API server, or KubeRay's CRDs missing.
     """
-    dyn = _dynamic_client(kubeconfig, context)
+    dyn = dynamic_client(kubeconfig, context)
     ns = cfg.k8s.namespace
     wanted = [("RayCluster", NAME)] + [("RayJob", f"lorag-{j}") for j in JOBS] + [("RayService", SERVICE)]
-    out = []
-    for kind, name in wanted:
-        obj = _get(_resource(dyn, "ray.io/v1", kind), ns, name)
-        if obj is None:
-            out.append(ObjectStatus(kind, name, "not found"))
-            continue
-        st = obj.get("status") or {}
-        conditions = [f"{c.get('type')}={c.get('status')} {c.get('reason', '')}: {c.get('message', '')}".rstrip(": ") for c in st.get("conditions") or []]
-        if kind == "RayJob":
-            state = f"{st.get('jobDeploymentStatus', 'New')} (job {st.get('jobStatus') or 'not submitted'})"
-            out.append(ObjectStatus(kind, name, state, st.get("message", ""), conditions))
-        elif kind == "RayService":
-            apps = (st.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
-            message = ", ".join(f"app {a}: {s.get('status', '?')}" for a, s in sorted(apps.items()))
-            out.append(ObjectStatus(kind, name, st.get("serviceStatus") or _ready(st), message, conditions))
-        else:
-            out.append(ObjectStatus(kind, name, st.get("state") or _ready(st), st.get("reason", ""), conditions))
-    return out
+    return [_object_status(kind, name, get(resource(dyn, "ray.io/v1", kind), ns, name)) for kind, name in wanted]
 
 
-# -- manifests ------------------------------------------------------------------------------------
-
-
-def _labels(component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/part-of": "lorag", "app.kubernetes.io/component": component}
-
-
-def _meta(name: str, ns: str, component: str, annotations: dict[str, str]) -> dict[str, Any]:
-    return {"name": name, "namespace": ns, "labels": _labels(component), "annotations": dict(annotations)}
-
-
-def _milvus_uri(ns: str) -> str:
-    return f"http://{MILVUS}.{ns}.svc.cluster.local:{MILVUS_PORT}"
-
-
-def _pod_security(user: tuple[int, int], fs_group: int) -> dict[str, Any]:
-    """A pod's securityContext: this non-root uid and gid, `fs_group` on its volumes, RuntimeDefault seccomp."""
-    uid, gid = user
-    return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid, "fsGroup": fs_group, "seccompProfile": {"type": "RuntimeDefault"}}
-
-
-def _config_map(in_cluster: LoragConfig, ns: str, ann: dict[str, str], config_path: str) -> dict:
-    # Only what differs from the defaults, so the file reads like a hand-written lorag.yaml.
-    body = in_cluster.model_dump(mode="json", exclude_defaults=True, exclude={"k8s", "cluster"})
-    for kb in body.get("knowledge_bases", []):
-        kb.pop("token", None)  # absent, not null: the pods take their $LORAG_MILVUS_TOKEN
-    text = (
-        f"# {config_path} as the cluster sees it (rendered by `lorag k8s render`): Milvus is the in-cluster\n"
-        f"# Service, storage a URI every pod reaches, paths where k8s/Dockerfile puts the project ({APP_DIR}).\n"
-        f"# Knowledge bases take their Milvus token from ${MILVUS_TOKEN_ENV}, set in every Ray pod from Secret {SECRET}.\n"
-        + yaml.safe_dump(body, sort_keys=False, width=1000)
-    )
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(CONFIG_MAP, ns, "config", ann), "data": {"lorag.yaml": text}}
-
-
-def _secret(cfg: LoragConfig, ann: dict[str, str]) -> dict:
-    note = (
-        f"Placeholders: replace every value before use. {TOKEN_KEY}: the Ray cluster token (any long random string, "
-        f"e.g. `openssl rand -hex 32`); {API_KEYS_KEY}: comma-separated API keys clients send as `Authorization: Bearer <key>`; "
-        f"{MILVUS_PASSWORD_KEY}: Milvus's root password, set when its volume is first initialised (e.g. `openssl rand -hex 16`)."
-    )
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": _meta(SECRET, cfg.k8s.namespace, "secret", {**ann, "lorag.io/replace-before-use": note}),
-        "type": "Opaque",
-        "stringData": {TOKEN_KEY: PLACEHOLDER, API_KEYS_KEY: PLACEHOLDER, MILVUS_PASSWORD_KEY: PLACEHOLDER},
-    }
-
-
-def _milvus(cfg: LoragConfig, ann: dict[str, str]) -> list[dict]:
-    # Standalone Milvus needs etcd and object storage; embedded etcd and local storage keep both in
-    # this one pod and its volume (Milvus's own standalone_embed setup). etcd listens on loopback only.
-    k = cfg.k8s
-    ns = k.namespace
-    select = {"app.kubernetes.io/name": "milvus", "app.kubernetes.io/instance": MILVUS}
-    etcd = (
-        "listen-client-urls: http://127.0.0.1:2379\n"
-        "advertise-client-urls: http://127.0.0.1:2379\n"
-        "quota-backend-bytes: 4294967296\n"
-        "auto-compaction-mode: revision\n"
-        "auto-compaction-retention: '1000'\n"
-    )
-    health = {"httpGet": {"path": "/healthz", "port": 9091}}
-    claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": k.milvus_storage}}}
-    if k.storage_class:
-        claim["storageClassName"] = k.storage_class
-    container = {
-        "name": "milvus",
-        "image": k.milvus_image,
-        "args": ["milvus", "run", "standalone"],  # args, not command: keep the image's tini entrypoint
-        "env": [
-            {"name": "ETCD_USE_EMBED", "value": "true"},
-            {"name": "ETCD_DATA_DIR", "value": "/var/lib/milvus/etcd"},
-            {"name": "ETCD_CONFIG_PATH", "value": "/milvus/configs/embedEtcd.yaml"},
-            {"name": "COMMON_STORAGETYPE", "value": "local"},
-            # common.security.*: every client must log in; root's password is taken from the Secret when
-            # the volume is first initialised (changing the Secret later does not change it).
-            {"name": "COMMON_SECURITY_AUTHORIZATIONENABLED", "value": "true"},
-            {"name": "COMMON_SECURITY_DEFAULTROOTPASSWORD", "valueFrom": {"secretKeyRef": {"name": SECRET, "key": MILVUS_PASSWORD_KEY}}},
-        ],
-        "ports": [{"name": "grpc", "containerPort": MILVUS_PORT}, {"name": "metrics", "containerPort": 9091}],
-        "resources": {"requests": {"cpu": k.milvus_cpu, "memory": k.milvus_memory}, "limits": {"cpu": k.milvus_cpu, "memory": k.milvus_memory}},
-        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 30},
-        "readinessProbe": {**health, "periodSeconds": 10},
-        "livenessProbe": {**health, "periodSeconds": 30, "failureThreshold": 3},
-        "volumeMounts": [
-            {"name": "data", "mountPath": "/var/lib/milvus"},
-            {"name": "etcd-config", "mountPath": "/milvus/configs/embedEtcd.yaml", "subPath": "embedEtcd.yaml"},
-        ],
-        "securityContext": CONTAINER_SECURITY,
-    }
-    pod = {
-        "automountServiceAccountToken": False,
-        # fsGroup makes the volume writable for the non-root user; OnRootMismatch skips the walk over a volume already right.
-        "securityContext": {**_pod_security(MILVUS_USER, 1000), "fsGroupChangePolicy": "OnRootMismatch"},
-        "containers": [container],
-        "volumes": [{"name": "etcd-config", "configMap": {"name": MILVUS}}],
-    }
-    # Only the Ray pods (their template label, see _ray_pod) reach Milvus's port; kubelet probes come from the node and pass.
-    policy = {
-        "podSelector": {"matchLabels": select},
-        "policyTypes": ["Ingress"],
-        "ingress": [{"from": [{"podSelector": {"matchLabels": _labels("ray")}}], "ports": [{"protocol": "TCP", "port": MILVUS_PORT}]}],
-    }
-    return [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(MILVUS, ns, "milvus", ann), "data": {"embedEtcd.yaml": etcd}},
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": _meta(MILVUS, ns, "milvus", ann),
-            "spec": {"selector": select, "ports": [{"name": "grpc", "port": MILVUS_PORT, "targetPort": "grpc"}]},
-        },
-        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(MILVUS, ns, "milvus", ann), "spec": policy},
-        {
-            "apiVersion": "apps/v1",
-            "kind": "StatefulSet",
-            "metadata": _meta(MILVUS, ns, "milvus", ann),
-            "spec": {
-                "serviceName": MILVUS,
-                "replicas": 1,
-                "selector": {"matchLabels": select},
-                "template": {"metadata": {"labels": {**select, **_labels("milvus")}}, "spec": pod},
-                "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": claim}],
-            },
-        },
-    ]
-
-
-def _ray_object(kind: str, name: str, component: str, cfg: LoragConfig, ann: dict[str, str], spec: dict) -> dict:
-    return {"apiVersion": "ray.io/v1", "kind": kind, "metadata": _meta(name, cfg.k8s.namespace, component, ann), "spec": spec}
-
-
-def _ray_job(in_cluster: LoragConfig, job: str, ann: dict[str, str]) -> dict:
-    cfg = in_cluster  # the pods' view: k8s.eval_dataset is its path in the image
-    k = cfg.k8s
-    ttl = k.job_ttl_s
-    entrypoint = f"python -m {JOBS[job]} --config {CONFIG_PATH}"
-    if job == "eval":
-        entrypoint += f" --dataset {shlex.quote(k.eval_dataset)}"
-    rules = []
-    # Delete the job's cluster as soon as the job ends (frees its GPUs; the submitter pod keeps the
-    # logs), the RayJob itself after job_ttl_s. `Failed` deployments include an exceeded deadline.
-    for condition in ({"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}):
-        rules.append({"policy": "DeleteCluster", "condition": {**condition, "ttlSeconds": 0}})
-        rules.append({"policy": "DeleteSelf", "condition": {**condition, "ttlSeconds": ttl}})
-    # KubeRay's default submitter pod, hardened: it only runs `ray job submit` (KubeRay fills in the
-    # command and the Ray token), so it needs no service-account token.
-    submitter = {
-        "name": "ray-job-submitter",
-        "image": k.image,
-        "imagePullPolicy": k.image_pull_policy,
-        "resources": {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
-        "securityContext": CONTAINER_SECURITY,
-    }
-    spec = {
-        "entrypoint": entrypoint,
-        "activeDeadlineSeconds": k.job_deadline_s,
-        "deletionStrategy": {"deletionRules": rules},
-        # A cluster of its own rather than `clusterSelector` on the RayCluster: KubeRay enforces
-        # activeDeadlineSeconds (by deleting the cluster) and deletionRules only for a cluster the
-        # RayJob owns; on a selected cluster a job past its deadline keeps running.
-        "rayClusterSpec": _ray_cluster_spec(cfg),
-        "submitterPodTemplate": {
-            "metadata": {"labels": _labels("ray-submitter")},
-            "spec": {
-                "restartPolicy": "Never",
-                "automountServiceAccountToken": False,
-                "securityContext": _pod_security(RAY_USER, RAY_USER[1]),
-                "containers": [submitter],
-            },
-        },
-    }
-    return _ray_object("RayJob", f"lorag-{job}", f"rayjob-{job}", cfg, ann, spec)
-
-
-def _ray_cluster_spec(cfg: LoragConfig, serve: bool = False) -> dict:
-    """A RayCluster spec for `cfg` as the pods see it (`cluster_config`)."""
-    k = cfg.k8s
-    env: list[dict[str, Any]] = [{"name": "LORAG_CONFIG", "value": CONFIG_PATH}]
-    if any(kb.uri == _milvus_uri(k.namespace) for kb in cfg.knowledge_bases):
-        # The in-cluster Milvus's token, root:<password>, from the Secret (Kubernetes expands $(VAR) of an
-        # earlier entry). Without such a knowledge base the pods may take LORAG_MILVUS_TOKEN from k8s.storage_secret.
-        env.append({"name": MILVUS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": MILVUS_PASSWORD_KEY}}})
-        env.append({"name": MILVUS_TOKEN_ENV, "value": f"root:$({MILVUS_PASSWORD_ENV})"})
-    env += [{"name": n, "value": v} for n, v in sorted(cfg.cluster.env_vars.items())]  # none named like a credential (cluster_config)
-    ports = []
-    if serve:
-        # Ray workers inherit the raylet's environment, so the Gateway replicas read the keys from here.
-        env.append({"name": cfg.serve.api_keys_env, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": API_KEYS_KEY}}})
-        ports = [{"name": "serve", "containerPort": cfg.serve.port}]  # KubeRay's serve Service targets this port
-    groups = []
-    for group, wg in (("cpu", k.cpu_workers), ("gpu", k.gpu_workers)):
-        if wg.max_replicas == 0:
-            continue
-        groups.append(
-            {
-                "groupName": group,
-                "replicas": wg.replicas,
-                "minReplicas": wg.min_replicas,
-                "maxReplicas": wg.max_replicas,
-                "template": _ray_pod(cfg, False, wg.cpu, (wg.memory, f"k8s.{group}_workers.memory"), wg.gpus, env, ports),
-            }
-        )
-    return {
-        "rayVersion": k.ray_version,
-        "enableInTreeAutoscaling": True,
-        # The autoscaler is a sidecar of the head (the head's pod-level securityContext applies to it too).
-        "autoscalerOptions": {"version": "v2", "securityContext": CONTAINER_SECURITY},
-        # KubeRay puts RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (this Secret's auth_token key) into every
-        # Ray container, the autoscaler and a RayJob's submitter.
-        "authOptions": {"mode": "token", "secretName": SECRET},
-        "headGroupSpec": {
-            "rayStartParams": {"num-cpus": "0"},  # the head coordinates; training and serving run on workers
-            "template": _ray_pod(cfg, True, k.head_cpu, (k.head_memory, "k8s.head_memory"), 0, env, ports),
-        },
-        "workerGroupSpecs": groups,
-    }
-
-
-def _ray_pod(cfg: LoragConfig, head: bool, cpu: str, memory: tuple[str, str], gpus: int, env: list[dict], ports: list[dict]) -> dict:
-    """A Ray head or worker pod template; `memory` is (quantity, the config field it comes from)."""
-    k = cfg.k8s
-    requests = {"cpu": cpu, "memory": memory[0]}
-    limits: dict[str, Any] = {**requests, **({"nvidia.com/gpu": gpus} if gpus else {})}
-    c: dict[str, Any] = {"name": "ray-head" if head else "ray-worker", "image": k.image, "imagePullPolicy": k.image_pull_policy, "env": env}
-    if k.storage_secret:
-        c["envFrom"] = [{"secretRef": {"name": k.storage_secret}}]
-    if ports:
-        c["ports"] = ports
-    c["resources"] = {"requests": requests, "limits": limits}
-    c["volumeMounts"] = [
-        {"name": "lorag-config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "dshm", "mountPath": "/dev/shm"},  # the object store and NCCL need more than the default 64 MiB
-    ]
-    c["securityContext"] = CONTAINER_SECURITY  # KubeRay copies it to the init containers it adds
-    # The dshm tmpfs counts against the memory limit: bounded, so a full object store cannot take the whole pod.
-    shm = {"medium": "Memory", "sizeLimit": _share_of(memory, SHM_SHARE)}
-    pod: dict[str, Any] = {"securityContext": _pod_security(RAY_USER, RAY_USER[1])}
-    if not head:  # the head keeps its token: KubeRay's autoscaler sidecar calls the Kubernetes API with it
-        pod["automountServiceAccountToken"] = False
-    pod["containers"] = [c]
-    pod["volumes"] = [{"name": "lorag-config", "configMap": {"name": CONFIG_MAP}}, {"name": "dshm", "emptyDir": shm}]
-    if gpus:
-        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    # The label is what Milvus's NetworkPolicy admits.
-    return {"metadata": {"labels": _labels("ray")}, "spec": pod}
-
-
-_QUANTITY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:([KMGTPE]i)|([kMGTPE])|[eE](\d+))?")
-
-
-def _share_of(memory: tuple[str, str], share: float) -> str:
-    """`share` of a Kubernetes memory quantity, rounded down to MiB, as a quantity (8Gi, 6553Mi).
-
-    Raises:
-        ConfigError: naming the field when the quantity is not one Kubernetes reads.
-    """
-    quantity, field = memory
-    m = _QUANTITY.fullmatch(quantity.strip())
-    if not m:
-        raise ConfigError(f"{field}: {quantity!r} is not a Kubernetes memory quantity: write it like 16Gi or 16000Mi")
-    number, binary, decimal, exponent = m.groups()
-    scale = 1024 ** ("KMGTPE".index(binary[0]) + 1) if binary else 1000 ** ("kMGTPE".index(decimal) + 1) if decimal else 10 ** int(exponent or 0)
-    mib = max(1, int(float(number) * scale * share) // 2**20)
-    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+# -- helpers of the above ---------------------------------------------------------------------------
 
 
 class _Dumper(yaml.SafeDumper):
@@ -888,97 +315,21 @@ def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _represent_str)
 
 
-# -- the cluster ----------------------------------------------------------------------------------
+def _to_yaml(objects: list[dict]) -> str:
+    """Manifests as one multi-document YAML text, multi-line strings as literal blocks."""
+    return "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=1000) for o in objects)
 
 
-def _dynamic_client(kubeconfig: str | None, context: str | None):
-    from kubernetes import config, dynamic
-    from kubernetes.config.config_exception import ConfigException
-
-    path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-    files = [p for p in path.split(os.pathsep) if p and Path(p).expanduser().is_file()]
-    try:
-        if files:
-            api_client = config.new_client_from_config(config_file=os.pathsep.join(files), context=context)
-        elif not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()
-            api_client = None  # the default client, configured by load_incluster_config
-        else:
-            raise RuntimeError(
-                f"no Kubernetes cluster configured: no kubeconfig file at {path}. Point KUBECONFIG (or --kubeconfig) "
-                "at the cluster's kubeconfig, e.g. from `kind get kubeconfig` or your cloud's `get-credentials` command"
-            )
-    except ConfigException as e:
-        raise RuntimeError(f"kubeconfig {path} (context {context or 'current'}) is unusable: {e}") from e
-    from kubernetes.client import ApiClient
-
-    return _call(lambda: dynamic.DynamicClient(api_client or ApiClient()), f"the API server of kubeconfig {path}")
-
-
-def _resource(dyn, api_version: str, kind: str):
-    from kubernetes.dynamic.exceptions import ResourceNotFoundError
-
-    try:
-        return dyn.resources.get(api_version=api_version, kind=kind)
-    except ResourceNotFoundError as e:
-        hint = " Install the KubeRay operator first (its Helm chart `kuberay-operator` brings the CRDs)." if api_version.startswith("ray.io/") else ""
-        raise RuntimeError(f"the cluster has no {kind} ({api_version}).{hint}") from e
-
-
-def _call(fn, what: str):
-    """Run one API call; turn connection and API errors into a RuntimeError that names the object."""
-    import urllib3
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        return fn()
-    except ApiException as e:
-        raise RuntimeError(f"{what}: the API server answered {e.status} {e.reason}: {e.body or ''}".rstrip(": ")) from e
-    except urllib3.exceptions.HTTPError as e:
-        raise RuntimeError(f"{what}: cannot reach the Kubernetes API server ({e}); check the kubeconfig's server and your network") from e
-
-
-def _get(api, ns: str, name: str) -> dict | None:
-    """The object as a dict, or None when it does not exist."""
-    from kubernetes.dynamic.exceptions import NotFoundError
-
-    def get():
-        try:
-            return api.get(name=name, namespace=ns).to_dict()
-        except NotFoundError:
-            return None
-
-    return _call(get, f"{api.kind} {ns}/{name}")
-
-
-def _check_secret(api, ns: str, name: str, storage: bool = False) -> None:
-    """Refuse to go on unless Secret ns/name exists with real values (the storage Secret: with any keys)."""
-    if storage:
-        create = (
-            f"kubectl create secret generic {name} -n {ns} --from-literal=AWS_ACCESS_KEY_ID=... "
-            "--from-literal=AWS_SECRET_ACCESS_KEY=... [--from-literal=AWS_ENDPOINT_URL=...]"
-        )
-        keys: tuple[str, ...] = ()
-        what = "k8s.storage_secret: every Ray pod reads the bucket's credentials from it"
-    else:
-        create = (
-            f"kubectl create secret generic {name} -n {ns} --from-literal={TOKEN_KEY}=$(openssl rand -hex 32) "
-            f"--from-literal={API_KEYS_KEY}=KEY1,KEY2 --from-literal={MILVUS_PASSWORD_KEY}=$(openssl rand -hex 16)"
-        )
-        keys = (TOKEN_KEY, API_KEYS_KEY, MILVUS_PASSWORD_KEY)
-        what = "the Ray token, the endpoint's API keys and Milvus's root password"
-    secret = _get(api, ns, name)
-    if secret is None:
-        raise RuntimeError(f"Secret {ns}/{name} does not exist ({what}); create it with real values, then apply again:\n  {create}")
-    data = secret.get("data") or {}
-    missing = [key for key in keys if key not in data]
-    placeholders = [key for key, value in data.items() if base64.b64decode(value).decode(errors="replace") == PLACEHOLDER]
-    wrong = (["it has no keys"] if not data else []) + ([f"it lacks the keys {missing}"] if missing else [])
-    wrong += [f"it still holds placeholders in {placeholders}"] if placeholders else []
-    if wrong:
-        raise RuntimeError(
-            f"Secret {ns}/{name}: {', '.join(wrong)}; recreate it (kubectl delete secret {name} -n {ns}) with real values:\n  {create}"
-        )
+def _check_jobs(jobs: list[str], wait: bool) -> None:
+    """Refuse an unknown or repeated job, and more than one job without waiting."""
+    unknown = sorted(set(jobs) - set(JOBS))
+    if unknown:
+        raise ValueError(f"unknown job(s) {unknown}: choose from {sorted(JOBS)}")
+    repeated = sorted({j for j in jobs if jobs.count(j) > 1})
+    if repeated:
+        raise ValueError(f"job(s) {repeated} named more than once: name each job once, in the order to run them")
+    if not wait and len(jobs) > 1:
+        raise ValueError(f"--no-wait runs one job, not {len(jobs)}: each of {jobs} needs what the one before it writes, so lorag must wait for it")
 
 
 def _storage_secret(objects: list[dict]) -> str | None:
@@ -1000,6 +351,22 @@ def _check_storage_is_real(objects: list[dict]) -> None:
                     f"k8s.storage: {storage} is a placeholder: set it to your bucket, one every pod reaches "
                     "(e.g. s3://my-bucket/lorag, in the config's k8s: section or with --set k8s.storage=...), then apply again"
                 )
+
+
+def _object_status(kind: str, name: str, obj: dict | None) -> ObjectStatus:
+    """`status`'s line for one Ray object (None: not found)."""
+    if obj is None:
+        return ObjectStatus(kind, name, "not found")
+    st = obj.get("status") or {}
+    conditions = [f"{c.get('type')}={c.get('status')} {c.get('reason', '')}: {c.get('message', '')}".rstrip(": ") for c in st.get("conditions") or []]
+    if kind == "RayJob":
+        state = f"{st.get('jobDeploymentStatus', 'New')} (job {st.get('jobStatus') or 'not submitted'})"
+        return ObjectStatus(kind, name, state, st.get("message", ""), conditions)
+    if kind == "RayService":
+        apps = (st.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
+        message = ", ".join(f"app {a}: {s.get('status', '?')}" for a, s in sorted(apps.items()))
+        return ObjectStatus(kind, name, st.get("serviceStatus") or _ready(st), message, conditions)
+    return ObjectStatus(kind, name, st.get("state") or _ready(st), st.get("reason", ""), conditions)
 
 
 def _ready(st: dict) -> str:

@@ -1,20 +1,16 @@
-"""Milvus access for knowledge bases: the chunk row and collection schema, writes, counts, locks,
-and each ranking's search candidates (ranking them is `lorag.retrieval`'s).
+"""A knowledge base's Milvus collection: its schema, writes, counts, ingest lock, and each ranking's
+search candidates (ranking them is `lorag.retrieval`'s; callers reach a store through
+`lorag.handle.open_store`).
 
-`MilvusStore` wraps one `pymilvus.MilvusClient`. Milvus Lite (a local `*.db` file) may be opened by
-one process at a time, so `open_store` routes Lite access through a single named Ray actor per
-file when Ray is running (ingest jobs, Serve replicas and the CLI then share one owner), and opens
-the file in-process otherwise. A Milvus server URI (`http://host:19530`) is opened directly by
-every caller.
-
-Safety on a shared Milvus: every collection lorag creates carries a marker in its properties
-(`lorag.kb`: the knowledge base it holds, `lorag.schema`: the row schema). lorag writes into,
-rebuilds and drops only collections whose marker names the knowledge base at hand; anything else
-is somebody else's data and is refused. Per-document filters and deletes go through
-`source_hash` (sha256 of the full source path), so no path needs quoting in a filter expression
-and a path longer than the `source` field is still one document. One ingest per collection at a
-time: `lock` creates a lock collection whose properties name the holder (creating a collection is
-atomic in Milvus and Milvus Lite), renewed while the ingest runs.
+`MilvusStore` wraps one `pymilvus.MilvusClient`. Safety on a shared Milvus: every collection lorag
+creates carries a marker in its properties (`lorag.kb`: the knowledge base it holds,
+`lorag.schema`: the row schema). lorag writes into, rebuilds and drops only collections whose
+marker names the knowledge base at hand; anything else is somebody else's data and is refused.
+Per-document filters and deletes go through `source_hash` (sha256 of the full source path), so no
+path needs quoting in a filter expression and a path longer than the `source` field is still one
+document. One ingest per collection at a time: `lock` creates a lock collection whose properties
+name the holder (creating a collection is atomic in Milvus and Milvus Lite), renewed while the
+ingest runs (`lorag.lease`).
 """
 
 from __future__ import annotations
@@ -25,22 +21,17 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, TypedDict, get_type_hints
+from typing import Any, get_type_hints
 
+from lorag.chunks import CLIPPED, FIELD_BYTES, FIELDS, OUTPUT, ChunkRow, Hit, clip, source_key
 from lorag.errors import MILVUS_HINT
 from lorag.storage import is_uri
 from lorag.text import BM25_B, BM25_K1, Bm25Index, passage, terms
 
 ACTOR_NAMESPACE = "lorag"
-TEXT_MAX = 16384
-SOURCE_MAX = 2048
 COLLECTION_SCHEMA = "4"  # bump when the collection's fields change: lorag's own collections are then rebuilt
 MARKER_KB, MARKER_SCHEMA = "lorag.kb", "lorag.schema"  # collection properties of every collection lorag creates
 LOCK_HOLDER, LOCK_RENEWED = "lorag.lock", "lorag.lock.renewed"  # properties of an ingest lock collection
@@ -52,12 +43,6 @@ class ForeignCollection(ValueError):
 
 class StoreLocked(RuntimeError):
     """Another ingest of the same knowledge base holds its lock."""
-
-
-def source_key(source: str) -> str:
-    """The `source_hash` of a chunk row: sha256 of the full source path, what every per-document
-    filter compares (a path may hold any character and be longer than the `source` field)."""
-    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def lock_collection(collection: str) -> str:
@@ -222,7 +207,7 @@ class MilvusStore:
             {"source_hash": source_key(r["source"]), **r, "terms": r.get("terms") or terms(passage(r["title"], r["section"], r["text"]))}
             for r in rows
         ]
-        rows = [{k: _clip(r[k], FIELD_BYTES[k]) if k in CLIPPED else r[k] for k in FIELDS} for r in rows]
+        rows = [{k: clip(r[k], FIELD_BYTES[k]) if k in CLIPPED else r[k] for k in FIELDS} for r in rows]
         return int(self.client.upsert(collection, rows)["upsert_count"])
 
     def documents(self, collection: str) -> dict[str, dict[str, Any]]:
@@ -466,51 +451,6 @@ class MilvusStore:
 SEARCH_CONSISTENCY = "Bounded"
 
 
-class ChunkRow(TypedDict):
-    """One chunk as a knowledge base's collection stores it: the one definition of its fields, from
-    which the collection's schema (`MilvusStore.ensure_collection`) and every write are built."""
-
-    id: str  # the chunk's primary key: a hash of its document, position and text (`lorag.documents`)
-    text: str  # the chunk's text, as cited
-    terms: str  # its passage's English-analysed terms, for full-text search (`lorag.text.terms`)
-    source: str  # the document's path or URI (clipped to SOURCE_MAX bytes for display)
-    source_hash: str  # sha256 of the full source path (`source_key`): per-document filters and deletes
-    title: str
-    section: str  # the heading path inside the document ("Title > Heading > Subheading")
-    chunk_index: int
-    start: int  # character offsets of the chunk in the document's text
-    end: int
-    doc_hash: str  # the document's content and indexing parameters: unchanged documents are skipped
-    n_chunks: int  # chunks of the document: a document is complete when it holds them all
-    vector: list[float]  # the passage's embedding
-
-
-class Hit(TypedDict):
-    """A search candidate or result: a chunk's citation fields (`OUTPUT`) and its `score`."""
-
-    id: str
-    text: str
-    source: str
-    title: str
-    section: str
-    chunk_index: int
-    start: int
-    end: int
-    score: float  # cosine, BM25, or (after `lorag.retrieval.rank`) the fused score
-
-
-FIELDS = tuple(ChunkRow.__annotations__)
-OUTPUT = [f for f in Hit.__annotations__ if f not in ("id", "score")]  # what searches return beside the id
-FIELD_BYTES = {"id": 64, "text": TEXT_MAX, "terms": TEXT_MAX, "source": SOURCE_MAX, "source_hash": 64, "title": 512, "section": 512, "doc_hash": 64}
-CLIPPED = ("text", "terms", "source", "title", "section")  # clipped to their field's bytes on write (ids and hashes always fit)
-
-
-def _clip(value: str, max_bytes: int) -> str:
-    """Cut a string to a VARCHAR field's byte limit (a runaway heading must not fail the batch)."""
-    data = value.encode()
-    return value if len(data) <= max_bytes else data[:max_bytes].decode(errors="ignore")
-
-
 def _literal(value: str) -> str:
     """A string literal for a Milvus filter expression. Characters stay as they are (Milvus Lite's
     parser has no `\\u` escapes, so `json.dumps`'s ASCII escaping breaks on `café`); quotes and
@@ -526,342 +466,3 @@ def _prefix_filter(prefix: str | None) -> dict[str, str]:
     return {"filter": f"source like {_literal(escaped + '%')}"}
 
 
-LOCK_LEASE_S = 120.0  # a lock its holder has not renewed for this long is stale (the holder died, on another host)
-
-
-class LockLost(StoreLocked):
-    """The ingest lock was taken over (or removed) while this ingest held it."""
-
-
-class IngestLease:
-    """One ingest's hold on its knowledge base's lock (`ingest_lock` yields it and renews it).
-
-    The ingest calls `check` before each write: once a renewal has found the lock held by someone
-    else it raises `LockLost`, so the ingest stops instead of writing beside another one.
-    """
-
-    def __init__(self, store: "StoreHandle", collection: str, kb: str, token: str):
-        self.store, self.collection, self.kb, self.token = store, collection, kb, token
-        self.lost = False
-
-    def renew(self) -> None:
-        """Renew the lock now; a renewal refused (`renew_lock` False: another holds it) marks it lost."""
-        if not self.lost and not self.store.renew_lock(self.collection, self.token):
-            self.lost = True
-            logging.getLogger(__name__).error("the ingest lock of knowledge base %s was lost; the ingest stops at its next write", self.kb)
-
-    def check(self, confirm: bool = False) -> None:
-        """Raise `LockLost` if the lock is known lost; `confirm` asks Milvus first (before a delete).
-
-        Raises:
-            LockLost: naming the knowledge base, the lock and what to do.
-        """
-        if confirm:
-            self.renew()
-        if self.lost:
-            raise LockLost(
-                f"knowledge base {self.kb!r}: this ingest lost its lock {lock_collection(self.collection)!r} at {self.store.uri} "
-                f"(another ingest took it over, or it was removed), so it stopped before writing more; make sure no other ingest "
-                f"of {self.kb!r} is running (a holder that stops renewing for {LOCK_LEASE_S:.0f} s is taken over), then run it again"
-            )
-
-
-@contextlib.contextmanager
-def ingest_lock(store: "StoreHandle", collection: str, kb: str, renew_every: float = LOCK_LEASE_S / 6) -> Iterator[IngestLease]:
-    """Hold the ingest lock of `collection` while the block runs, renewing it every `renew_every` s.
-
-    The lock lives in Milvus (a lock collection, see `MilvusStore.lock`), so it holds across
-    processes, hosts and Ray clusters that share the store. A lock whose holder is gone is taken
-    over: at once when the holder was a process on this host that no longer exists (a killed
-    ingest), else once it has not been renewed for `LOCK_LEASE_S`. A lock this block loses (a
-    renewal finds another holder) is lost loudly: the yielded `IngestLease.check` raises from then
-    on, and so does the end of the block.
-
-    Raises:
-        StoreLocked: a live ingest holds it (the message names its host, pid and start time).
-        LockLost: the lock was lost while the block ran, and the block did not fail otherwise.
-    """
-    import threading
-    import uuid
-
-    me = {"token": uuid.uuid4().hex, "kb": kb, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    for _ in range(5):  # a holder that releases while we read it leaves nothing to report: try again
-        holder = store.lock(collection, me)
-        if holder is None:
-            break
-        if holder and not _stale(holder):
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
-            raise StoreLocked(
-                f"knowledge base {kb!r} is being ingested by pid {holder['pid']} on {holder['host']} since {since} "
-                f"(lock {lock_collection(collection)!r} at {store.uri}); wait for that "
-                f"ingest to finish, then run this one again (a lock whose holder died expires {LOCK_LEASE_S:.0f} s after its last renewal)"
-            )
-        if holder:
-            store.unlock(collection, holder["token"])
-    else:
-        raise StoreLocked(f"knowledge base {kb!r}: could not take the ingest lock {lock_collection(collection)!r}; other ingests keep taking it, try again")
-    stop = threading.Event()
-    lease = IngestLease(store, collection, kb, me["token"])
-
-    def renew() -> None:
-        from pymilvus.exceptions import MilvusException
-
-        while not lease.lost and not stop.wait(renew_every):
-            try:
-                lease.renew()
-            except (MilvusException, ConnectionError) as e:  # a missed renewal is retried; the lease has room for five
-                logging.getLogger(__name__).warning("could not renew the ingest lock of %s: %s", kb, e)
-
-    thread = threading.Thread(target=renew, name="lorag-ingest-lock", daemon=True)
-    thread.start()
-    try:
-        yield lease
-        lease.check()  # the block finished, but another ingest may have written beside it
-    finally:
-        stop.set()
-        thread.join()
-        store.unlock(collection, me["token"])
-
-
-def _stale(holder: dict[str, Any]) -> bool:
-    if time.time() - holder.get("renewed", 0) > LOCK_LEASE_S:
-        return True
-    if holder.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
-class StoreHandle:
-    """A `MilvusStore`'s methods, run in this process or in its file's owner actor.
-
-    Each method below is the store's own, with its signature; `acandidates` is the async form of
-    `candidates` for event-loop callers such as Serve replicas. An owner actor dies with the last
-    handle held by the process that created it, and a handle can meet it dying (a name lookup that
-    lands in its teardown, or the ingest job that created it exiting under a Serve replica): the
-    call then reopens the owner and retries. Every store method is idempotent (upserts by id,
-    deletes by filter), so a retried call leaves the same state.
-    """
-
-    def __init__(self, store: MilvusStore | None = None, uri: str | None = None, token: str | None = None):
-        self._store, self._uri, self._token = store, uri, token
-        self.uri = store.uri if store is not None else uri
-        self._actor = None if store is not None else _owner(uri, token)
-
-    def ensure_collection(self, collection: str, dim: int, kb: str | None = None) -> None:
-        return self._run(MilvusStore.ensure_collection, collection, dim, kb)
-
-    def incompatible(self, collection: str, dim: int, kb: str | None = None) -> str | None:
-        return self._run(MilvusStore.incompatible, collection, dim, kb)
-
-    def owner(self, collection: str) -> str | None:
-        return self._run(MilvusStore.owner, collection)
-
-    def dim(self, collection: str) -> int:
-        return self._run(MilvusStore.dim, collection)
-
-    def upsert(self, collection: str, rows: list[dict[str, Any]]) -> int:
-        return self._run(MilvusStore.upsert, collection, rows)
-
-    def documents(self, collection: str) -> dict[str, dict[str, Any]]:
-        return self._run(MilvusStore.documents, collection)
-
-    def document_index(self, collection: str) -> dict[str, dict[str, Any]]:
-        return self._run(MilvusStore.document_index, collection)
-
-    def prune(self, collection: str, keep: dict[str, list[str]], gone: list[str]) -> int:
-        return self._run(MilvusStore.prune, collection, keep, gone)
-
-    def settle(self, collection: str, timeout: float = 60.0) -> None:
-        return self._run(MilvusStore.settle, collection, timeout)
-
-    def count(self, collection: str) -> int:
-        return self._run(MilvusStore.count, collection)
-
-    def candidates(self, collection: str, vector: list[float] | None, query: str | None, depth: int,
-                   source_prefix: str | None = None) -> tuple[list[Hit], list[Hit]]:
-        return self._run(MilvusStore.candidates, collection, vector, query, depth, source_prefix)
-
-    async def acandidates(self, collection: str, vector: list[float] | None, query: str | None, depth: int,
-                          source_prefix: str | None = None) -> tuple[list[Hit], list[Hit]]:
-        return await self._arun(MilvusStore.candidates, collection, vector, query, depth, source_prefix)
-
-    def full_text_ready(self, collection: str) -> bool:
-        return self._run(MilvusStore.full_text_ready, collection)
-
-    def list_collections(self) -> list[str]:
-        return self._run(MilvusStore.list_collections)
-
-    def drop(self, collection: str, kb: str | None = None) -> None:
-        return self._run(MilvusStore.drop, collection, kb)
-
-    def lock(self, collection: str, holder: dict[str, Any]) -> dict[str, Any] | None:
-        return self._run(MilvusStore.lock, collection, holder)
-
-    def renew_lock(self, collection: str, token: str) -> bool:
-        return self._run(MilvusStore.renew_lock, collection, token)
-
-    def unlock(self, collection: str, token: str) -> None:
-        return self._run(MilvusStore.unlock, collection, token)
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-
-    def _run(self, method: Callable[..., Any], *args: Any) -> Any:
-        import ray
-
-        if self._store is not None:
-            return method(self._store, *args)
-        try:
-            for delay in OWNER_RETRY_DELAYS:
-                try:
-                    return ray.get(self._actor.call.remote(method, *args))
-                except ray.exceptions.ActorDiedError:
-                    time.sleep(delay)
-                    self._actor = _owner(self._uri, self._token)
-            return ray.get(self._actor.call.remote(method, *args))
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, (ForeignCollection, StoreLocked)):
-                raise e.cause from None  # its message names the fix; the owner actor's traceback adds nothing
-            raise
-
-    async def _arun(self, method: Callable[..., Any], *args: Any) -> Any:
-        import asyncio
-
-        import ray
-
-        if self._store is not None:  # a blocking client (a Milvus server): never on the caller's event loop
-            return await asyncio.to_thread(method, self._store, *args)
-        for delay in OWNER_RETRY_DELAYS:
-            try:
-                return await self._actor.call.remote(method, *args)
-            except ray.exceptions.ActorDiedError:
-                await asyncio.sleep(delay)
-                self._actor = _owner(self._uri, self._token)
-        return await self._actor.call.remote(method, *args)
-
-
-# Pauses before reopening a dead owner: a name lookup can return an actor in teardown until the
-# cluster has released its name, and its successor cannot open the file until it is closed.
-OWNER_RETRY_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0)
-
-
-class _StoreOwner:
-    """The one process that opens a Milvus Lite file (a Ray actor, `max_concurrency=1`)."""
-
-    def __init__(self, uri: str, token: str | None):
-        self.store = MilvusStore(uri, token)
-
-    def call(self, method: Callable[..., Any], *args: Any) -> Any:
-        return method(self.store, *args)
-
-
-def _owner(uri: str, token: str | None) -> Any:
-    """The named owner actor of a Milvus Lite file: found if it exists on the cluster, else started."""
-    import ray
-
-    name = "milvus-lite-" + hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return (
-        ray.remote(_StoreOwner)
-        .options(name=name, namespace=ACTOR_NAMESPACE, get_if_exists=True, num_cpus=0, max_concurrency=1)
-        .remote(uri, token)
-    )
-
-
-def open_store(uri: str, token: str | None = None) -> StoreHandle:
-    """Open a knowledge-base store, through the file's single owner actor for Milvus Lite under Ray.
-
-    The actor is named after the file, so every driver, job task and Serve replica on the cluster
-    finds the same one; it lives while the process that created it holds a handle to it.
-    """
-    import ray
-
-    if not is_lite(uri) or not ray.is_initialized():
-        return StoreHandle(store=MilvusStore(uri, token))
-    return StoreHandle(uri=os.path.abspath(uri), token=token)
-
-
-SERVER_PORTS = (
-    "etcd-port", "root-coord-port", "proxy-port", "proxy-internal-port", "query-coord-port",
-    "query-node-port", "index-coord-port", "index-node-port", "data-coord-port", "data-node-port",
-)
-
-
-def _free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports (all held open while choosing, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@contextlib.contextmanager
-def local_server(data_dir: str | os.PathLike, timeout: float = 180) -> Iterator[str]:
-    """Run a Milvus standalone server (the `milvus` PyPI package's `milvus-server`) for tests,
-    benchmarks and local development; yields its URI and stops it on exit.
-
-    Every port is a free one chosen here, the embedded etcd listens on loopback only, and every
-    component advertises 127.0.0.1. (Milvus 2.3's gRPC listeners bind all interfaces; it has no
-    setting to narrow that.)
-
-    Raises:
-        FileNotFoundError: `milvus-server` is not installed (`pip install --no-deps milvus`).
-        TimeoutError: the server did not answer within `timeout` seconds.
-    """
-    exe = os.path.join(os.path.dirname(sys.executable), "milvus-server")
-    if not os.path.exists(exe):
-        raise FileNotFoundError(f"{exe} not found: install the Milvus server package with `pip install --no-deps milvus`")
-    ports = dict(zip([*SERVER_PORTS, "etcd-peer"], _free_ports(len(SERVER_PORTS) + 1)))
-    peer = ports.pop("etcd-peer")
-    cmd = [exe, "--data", str(data_dir)]
-    for key, port in ports.items():
-        cmd += [f"--{key}", str(port)]
-    for component in ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord", "indexNode", "dataCoord", "dataNode"):
-        cmd += ["--extra-config", f"{component}.ip=127.0.0.1"]
-    os.makedirs(data_dir, exist_ok=True)
-    # The embedded etcd would take 2379/2380 on every server; give it its own loopback ports
-    # (Milvus reads `etcd.config.path` from ETCD_CONFIG_PATH), so several servers can coexist.
-    etcd_cfg = os.path.join(os.path.abspath(data_dir), "embed-etcd.yaml")
-    client_url, peer_url = f"http://127.0.0.1:{ports['etcd-port']}", f"http://127.0.0.1:{peer}"
-    with open(etcd_cfg, "w") as f:
-        f.write(
-            f"name: lorag\ndata-dir: {os.path.join(os.path.abspath(data_dir), 'etcd')}\n"
-            f"listen-client-urls: {client_url}\nadvertise-client-urls: {client_url}\n"
-            f"listen-peer-urls: {peer_url}\ninitial-advertise-peer-urls: {peer_url}\ninitial-cluster: lorag={peer_url}\n"
-        )
-    log = open(os.path.join(data_dir, "milvus-server.log"), "w")
-    env = {**os.environ, "ETCD_CONFIG_PATH": etcd_cfg}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    uri = f"http://127.0.0.1:{ports['proxy-port']}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"milvus-server exited with {proc.returncode}; see {log.name}")
-            try:
-                MilvusStore(uri).close()
-                break
-            except ConnectionError:
-                if time.time() > deadline:
-                    raise TimeoutError(f"Milvus server at {uri} did not start in {timeout:.0f} s; see {log.name}") from None
-                time.sleep(0.5)
-        yield uri
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # milvus-server stops its children on SIGINT
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()

@@ -1,10 +1,10 @@
 """Batched multi-LoRA: many adapters on one base model, mixed row by row in one forward pass.
 
-Owns the Punica / S-LoRA / LoRAX-style serving path: `LoraWeights` (a PEFT adapter directory read
-from safetensors only), `MultiLoraModel` (wraps a HF causal LM in place: every target `nn.Linear`
-becomes a `BatchedLoraLinear` with preallocated adapter slots), `find_segments` (how a batch's rows
-group by adapter) and `generate_batch` (left-padded greedy or shared-parameter sampling, in which
-a row whose scores turn NaN ends alone).
+Owns the Punica / S-LoRA / LoRAX-style adapter slots: `MultiLoraModel` (wraps a HF causal LM in
+place: every target `nn.Linear` becomes a `BatchedLoraLinear` with preallocated adapter slots),
+loading adapters into slots and unloading them, and `find_segments` (how a batch's rows group by
+adapter). An adapter comes in as `lorag.lora_weights.LoraWeights`; `lorag.generation.generate_batch`
+runs a mixed batch through `model.generate`.
 
     mm = MultiLoraModel(model, max_adapters=8, max_rank=16)
     a = mm.load("support@v3", LoraWeights.load(store.resolve("support", 3)))
@@ -50,36 +50,17 @@ segments, hence `dense_max_slots=8`. End-to-end ratios: docs/benchmarks.md.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
-from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TemperatureLogitsWarper,
-                          TopPLogitsWarper)
 
-from lorag.schemas import MIN_TEMPERATURE
+from lorag.lora_weights import LoraWeights
 
 MERGED = "merged"  # a layer plan: run on the layer's merged weight
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
-_MAGNITUDE = re.compile(r"^base_model\.model\.(.+)\.lora_magnitude_vector(?:\.weight)?$")  # DoRA
-# Config fields whose effect the batched path cannot reproduce row by row.
-_UNSUPPORTED = {
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D bases such as GPT-2) is not supported",
-    "lora_bias": "LoRA biases are not supported",
-    "modules_to_save": "fully trained modules (modules_to_save) cannot differ per row",
-    "trainable_token_indices": "trained token embeddings cannot differ per row",
-    "layer_replication": "layer_replication is not supported",
-    "target_parameters": "LoRA on parameters (target_parameters) is not supported",
-}
 
 
 def find_segments(indices: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -95,111 +76,6 @@ def find_segments(indices: Sequence[int]) -> tuple[list[int], list[int]]:
             bounds.append(i)
             adapters.append(indices[i - 1])
     return bounds, adapters
-
-
-@dataclass(frozen=True)
-class LoraWeights:
-    """One PEFT LoRA adapter: base-model module name -> (A `[r, in]`, B `[out, r]` with the scaling folded in).
-
-    A DoRA adapter also has `magnitudes`: module name -> the learned magnitude `m` `[out]`. Its layer
-    computes `m / ||W + BA||_row * (W + BA) x + bias` (peft's DoRA at inference, norm per output row).
-    """
-
-    path: Path
-    base_model: str | None
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def rank(self) -> int:
-        return max((a.shape[0] for a, _ in self.modules.values()), default=0)
-
-    @classmethod
-    def load(cls, path: str | Path) -> LoraWeights:
-        """Read `adapter_config.json` and `adapter_model.safetensors` from a PEFT adapter directory.
-
-        Raises:
-            ValueError: no safetensors file (a `.bin` is never unpickled), a config option the
-                batched path cannot serve (biases, modules_to_save, ...), or files that are not
-                what PEFT writes: a config that is no JSON object, a safetensors file that does
-                not parse, unexpected tensors, a pair that is not two matrices of one rank, or
-                weights that are NaN or infinite.
-        """
-        path = Path(path)
-        weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
-        if not weights.is_file():
-            if (path / "adapter_model.bin").is_file():
-                raise ValueError(f"{path} holds only adapter_model.bin: lorag loads adapters from safetensors only "
-                                 "(a .bin is a pickle and can run code); re-save it with save_pretrained(safe_serialization=True)")
-            raise ValueError(f"{path} is not a PEFT adapter directory: adapter_model.safetensors is missing")
-        if not config.is_file():
-            raise ValueError(f"{path} is not a PEFT adapter directory: adapter_config.json is missing")
-        try:
-            cfg = json.loads(config.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"adapter {path}: adapter_config.json is not JSON ({e})") from e
-        if not isinstance(cfg, dict):
-            raise ValueError(f"adapter {path}: adapter_config.json must hold a JSON object (PEFT's LoraConfig), not {type(cfg).__name__}")
-        problems = [f"{k}={cfg[k]!r}: {why}" for k, why in _UNSUPPORTED.items() if cfg.get(k)]
-        if cfg.get("peft_type", "LORA") != "LORA":
-            problems.append(f"peft_type={cfg['peft_type']!r}: only LORA adapters can be batched")
-        if cfg.get("bias", "none") != "none":
-            problems.append(f"bias={cfg['bias']!r}: trained base biases cannot differ per row")
-        patterns = cfg.get("alpha_pattern") or {}
-        if not isinstance(patterns, dict):
-            problems.append(f"alpha_pattern={patterns!r}: not a JSON object of module pattern -> alpha")
-            patterns = {}
-        for key, alpha in {"lora_alpha": cfg.get("lora_alpha", 8), **{f"alpha_pattern[{k!r}]": v for k, v in patterns.items()}}.items():
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-                problems.append(f"{key}={alpha!r}: not a finite number")
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                problems.append(f"alpha_pattern[{pattern!r}]: not a regular expression ({e})")
-        if problems:
-            raise ValueError(f"adapter {path} cannot be served by the batched LoRA path: " + "; ".join(problems))
-        try:
-            tensors = load_file(weights)
-        except SafetensorError as e:
-            raise ValueError(f"adapter {path}: adapter_model.safetensors is not a readable safetensors file ({e})") from e
-
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        magnitudes: dict[str, torch.Tensor] = {}
-        for key, tensor in tensors.items():
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"adapter {path}: tensor {key!r} is {'NaN or infinite in places' if tensor.is_floating_point() else 'not floating point'}: "
-                                 "not a usable adapter (a diverged training run?)")
-            if (m := _MAGNITUDE.match(key)) and cfg.get("use_dora"):
-                magnitudes[m[1]] = tensor
-                continue
-            m = _KEY.match(key)
-            if m is None:
-                raise ValueError(f"adapter {path}: unexpected tensor {key!r}; only Linear LoRA pairs (...lora_A.weight, ...lora_B.weight) "
-                                 "and DoRA magnitudes are supported")
-            if tensor.ndim != 2 or 0 in tensor.shape:
-                raise ValueError(f"adapter {path}: {key} has shape {_shape(tensor)}, not a matrix (LoRA's A is [r, in], B is [out, r])")
-            pairs.setdefault(m[1], {})[m[2]] = tensor
-        for name, m in magnitudes.items():
-            if "B" not in pairs.get(name, {}) or m.shape != (pairs[name]["B"].shape[0],):
-                raise ValueError(f"adapter {path}: DoRA magnitude of {name} has shape {_shape(m)}, which matches no lora_B of that module")
-        if cfg.get("use_dora") and set(magnitudes) != set(pairs):
-            raise ValueError(f"adapter {path}: use_dora is set but {sorted(set(pairs) - set(magnitudes))} have no lora_magnitude_vector")
-        modules = {}
-        for name, ab in pairs.items():
-            if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
-                raise ValueError(f"adapter {path}: {name} has lora_A {_shape(ab.get('A'))} and lora_B {_shape(ab.get('B'))}, not a rank-r pair")
-            r = ab["A"].shape[0]
-            alpha = cfg.get("lora_alpha", 8)
-            for pattern, value in patterns.items():  # PEFT's get_pattern_key rule
-                if re.match(rf"(.*\.)?({pattern})$", name):
-                    alpha = value
-                    break
-            scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            modules[name] = (ab["A"], ab["B"] * scale)
-            if not bool(torch.isfinite(modules[name][1]).all()):
-                raise ValueError(f"adapter {path}: {name}'s lora_B times its scaling ({alpha} / rank {r}) overflows; lower lora_alpha")
-        return cls(path, cfg.get("base_model_name_or_path"), modules, magnitudes)
 
 
 class BatchedLoraLinear(nn.Module):
@@ -477,157 +353,6 @@ def _mask(rows: list[int], layout: tuple[tuple[int, int], ...], like: torch.Tens
         if s in start:
             mask[i, 0, start[s][0] : start[s][0] + start[s][1]] = 1
     return mask
-
-
-def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: Sequence[int], *, max_new_tokens: int,
-                   pad_id: int, eos_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
-                   seed: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                   gone: Callable[[int], bool] | None = None, on_token: Callable[[int, int], bool] | None = None,
-                   on_error: Callable[[int], None] | None = None) -> list[list[int]]:
-    """Generate for a batch whose rows use different adapters, in one `model.generate` call.
-
-    Prompts are left-padded with `pad_id`. Sampling parameters are shared by the whole batch
-    (temperature 0, or below `MIN_TEMPERATURE`: greedy); group requests by parameters before calling.
-    No sampling parameter can make the scores NaN; a row whose scores still stop being a
-    distribution (NaN or infinite: an adapter whose weights overflow the model) ends alone (`Finite`).
-
-    Args:
-        mm: the wrapped model; `slots[i]` must be loaded (0: the base model).
-        prompts: token ids of each prompt (chat template already applied).
-        eos_ids: stop tokens (default: the model's generation_config eos).
-        seed: seeds torch's global RNG first (sampling only).
-        frequency_penalty, presence_penalty: OpenAI's penalties on tokens the row has generated
-            (`Penalties`); 0: none.
-        gone: `gone(i)` is true once nobody waits for row i any more (a client that disconnected or
-            timed out); checked after every token, such a row stops, and the call ends as soon as
-            every row has stopped, instead of decoding for nobody up to `max_new_tokens`.
-        on_token: `on_token(i, token)` is called with each new token of row i (on this thread);
-            True ends row i there (its own length limit or stop sequence). Rows that ended stop
-            being reported, and the call ends once every row has ended.
-        on_error: `on_error(i)` is called (on this thread) once row i's scores are NaN or
-            infinite; the row is then given a stop token and ends, and the other rows go on.
-
-    Returns:
-        The new tokens of each row, up to and including the first stop token (a row that was gone
-        or failed: whatever it had, padded).
-
-    Raises:
-        ValueError: a sampling parameter that is not finite or out of its range.
-        FloatingPointError: some rows got non-finite scores and no `on_error` was given (after
-            the other rows are done).
-    """
-    if len(prompts) != len(slots):
-        raise ValueError(f"{len(prompts)} prompts but {len(slots)} slots")
-    problems = [f"{name}={value!r}: must be a finite number{bound}" for name, value, ok, bound in (
-        ("temperature", temperature, temperature >= 0, " >= 0"), ("top_p", top_p, 0 < top_p <= 1, " in (0, 1]"),
-        ("frequency_penalty", frequency_penalty, True, ""), ("presence_penalty", presence_penalty, True, ""),
-    ) if not (math.isfinite(value) and ok)]
-    if problems:
-        raise ValueError("; ".join(problems))
-    if not prompts:
-        return []
-    if not all(prompts):
-        raise ValueError("every prompt needs at least one token")
-    eos = list(eos_ids) or _as_list(mm.model.generation_config.eos_token_id)
-    order = sorted(range(len(prompts)), key=lambda i: slots[i])  # one run per adapter (see set_batch)
-    width = max(len(p) for p in prompts)
-    device = next(mm.model.parameters()).device
-    ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + list(prompts[i]) for i in order], device=device)
-    attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in order], device=device)
-    sample = temperature >= MIN_TEMPERATURE
-    # The warpers are ours, not generate()'s (it is told 1.0), so that `Finite` runs after them, last.
-    processors = [Penalties(frequency_penalty, presence_penalty, width)] if frequency_penalty or presence_penalty else []
-    if sample:
-        processors += [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-        processors += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-    guard = Finite(order, eos[0] if eos else pad_id, on_error)
-    kwargs = {"do_sample": sample, "temperature": 1.0 if sample else None, "top_p": 1.0 if sample else None, "top_k": None,
-              "logits_processor": LogitsProcessorList([*processors, guard])}
-    if sample and seed is not None:
-        torch.manual_seed(seed)
-    criteria = ([CallerGone(gone, order)] if gone is not None else []) + ([TokenWatch(on_token, order)] if on_token is not None else [])
-    if criteria:
-        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
-    with mm.rows([slots[i] for i in order]), torch.inference_mode():
-        out = mm.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                pad_token_id=pad_id, eos_token_id=eos or None, **kwargs)
-    if guard.failed and on_error is None:
-        raise FloatingPointError(f"rows {sorted(guard.failed)} got NaN or infinite scores (an adapter whose weights overflow the model?)")
-    result: list[list[int]] = [[] for _ in prompts]
-    for i, row in zip(order, out[:, width:].tolist()):
-        stop = next((j for j, t in enumerate(row) if t in eos), None)
-        result[i] = row if stop is None else row[: stop + 1]
-    return result
-
-
-class Penalties(LogitsProcessor):
-    """OpenAI's frequency and presence penalties: each token's logit is lowered by
-    `frequency * (times the row has generated it) + presence * (1 if it has at all)`; the prompt
-    (columns before `start`) does not count. Negative values favour repetition instead."""
-
-    def __init__(self, frequency: float, presence: float, start: int):
-        self.frequency, self.presence, self.start = frequency, presence, start
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.start :]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
-class Finite(LogitsProcessor):
-    """The last logits processor: a row whose scores are no distribution (NaN, +inf, or every
-    token -inf), which would make sampling raise for the whole batch or greedy decoding pick
-    garbage, is given a certain `stop` token instead, so it ends and the batch goes on. Its caller
-    row (`order[j]` for batch row j) is added to `failed` and reported once to `on_error`."""
-
-    def __init__(self, order: list[int], stop: int, on_error: Callable[[int], None] | None):
-        self.order, self.stop, self.on_error, self.failed = order, stop, on_error, set()
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        bad = ~torch.isfinite(scores.amax(dim=-1))  # NaN propagates through amax; +inf and all -inf are not finite
-        if bool(bad.any()):  # one device sync per step
-            scores[bad] = -math.inf
-            scores[bad, self.stop] = 0.0
-            for j in bad.nonzero().flatten().tolist():
-                if self.order[j] not in self.failed:
-                    self.failed.add(self.order[j])
-                    if self.on_error is not None:
-                        self.on_error(self.order[j])
-        return scores
-
-
-class CallerGone(StoppingCriteria):
-    """Stops the rows whose caller is gone: `gone(i)` for the caller's row i, where batch row j is caller row `order[j]`."""
-
-    def __init__(self, gone: Callable[[int], bool], order: list[int]):
-        self.gone, self.order = gone, order
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.tensor([self.gone(i) for i in self.order], dtype=torch.bool, device=input_ids.device)
-
-
-class TokenWatch(StoppingCriteria):
-    """Hands each row's newest token to `on_token(i, token)` (caller row i = batch row j's `order[j]`)
-    and stops the rows for which it returned True; an ended row is not reported again."""
-
-    def __init__(self, on_token: Callable[[int, int], bool], order: list[int]):
-        self.on_token, self.order, self.ended = on_token, order, [False] * len(order)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        for j, token in enumerate(input_ids[:, -1].tolist()):  # one device sync per step
-            if not self.ended[j]:
-                self.ended[j] = bool(self.on_token(self.order[j], token))
-        return torch.tensor(self.ended, dtype=torch.bool, device=input_ids.device)
-
-
-def _as_list(value: int | list[int] | None) -> list[int]:
-    return [] if value is None else [value] if isinstance(value, int) else list(value)
-
-
-def _shape(t: torch.Tensor | None) -> list[int] | None:
-    return None if t is None else list(t.shape)
 
 
 def _summary(layers: dict[str, BatchedLoraLinear]) -> str:

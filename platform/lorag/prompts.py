@@ -1,7 +1,7 @@
 """The one prompt builder: what an adapter trains on is byte-for-byte what it is served and evaluated on.
 
 A sourced prompt puts the retrieved chunks, numbered, before the question and asks the model to
-cite them as [n]. Training (`lorag.train.with_retrieved_sources`), the endpoint (`lorag.gateway`)
+cite them as [n]. Training (`lorag.examples.with_retrieved_sources`), the endpoint (`lorag.gateway`)
 and evaluation all build prompts here; the chat template is applied later, by the tokenizer of
 the model that runs them (`lorag.engine`).
 """

@@ -11,7 +11,7 @@ Hybrid search fuses the dense and BM25 rankings by weighted reciprocal rank (`rr
 or by their normalised scores (`score_fusion`); every mode then ranks documents by their best
 chunk and the next two (`per_source`), one chunk per document before a second of any. The
 settings are a knowledge base's `hybrid`, `max_per_source` and `source_weight`
-(`lorag.config.KnowledgeBaseConfig`, whose defaults are the tuned ones). Text analysis (terms,
+(`lorag.sections.KnowledgeBaseConfig`, whose defaults are the tuned ones). Text analysis (terms,
 stems, BM25) is `lorag.text`.
 """
 
@@ -22,8 +22,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from lorag.config import HybridConfig, KnowledgeBaseConfig
-from lorag.milvus import Hit
+from lorag.chunks import Hit
+from lorag.sections import HybridConfig, KnowledgeBaseConfig
 
 SOURCE_CHUNKS = 2  # how many of a document's next chunks count towards its rank (`per_source`)
 SEARCH_DEPTH = 50  # candidates each ranking gives a fused or per-source search (`search_depth`)
@@ -66,7 +66,7 @@ def search(store, kb: KnowledgeBaseConfig, query: str, embedder, k: int | None =
     """Top-k chunks of knowledge base `kb` for `query`, best first.
 
     Args:
-        store: the knowledge base's store (`lorag.milvus.open_store`).
+        store: the knowledge base's store (`lorag.handle.open_store`).
         embedder: the knowledge base's embedder (`lorag.embed.Embedder`); unused for bm25.
         k, mode: default to the knowledge base's `top_k` and `search`.
         source_prefix: only chunks whose source path starts with this.

@@ -84,7 +84,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def training_questions(examples: list[dict]) -> list[str]:
-    """The last user turn of each training example (`lorag.data.load_examples` records), at most
+    """The last user turn of each training example (`lorag.examples.load_examples` records), at most
     `MAX_QUESTIONS`, each clipped to 1,000 characters: what is saved with an adapter for its
     routing profile."""
     out = []
@@ -106,12 +106,9 @@ def adapter_profiles(cfg, store, names: list[str] | None = None) -> tuple[list[P
     profiles, key = [], []
     for name in names if names is not None else store.names():
         try:
-            number = store.resolve_number(name, None)
-            meta = store.metadata(name, number)
+            bound = store.binding(cfg, name)
         except (AdapterNotFoundError, ValueError):
             continue
-        in_cfg = next((a for a in cfg.adapters if a.name == name), None)
-        description = (in_cfg.description if in_cfg else None) or meta.get("description")
-        profiles.append(Profile(name, description, list(meta.get("questions") or [])))
-        key.append((name, number, description))
+        profiles.append(Profile(name, bound.description, bound.questions))
+        key.append((name, bound.number, bound.description))
     return profiles, tuple(key)

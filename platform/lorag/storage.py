@@ -157,38 +157,52 @@ def fetch_dir(location: str, cache_root: str | os.PathLike, expected: dict[str, 
         raise FileNotFoundError(f"no files at {location}")
     root = Path(cache_root) / "fetched"
     root.mkdir(parents=True, exist_ok=True)
-    if expected is not None:
-        key = content_key(expected)
-        if (root / key / COMPLETE).is_file():
-            return root / key
     # A listing seen before (same names, sizes and times) maps to the copy made from it.
     index = root / "index" / (hashlib.sha256(json.dumps([location, listing]).encode()).hexdigest()[:32] + ".json")
-    if expected is None and index.is_file():
-        key = json.loads(index.read_text())["key"]
-        if (root / key / COMPLETE).is_file():
-            return root / key
+    cached = _cached_copy(root, index, expected)
+    if cached is not None:
+        return cached
     listed = [name for name, _, _ in listing]
-    names = sorted(set(expected) & set(listed)) if expected is not None else listed  # a missing one fails the check below
+    names = sorted(set(expected) & set(listed)) if expected is not None else listed  # a missing one fails the check in `_copy`
     with FileLock(str(root / ".lock")):
-        tmp = root / f".tmp-{os.getpid()}-{time.time_ns()}"
-        targets = {name: contained(tmp, name, location) for name in sorted({*names, *(expected or {})})}  # before any write
-        try:
-            hashes = {name: _download(fs, f"{path}/{name}", targets[name], (expected or {}).get(name), f"{location}: {name}") for name in names}
-            missing = sorted(set(expected or {}) - set(hashes))
-            if missing:
-                raise ValueError(f"{location}: {missing} listed in the recorded sha256 but missing in storage (deleted or never uploaded)")
-            key = content_key(hashes)
-            (tmp / COMPLETE).write_text(json.dumps({"location": location, "files": hashes}, indent=1))
-            if (root / key / COMPLETE).is_file():
-                shutil.rmtree(tmp)
-            else:
-                shutil.rmtree(root / key, ignore_errors=True)  # an incomplete copy from a crash
-                os.replace(tmp, root / key)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        key = _copy(fs, path, location, root, names, expected)
         index.parent.mkdir(exist_ok=True)
         index.write_text(json.dumps({"key": key}))
     return root / key
+
+
+def _cached_copy(root: Path, index: Path, expected: dict[str, str] | None) -> Path | None:
+    """The complete copy already in the cache: the one of `expected`'s content key, or (with no
+    `expected`) the one `index` recorded for the same listing; None when there is none."""
+    if expected is not None:
+        key = content_key(expected)
+    elif index.is_file():
+        key = json.loads(index.read_text())["key"]
+    else:
+        return None
+    return root / key if (root / key / COMPLETE).is_file() else None
+
+
+def _copy(fs, path: str, location: str, root: Path, names: list[str], expected: dict[str, str] | None) -> str:
+    """Download `names` into a temporary directory under `root`, verify them and rename it to
+    `root/<content key>`; returns the key. Call under the cache's file lock."""
+    tmp = root / f".tmp-{os.getpid()}-{time.time_ns()}"
+    targets = {name: contained(tmp, name, location) for name in sorted({*names, *(expected or {})})}  # before any write
+    try:
+        hashes = {name: _download(fs, f"{path}/{name}", targets[name], (expected or {}).get(name), f"{location}: {name}") for name in names}
+        missing = sorted(set(expected or {}) - set(hashes))
+        if missing:
+            raise ValueError(f"{location}: {missing} listed in the recorded sha256 but missing in storage (deleted or never uploaded)")
+        key = content_key(hashes)
+        (tmp / COMPLETE).write_text(json.dumps({"location": location, "files": hashes}, indent=1))
+        if (root / key / COMPLETE).is_file():
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(root / key, ignore_errors=True)  # an incomplete copy from a crash
+            os.replace(tmp, root / key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return key
 
 
 def contained(directory: Path, name: str, location: str) -> Path:
