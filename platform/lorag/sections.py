@@ -257,7 +257,11 @@ class ServeConfig(_Strict):
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs reserved per generator replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs reserved per generator replica (Ray `num_gpus`; a fraction shares one). Above 0 the replica runs its model on the GPU Ray assigns it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights and compute of the served model. auto: bfloat16 on a GPU that supports it, else float32.")
-    max_replicas_per_node: int | None = Field(None, ge=1, description="At most this many generator replicas on one node (1 spreads them over the cluster's nodes). Default: no limit.")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="At most this many generator replicas (and gateway replicas) on one node (1 spreads them over the cluster's nodes, so losing a node leaves the others serving). Default: no limit.")
+    gateway_replicas: int | None = Field(
+        None, ge=1, description="HTTP gateway replicas (validation, retrieval, routing; no CPU reserved). Default: as many as the generator's `replicas` "
+        "(with autoscaling: its min_replicas, at least 1), so with max_replicas_per_node 1 every node that serves keeps a gateway of its own.",
+    )
     max_adapters_per_replica: int = Field(4, ge=1, description="Adapters a replica keeps loaded (least recently used is evicted); Serve routes each adapter to replicas holding it.")
     max_lora_rank: int = Field(64, ge=1, le=512, description="Largest adapter rank a replica can serve (its adapter slots are sized for it).")
     max_batch_size: int = Field(8, ge=1, le=256, description="Requests one forward pass serves together, whatever their adapters (batched LoRA).")

@@ -46,8 +46,16 @@ def generator_options(cfg: LoragConfig) -> dict[str, Any]:
 
 
 def gateway_options(cfg: LoragConfig) -> dict[str, Any]:
-    """The gateway only validates, retrieves and forwards; its queue bounds what the proxy holds."""
-    return {"max_ongoing_requests": max(64, 4 * cfg.serve.max_ongoing_requests), "max_queued_requests": 4 * max(cfg.serve.max_queued_requests, 1)}
+    """The gateway only validates, retrieves and forwards; its queue bounds what the proxy holds. It runs
+    as many replicas as the generator keeps (`serve.gateway_replicas`), spread like them: one gateway is
+    a single point of failure, lost with its node."""
+    sv = cfg.serve
+    replicas = sv.gateway_replicas or max(1, sv.autoscaling.min_replicas if sv.autoscaling else sv.replicas)
+    opts: dict[str, Any] = {"max_ongoing_requests": max(64, 4 * sv.max_ongoing_requests), "max_queued_requests": 4 * max(sv.max_queued_requests, 1),
+                            "num_replicas": replicas}
+    if sv.max_replicas_per_node:
+        opts["max_replicas_per_node"] = sv.max_replicas_per_node
+    return opts
 
 
 def build_app(cfg: LoragConfig):
