@@ -140,8 +140,7 @@ class Project:
     def store(self, c: Cluster):
         from lorag.adapters import AdapterStore
 
-        os.environ.update(AWS_ENDPOINT_URL=c.s3, **S3_ENV)  # for this process's reads of the bucket
-        return AdapterStore(f"s3://{self.bucket}/lorag/adapters")
+        return AdapterStore(f"s3://{self.bucket}/lorag/adapters")  # this module's S3 endpoint is in the environment (`project`)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +163,10 @@ def project(cluster, tmp_path_factory, tiny_model):
     assert all(x in text for x in ("STRICT_SPREAD", "max_replicas_per_node", "max_steps: 10", "checkpoint_every: 2")), \
         "examples/cluster/lorag.yaml changed: update the substitutions"
     p.config.write_text(text)
-    return p
+    with pytest.MonkeyPatch.context() as env:  # this process reads the bucket too; other modules' S3 server is back afterwards
+        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": c.s3}.items():
+            env.setenv(k, v)
+        yield p
 
 
 @pytest.fixture(scope="module")
