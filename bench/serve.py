@@ -31,6 +31,11 @@ throughput does not depend on what they learned. The batched model's slots are s
 sizes them with the default serve config (rank `max_lora_rank` = 64, so rank-8 and rank-16 adapters
 are zero-padded in their slots, as they are in `lorag serve`).
 In 5, the replica waits up to --batch-wait-ms for a batch to fill (the `serve.batch_wait_ms` setting).
+6. Structured output: the mixed batch of 8 (4 adapters) where half the rows follow a JSON schema
+   (two different schemas, lorag.grammar's per-row masks) vs the same batch with no schema, through
+   `lorag.generation.generate_batch` (the engine's own call): generated tokens/s.   goal >= 0.8x
+   The schemas need long strings (minLength 1000), so every row decodes exactly --new-tokens tokens
+   in both variants; `--only-structured` runs just this comparison.
 """
 
 import argparse
@@ -151,6 +156,7 @@ def main() -> None:
     ap.add_argument("--batch-wait-ms", type=float, default=50, help="the replica's batch_wait_ms in comparison 5")
     ap.add_argument("--device", default="cpu", help="cpu (float32), or cuda (bfloat16; comparison 5 needs Ray and is skipped)")
     ap.add_argument("--random-1b", action="store_true", help="a random-weight ~1.1B Llama (see random_llama) instead of SmolLM2-135M, with random prompts")
+    ap.add_argument("--only-structured", action="store_true", help="run comparison 6 only")
     args = ap.parse_args()
     args.skip_http = args.skip_http or args.device != "cpu"
     torch.set_num_threads(args.threads)
@@ -195,6 +201,13 @@ def main() -> None:
     # -- 1 and 2: batch of 8 ------------------------------------------------------------------
     batch = prompts(tok, args.batch)
     mixed = [slots[i % 4] for i in range(args.batch)]  # rows interleave the 4 adapters, as requests arrive
+    structured = structured_vs_free(mm, tok or load_tokenizer(resolve_model("smollm2-135m-instruct", Path.home() / ".cache" / "lorag")),
+                                    batch, mixed, args.new_tokens, args.rounds)
+    print(json.dumps({"structured": structured}, indent=2), flush=True)
+    if args.only_structured:
+        print(f"\n| {args.batch} rows, 4 adapters, half with a JSON schema vs none | **{structured['ratio']:.2f}x** "
+              f"({structured['tok_s']:.0f} vs {structured['free_tok_s']:.0f} tok/s) | {structured['cpu_ratio']:.2f}x | >= 0.8x |")
+        return
 
     def ours(rows, strategy="auto"):
         def run():
@@ -299,6 +312,41 @@ def main() -> None:
     print(f"\ncold load of a rank-16 adapter ({cold['mb']:.1f} MB safetensors) from disk into a slot, median of 10: "
           f"**{cold['median_ms']:.0f} ms** (of which reading the file {cold['read_ms']:.0f} ms); goal < 100 ms. "
           f"Merging it into the weights for a one-adapter batch: {cold['merge_ms']:.0f} ms, once per adapter change")
+
+
+def structured_vs_free(mm, tok, batch, slots: list[int], new_tokens: int, n_rounds: int) -> dict[str, float]:
+    """Comparison 6: the batch with a JSON schema on every other row (two schemas) vs no schema, tokens/s."""
+    from lorag.generation import generate_batch
+    from lorag.grammar import Grammars
+
+    grammars = Grammars(tok)
+    grammars.warm()
+    long_text = {"type": "string", "minLength": 1000}  # no row can finish its JSON within new_tokens: all rows decode new_tokens
+    schemas = [{"type": "object", "properties": {"answer": long_text, "sources": {"type": "array", "items": {"type": "integer"}}}, "required": ["answer"]},
+               {"type": "object", "properties": {"steps": {"type": "array", "items": long_text, "minItems": 1}}, "required": ["steps"]}]
+    compiled = [grammars.compile({"type": "json_schema", "json_schema": {"schema": s}}) for s in schemas]
+    ids, mask = batch
+    rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    never = [len(tok) - 1]  # no end-of-sequence token: every row decodes exactly new_tokens (asserted)
+    made: list[int] = []
+
+    def run(constrained: bool):
+        def go():
+            matchers = [grammars.matcher(compiled[(i // 2) % 2]) if constrained and i % 2 == 0 else None for i in range(len(rows))]
+            out = generate_batch(mm, rows, slots, max_new_tokens=new_tokens, pad_id=tok.pad_token_id, eos_ids=never,
+                                 grammars=matchers if constrained else None, grammar_vocab=grammars.vocab)
+            made.append(sum(map(len, out)))
+            assert made[-1] == len(rows) * new_tokens, made[-1]
+            if constrained:
+                text = tok.decode(out[0])
+                assert text.startswith('{"answer":"'), text
+        return go
+
+    run(True)(), run(False)()  # warm-up
+    r = rounds({"base": run(False), "structured": run(True)}, n_rounds)
+    tokens = len(rows) * new_tokens
+    return {"ratio": r["structured"]["ratio"], "cpu_ratio": r["structured"]["cpu_ratio"], "tok_s": tokens / r["structured"]["s"],
+            "free_tok_s": tokens / r["base"]["s"]}
 
 
 def step_times(base, mm, batch, mixed: list[int], repeats: int = 5) -> dict[str, dict[str, float]]:

@@ -2,11 +2,13 @@
 
 Local:    python -m jobs.evaluate --config examples/quickstart/lorag.yaml --dataset examples/quickstart/eval.jsonl
 Cluster:  lorag submit eval -c F -d D   (or: ray job submit --working-dir . -- python -m jobs.evaluate --config F --dataset D)
+JSON answers: --response-format examples/quickstart/answer_schema.json (a response_format or a bare JSON schema).
 The report is printed, so it is in the job's logs; its files go to --out (default <workdir>/eval, a
 local directory of the node the job runs on) and into each compared adapter's version in the
 adapter store (`<store>/<name>/v<N>/eval/<timestamp>/`), which every node reaches.
 """
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,8 +25,13 @@ def main() -> None:
     parser.add_argument("--adapter", action="append", help="only this adapter, name or name@vN (repeatable; default: every trained one)")
     parser.add_argument("--out", default=None, help="where eval.json, eval.md and eval.png go (default: <workdir>/eval)")
     parser.add_argument("--max-tokens", type=int, default=64, help="longest answer in tokens")
+    parser.add_argument("--response-format", default=None, help="a JSON file, an OpenAI response_format or a bare JSON schema, that every answer follows")
     args, cfg = parse_config(parser)
-    result = evaluate(cfg, args.dataset, args.adapter, args.max_tokens, progress=lambda done, total: print(f"{done}/{total} answers", flush=True) if done % 20 == 0 or done == total else None)
+    try:
+        result = evaluate(cfg, args.dataset, args.adapter, args.max_tokens, response_format=args.response_format,
+                          progress=lambda done, total: print(f"{done}/{total} answers", flush=True) if done % 20 == 0 or done == total else None)
+    except (FileNotFoundError, ValueError) as e:  # a bad dataset, adapter or response format: one line, as `lorag eval` says it
+        sys.exit(f"error: {e}")
     print(report_markdown(result))  # so the report is also in the job's logs (`lorag jobs logs ID`)
     with tempfile.TemporaryDirectory() as tmp:  # a URI workdir: the files still reach the adapter store
         out = args.out or (Path(cfg.workdir) / "eval" if not is_uri(cfg.workdir) else tmp)

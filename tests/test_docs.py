@@ -412,6 +412,29 @@ def test_doc_commands_parse_against_the_cli(path):
     assert not failures, f"{len(failures)} command(s) in {_rel(path)} do not match the CLI:\n" + "\n".join(failures)
 
 
+BENCH_LINE = re.compile(r"(?:^|\s)(?:\S*/)?python3? (bench/\w+\.py)([^`\n]*)")
+
+
+def test_benchmark_commands_in_the_docs_name_real_scripts_and_options():
+    """docs/benchmarks.md (and any doc) shows `python bench/X.py --opt ...` lines: each script exists
+    and declares each option it is given (argparse's `add_argument("--opt"`), so a renamed flag fails here."""
+    seen, failures = 0, []
+    for path in FILES:
+        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for script, rest in BENCH_LINE.findall(line):
+                seen += 1
+                source = REPO / script
+                if not source.is_file():
+                    failures.append(f"{_rel(path)}:{no}: {script} does not exist")
+                    continue
+                declared = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source.read_text()))
+                for option in re.findall(r"(?<!\S)(--[\w-]+)", rest.split("#")[0]):
+                    if option not in declared:
+                        failures.append(f"{_rel(path)}:{no}: {script} has no option {option} (it has {sorted(declared)})")
+    assert seen >= 8, f"only {seen} benchmark commands found in the docs"
+    assert not failures, "\n".join(failures)
+
+
 # The extractor must find what is there (lower bounds a little under today's counts), so it cannot
 # silently find nothing and pass.
 MIN_COMMANDS = {

@@ -140,7 +140,7 @@ STOP_HOLD_TABLE = [
 
 @pytest.mark.parametrize("why, stops, pieces, sent, stopped", STOP_HOLD_TABLE, ids=[c[0] for c in STOP_HOLD_TABLE])
 def test_stop_hold(why, stops, pieces, sent, stopped):
-    from lorag.engine import StopHold
+    from lorag.completion import StopHold
 
     hold = StopHold(stops)
     out = "".join(hold.feed(p) for p in pieces) + hold.flush()

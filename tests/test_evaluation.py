@@ -379,3 +379,134 @@ def test_a_glob_source_cites_paths_below_its_static_root_and_eval_matches_them(r
     assert sorted(retrieved) == sorted(pages), f"each page by its path below site/, none by its bare name: {retrieved}"
     assert retrieved[0] == "b/index.md"
     assert result.summary["base+rag"].retrieval_recall.mean == 1.0
+
+
+# -- JSON answers (structured output: `lorag eval --response-format`) ----------------------------
+
+
+@pytest.mark.parametrize(
+    "text, said, numbers",
+    [
+        ('{"answer":"39 months [2]","citations":[1]}', "39 months", [2, 1]),  # the answer field, its marks, then the array
+        ('{"reason":"the handbook [1]","detail":{"months":"39","notes":["from purchase"]}}', "the handbook 39 from purchase", [1]),  # no answer field: every string
+        ('{"answer":39,"unit":"months"}', "months", []),  # an answer that is not a string: the strings
+        ('{"answer":"x","citations":[3,true,"2",1.5,0],"steps":[2]}', "x", [3, 0]),  # integers of the top-level array only; a JSON [2] is no mark
+        ('{"answer":"x","more":{"citations":[1]}}', "x", []),  # a nested citations array is not the answer's
+        ("It lasts 39 months [1].", "It lasts 39 months .", [1]),  # not JSON: as before
+        ('["39 months [1]"]', '["39 months "]', [1]),  # JSON but not an object: as before
+        ('{"answer":"39 mon', '{"answer":"39 mon', []),  # cut at max tokens: as before
+    ],
+)
+def test_read_answer_reads_json_answers_and_plain_text(text, said, numbers):
+    from lorag.metrics import read_answer
+
+    assert read_answer(text) == (said, numbers)
+
+
+def test_json_answers_are_scored_by_their_answer_and_cite_by_marks_and_array():
+    from lorag.evaluation import Answer, cited_sources, per_question
+
+    retrieved = ["01-overview.md", "07-warranty.md", "03-leds.md"]
+    assert cited_sources('{"answer":"39 months [2]","citations":[3,2,9,0]}', retrieved) == ["07-warranty.md", "03-leds.md"], "out of range ignored"
+    assert cited_sources('{"citations":[1],"answer":"x"}', retrieved) == ["01-overview.md"]
+    assert cited_sources("Amber [2] [7]", retrieved) == ["07-warranty.md"], "plain text: as before"
+    item = EvalItem("How long is the warranty?", ["39 months"], sources=["07-warranty.md"])
+    scores = per_question(item, Answer('{"answer":"39 months [2]","citations":[2]}', retrieved, ["07-warranty.md"], 9, 0.1), 2, "^Tidewell")
+    assert (scores["exact_match"], scores["f1"], scores["contains"], scores["citation_accuracy"]) == (1.0, 1.0, 1.0, 1.0)
+    assert scores["style_adherence"] == 0.0, "answer style reads the raw text, braces and all"
+    picked = per_question(EvalItem("Hold time?", ["B"], options=OPTIONS), Answer('{"answer":"(b)"}', [], [], 4, 0.1), 2)
+    assert picked["choice_accuracy"] == 1.0
+
+
+def test_load_response_format_takes_a_response_format_or_a_bare_schema(tmp_path):
+    from lorag.evaluation import load_response_format
+
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    assert load_response_format(tmp_path / "schema.json") == {"type": "json_schema", "json_schema": {"name": "eval", "schema": schema}}
+    (tmp_path / "format.json").write_text(json.dumps({"type": "json_object"}))
+    assert load_response_format(tmp_path / "format.json") == {"type": "json_object"}
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "broken.json").write_text("{oops")
+    for name, message in (("list.json", "expected a JSON object"), ("broken.json", "invalid JSON")):
+        with pytest.raises(ValueError, match=f"response format .*{name}: {message}"):
+            load_response_format(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_response_format(tmp_path / "missing.json")
+
+
+def test_the_shipped_answer_schema_compiles_for_the_model(smollm2_path):
+    """examples/quickstart/answer_schema.json, which README's `lorag eval --response-format` uses, is one the engine follows."""
+    from lorag.evaluation import load_response_format
+    from lorag.grammar import Grammars
+    from lorag.models import load_tokenizer
+
+    assert Grammars(load_tokenizer(smollm2_path)).compile(load_response_format(QUICKSTART_SCHEMA))
+
+
+QUICKSTART_SCHEMA = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "answer_schema.json"
+
+
+def test_readme_shows_the_shipped_answer_schema():
+    readme = (QUICKSTART_SCHEMA.parents[2] / "README.md").read_text()
+    section = readme[readme.index("**JSON answers.**"):]
+    block = section[section.index("```json\n") + 8:]
+    assert json.loads(block[:block.index("```")]) == json.loads(QUICKSTART_SCHEMA.read_text())
+    assert f"--response-format {QUICKSTART_SCHEMA.relative_to(QUICKSTART_SCHEMA.parents[2]).as_posix()}" in section
+
+
+def test_submit_eval_and_the_job_take_the_response_format():
+    import subprocess
+    import sys
+
+    from lorag.submission import job_entrypoint
+
+    assert job_entrypoint("eval", "c.yaml", None, None, "qa.jsonl", "s.json") == (
+        "python -m jobs.evaluate --config c.yaml --dataset qa.jsonl --response-format s.json")
+    with pytest.raises(ValueError, match="only an eval job"):
+        job_entrypoint("train", "c.yaml", None, None, None, "s.json")
+    r = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--help"], cwd=QUICKSTART_SCHEMA.parents[2], capture_output=True, text=True)
+    assert r.returncode == 0 and "--response-format" in r.stdout, r.stderr
+SHORT_ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 40},
+                                                 "citations": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 3}, "maxItems": 2}},
+                "required": ["answer", "citations"], "additionalProperties": False}
+
+
+def test_lorag_eval_with_a_response_format_stores_json_answers_and_refuses_a_schema_it_cannot_follow(tmp_path, tiny_model, model_cache):
+    """The base model alone (no knowledge base, no adapter: no Ray, no Milvus), random weights: only the grammar
+    makes its answers JSON. Every answer that ended before max_tokens validates against the schema."""
+    import jsonschema
+    import yaml
+    from typer.testing import CliRunner
+
+    from lorag.cli import app
+    from lorag.models import load_tokenizer
+
+    (tmp_path / "lorag.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_model), "workdir": "work", "cache_dir": str(model_cache)}))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(x) for x in [
+        {"question": "How long is the Tidewell T4 warranty?", "answer": "39 months"},
+        {"question": "What colour does the status LED pulse during a backup?", "answer": "amber"},
+    ]))
+    (tmp_path / "schema.json").write_text(json.dumps(SHORT_ANSWER))
+    max_tokens = 48
+    args = ["eval", "-c", str(tmp_path / "lorag.yaml"), "-d", str(qa), "--max-tokens", str(max_tokens)]
+    r = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "out"), "--response-format", str(tmp_path / "schema.json")])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    tok, valid = load_tokenizer(tiny_model), 0
+    for text in (q["base"]["text"] for q in saved["answers"]):
+        try:
+            jsonschema.validate(json.loads(text), SHORT_ANSWER)
+            valid += 1
+        except json.JSONDecodeError:
+            assert len(tok(text, add_special_tokens=False).input_ids) >= max_tokens - 2, f"not JSON, yet not cut at max tokens: {text!r}"
+    assert valid, "free text from a random model would be cut at max tokens too: one whole JSON answer shows the grammar at work"
+    assert saved["summary"]["base"]["f1"]["n"] == 2
+
+    (tmp_path / "bad.json").write_text(json.dumps({"not": {}}))
+    bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "bad-out"), "--response-format", str(tmp_path / "bad.json")])
+    assert bad.exit_code == 1, bad.output
+    errors = [line for line in bad.output.splitlines() if "error" in line.lower() or "Traceback" in line]  # besides transformers' loading bar
+    assert len(errors) == 1 and errors[0].startswith("error: response format ") and "bad.json" in errors[0] and '["not"]' in errors[0], bad.output
+    assert not (tmp_path / "bad-out").exists(), "no report for an evaluation that never ran"

@@ -82,7 +82,10 @@ def test_the_document_declares_the_bodies_the_key_and_openai_errors(served):
 @pytest.mark.parametrize("body, status", [
     ({"temperature": 5e-324}, 200),  # the fuzzer's first find: a subnormal temperature made the sampler's probabilities NaN, a 500
     ({"best_of": True}, 400),  # was accepted (`True == 1`, best_of's "off" value)
-    ({"best_of": 1, "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": 0, "tools": {}}, 200),  # unsupported, but off
+    ({"best_of": 1, "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": False, "tools": {}}, 200),  # unsupported or off
+    ({"logprobs": 0}, 400),  # chat's logprobs is a boolean (completions' a number)
+    ({"response_format": {"type": "json_schema"}}, 400),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}, "n": 2, "logprobs": True, "top_logprobs": 2}, 200),
     ({"messages": [{"role": "user", "content": "\u3000\x1c\x85"}]}, 400),  # blank to str.strip
     ({"messages": [{"role": "user", "content": "\ufeff"}]}, 200),  # not blank to str.strip (blank to ECMA's \s)
     ({"max_tokens": MAX_TOKENS_LIMIT + 1}, 400),
@@ -103,12 +106,14 @@ def test_the_document_and_the_gateway_agree_on_what_the_fuzzer_found(served, bod
 
 
 def for_the_fuzzer(doc: dict, models: list[str]) -> dict:
-    """The published document with `model` narrowed to `models`, so most generated requests reach
-    retrieval and generation rather than a 404, and a streamed and a plain example request per
+    """The published document with `model` narrowed to `models` (for embeddings: the embedder, a knowledge
+    base, an unknown name), so most generated requests reach retrieval and generation (the embedder)
+    rather than a 404, and a streamed and a plain example request per
     completion route (generated requests seldom set `stream`). The responses are the published ones."""
     doc = copy.deepcopy(doc)
     for body in ("ChatRequest", "CompletionRequest"):
         doc["components"]["schemas"][body]["properties"]["model"] = {"type": "string", "enum": models}
+    doc["components"]["schemas"]["EmbeddingRequest"]["properties"]["model"] = {"type": "string", "enum": ["all-minilm-l6-v2", "handbook", "ghost"]}
     asks = {"/v1/chat/completions": {"messages": [{"role": "user", "content": "How long is the warranty?"}]}, "/v1/completions": {"prompt": "The warranty lasts"}}
     for path, ask in asks.items():
         doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["examples"] = {
@@ -122,11 +127,11 @@ def for_the_fuzzer(doc: dict, models: list[str]) -> dict:
 def valid_requests_are_accepted(ctx, response, case):
     """schemathesis's positive_data_acceptance, but a 400 may answer what a JSON schema cannot state:
     a prompt past the model's context (tokens), stop sequences past MAX_STOP_TOTAL characters
-    together, or 5.0 for an integer (JSON Schema's integer includes it; the gateway, like OpenAI, takes 5)."""
+    together, a response_format schema the grammar engine cannot follow, or 5.0 for an integer (JSON Schema's integer includes it; the gateway, like OpenAI, takes 5)."""
     if case.meta is None or not case.meta.generation.mode.is_positive or response.status_code != 400:
         return None
     error = response.json()["error"]
-    if error["code"] == "context_length_exceeded" or f"at most {MAX_STOP_TOTAL} characters together" in error["message"]:
+    if error["code"] in ("context_length_exceeded", "invalid_response_format") or f"at most {MAX_STOP_TOTAL} characters together" in error["message"]:
         return None
     decimals = {k for k, v in case.body.items() if isinstance(v, float) and v.is_integer()} if isinstance(case.body, dict) else set()
     reasons = [part.partition(": ") for part in error["message"].split("; ")]
@@ -179,6 +184,8 @@ def test_every_operation_answers_as_its_document_says(served):
         seen = answers[op]
         refused = sum(n for (status, _), n in seen.items() if 400 <= status < 500)
         assert seen[(200, "application/json")] >= 10 and seen[(200, "text/event-stream")] >= 1 and refused >= 50, (op, seen)
+    seen = answers["POST /v1/embeddings"]
+    assert seen[(200, "application/json")] >= 10 and sum(n for (status, _), n in seen.items() if 400 <= status < 500) >= 50, seen
     # healthy after: /health, and a request that retrieves and generates
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     body = {"model": "support", "messages": [{"role": "user", "content": "How long is the warranty?"}]}

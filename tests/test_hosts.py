@@ -309,3 +309,63 @@ def test_training_resumes_from_its_s3_checkpoint_after_losing_a_host(cluster, pr
     assert [s for s, _ in resumed["history"]["train_loss"]] == list(range(1, 11)), "no step lost or repeated"
     assert [x for _, x in resumed["history"]["train_loss"]] == pytest.approx([x for _, x in whole["history"]["train_loss"]], rel=1e-4), \
         "the resumed run's losses are the uninterrupted run's"
+
+
+def test_a_network_cut_ends_every_job_with_a_result_and_duplicates_nothing(cluster, project, deployed):
+    """Host B's link goes down for longer than Ray's node-death timeout (3 s here), once during an ingest
+    that re-indexes every document and once after a training run's first checkpoint, then up again.
+    Each job ends SUCCEEDED or FAILED with a message (never hangs), no knowledge-base chunk is stored
+    twice, and no adapter version is written twice."""
+    from lorag.config import load_config
+    from lorag.milvus import MilvusStore
+
+    c = cluster
+    a, b = c.hosts
+    args = ["-c", "examples/cluster/lorag.yaml", "--address", c.address]
+
+    def cut_then_heal(seconds: float = 8) -> None:
+        b.cut()
+        time.sleep(seconds)
+        b.mend()
+        b.kill()  # B's node was declared dead meanwhile: what is left of it is restarted, as an operator would
+        c.start_node(1)
+
+    def outcome(job: str) -> str:
+        driver = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER"))}
+        r = subprocess.run([str(BIN / "lorag"), "jobs", "logs", job, "--follow", "--address", c.address], cwd=project.root,
+                           env={**driver, "RAY_AUTH_TOKEN": c.token}, capture_output=True, text=True, timeout=600)
+        out = r.stdout + r.stderr
+        if r.returncode == 0:
+            assert f"job {job} SUCCEEDED" in out, out[-3000:]
+            return "SUCCEEDED"
+        assert re.search(rf"error: job {job} FAILED: \S", out), f"a failed job says why: {out[-3000:]}"
+        return "FAILED"
+
+    # An ingest that re-embeds every document (a new chunk size changes every document's hash); a stage
+    # that can no longer run (its actor lost, no node with room for it) fails it after 60 s, not 300.
+    changed = ["--set", "knowledge_bases.tidewell-handbook.chunking.size=150", "--set", "knowledge_bases.tidewell-handbook.stall_timeout_s=60"]
+    r = _lorag(c, project.root, "submit", "ingest", *args, *changed, "--no-follow")
+    ingest_job = re.search(r"submitted job (lorag-ingest-[0-9a-z-]+)", r.stdout).group(1)
+    time.sleep(4)
+    cut_then_heal()
+    ingest = outcome(ingest_job)
+    _lorag(c, project.root, "submit", "ingest", *args, *changed)  # completes what the cut left
+    kb = load_config(project.config).knowledge_base("tidewell-handbook")
+    docs = MilvusStore(c.milvus).documents(kb.collection)
+    assert len(docs) == 8 and all(d["count"] == d["n_chunks"] and d["doc_hash"] for d in docs.values()), \
+        f"every document holds each of its chunks exactly once: {docs}"
+
+    store = project.store(c)
+    before = store.versions("tidewell-support")
+    r = _lorag(c, project.root, "submit", "train", *args, "--no-follow")
+    train_job = re.search(r"submitted job (lorag-train-[0-9a-z-]+)", r.stdout).group(1)
+    import pyarrow.fs
+
+    fs, _ = pyarrow.fs.FileSystem.from_uri(f"s3://{project.bucket}")
+    _wait(lambda: any(f.path.endswith("checkpoint_manager_snapshot.json") for f in fs.get_file_info(
+        pyarrow.fs.FileSelector(f"{project.bucket}/lorag/ray_results", recursive=True, allow_not_found=True))), "the run's first checkpoint", 300)
+    cut_then_heal()
+    status = outcome(train_job)
+    print(f"\nnetwork cut of host B for 8 s: the ingest {ingest}, the training run {status}")
+    after = store.versions("tidewell-support")
+    assert after == before + ([before[-1] + 1] if status == "SUCCEEDED" else []), f"{status}: one version at most, and only on success: {after}"

@@ -64,7 +64,7 @@ def test_adapter_answer_cites_its_knowledge_base(served):
     r = chat(url, model="support", max_tokens=5)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["object"] == "chat.completion" and body["model"] == "support"
+    assert body["object"] == "chat.completion" and body["model"] == "support@v1", "the answer names the exact version that answered"
     assert isinstance(body["choices"][0]["message"]["content"], str)
     assert body["usage"]["completion_tokens"] <= 5 and body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     sources = body["sources"]
@@ -97,7 +97,8 @@ def test_versioned_model_id_and_models_listing(served):
         ({"model": "support", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
         ({"model": "support", "messages": [{"role": "user", "content": "  "}]}, 400, "non-empty content"),
         ({"model": "support", "max_tokens": 0}, 400, "max_tokens"),
-        ({"model": "support", "n": 2}, 400, "n"),
+        ({"model": "support", "n": 9}, 400, "serve.max_choices"),
+        ({"model": "support", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}}, 400, "not"),
         ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
     ],
 )
@@ -127,6 +128,17 @@ def test_official_openai_client(served):
     assert resp.model_extra["sources"][0]["source"].endswith(".md")
     done = client.completions.create(model="support", prompt="The Tidewell T4 warranty lasts", max_tokens=3, extra_body={"retrieval": False})
     assert done.object == "text_completion" and isinstance(done.choices[0].text, str) and done.usage.completion_tokens <= 3
+    # through Serve (gateway -> generator replica): structured output, n, and streamed log-probabilities
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["ok", "n"],
+              "additionalProperties": False}
+    shaped = client.chat.completions.create(model="support", messages=[{"role": "user", "content": "Is the warranty 3 years?"}], max_tokens=20, n=2,
+                                            response_format={"type": "json_schema", "json_schema": {"name": "yes_no", "schema": schema}})
+    assert [c.index for c in shaped.choices] == [0, 1] and all(set(json.loads(c.message.content)) == {"ok", "n"} for c in shaped.choices), shaped
+    chunks = list(client.chat.completions.create(model="support", messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True,
+                                                 top_logprobs=2, stream=True, stream_options={"include_usage": True}, extra_body={"retrieval": False}))
+    entries = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.content]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert len(entries) == chunks[-1].usage.completion_tokens - (finish == "stop") and all(len(x.top_logprobs) == 2 for x in entries), chunks
     assert {"support", "support@v1"} <= {m.id for m in client.models.list()}
     assert client.models.retrieve("support@v1").id == "support@v1"
     with pytest.raises(openai.NotFoundError, match="model 'ghost' not found"):
@@ -135,7 +147,7 @@ def test_official_openai_client(served):
 
 def test_unknown_routes_and_methods_answer_in_openai_error_shape(served):
     url, _ = served
-    for method, path, status in [("POST", "/v1/embeddings", 404), ("GET", "/v2/models", 404), ("GET", "/v1/chat/completions", 405)]:
+    for method, path, status in [("POST", "/v1/audio/speech", 404), ("GET", "/v2/models", 404), ("GET", "/v1/chat/completions", 405)]:
         r = httpx.request(method, f"{url}{path}", headers=AUTH, timeout=60)
         assert r.status_code == status and r.json()["error"]["message"], (path, r.text)
 
@@ -208,15 +220,16 @@ MALFORMED = [
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": "1"}, 400),
-    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "n": 30}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stop": 5}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "k": 0}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "seed": "x"}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "seed": 2**70, "temperature": 0.7}, 400),  # past torch's seed range
-    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400),  # unsupported: refused, not dropped
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "logprobs": 3}, 400),  # chat's is a boolean
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50": 100}}, 400),  # unsupported: refused, not dropped
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
-    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400),
+    ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}}, 400),
     ({"model": "support", "messages": [{"role": "user", "content": "hi"}], "stream": "yes please"}, 400),
     ({"model": "/etc/passwd", "messages": [{"role": "user", "content": "hi"}]}, 404),
     ({"model": "support@latest@v1", "messages": [{"role": "user", "content": "hi"}]}, 404),

@@ -6,8 +6,11 @@ Layout: `<store>/<name>/v<N>/` holds plain PEFT files (`adapter_config.json`,
 `lorag.yaml` (the resolved config that trained it, secrets redacted by `lorag.redaction`).
 `lorag.adapter_record.AdapterRecord` is the typed `lorag.json`; keys it does not know (from older or
 newer lorag) are kept, so every version loads. Beside the versions, `<store>/<name>/tags.json` maps
-tags to version numbers and `counter.json` holds the highest number ever given out. A new save is a new version; nothing is overwritten, and a number is never
-given out twice, even after its version is removed. Names are validated and every resolved path
+tags to version numbers, `history.json` every move of a tag (when, from which version to which, the
+report it was decided on, forced or not: `lorag.releases`), and `counter.json` the highest number
+ever given out. A new save is a new version; nothing is overwritten, and a number is never
+given out twice, even after its version is removed. `NAME` alone means the version tagged `stable`
+when there is one, else the newest. Names are validated and every resolved path
 is checked to stay inside the store.
 
 The store is a location (`lorag.storage`): a local directory, or a URI such as
@@ -45,7 +48,8 @@ FULL_FILES = ("config.json", "model.safetensors")  # method: full (a whole model
 _VERSION = re.compile(r"v?([1-9][0-9]{0,8})")  # always fullmatch: `$` would accept "v3\n"
 _VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
 _TAG = re.compile(r"[a-z][a-z0-9._-]{0,62}")
-_OWN_FILES = re.compile(r"(tags|counter)\.json(\.tmp-.*)?")  # with their in-flight local writes
+_OWN_FILES = re.compile(r"(tags|counter|history)\.json(\.tmp-.*)?")  # with their in-flight local writes
+STABLE = "stable"  # the tag `NAME` alone resolves to (else the newest version)
 
 
 class AdapterNotFoundError(LookupError):
@@ -113,6 +117,10 @@ class AdapterStore:
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
+    def exists(self, name: str, number: int) -> bool:
+        """Whether version `number` of `name` is whole in the store now (one small read)."""
+        return storage.exists(self.fs, f"{self._name_path(name)}/v{number}/lorag.json")
+
     def versions(self, name: str) -> list[int]:
         """Whole versions of `name` (those with their `lorag.json`), oldest first.
 
@@ -143,7 +151,8 @@ class AdapterStore:
         return storage.join(self.root, name, f"v{number}")
 
     def resolve(self, name: str, version: str | int | None = None) -> str:
-        """Location of `name` at `version`: `3`, `"v3"`, a tag, or None / `"latest"` for the newest.
+        """Location of `name` at `version`: `3`, `"v3"`, a tag, `"latest"` for the newest, or None for
+        the version tagged `stable` (the newest when no version is).
 
         Raises:
             ValueError: invalid name or version syntax.
@@ -151,20 +160,23 @@ class AdapterStore:
         """
         return self.location(name, self.resolve_number(name, version))
 
-    def resolve_number(self, name: str, version: str | int | None = None) -> int:
-        """The version number `version` (a number, a tag, None / "latest") stands for.
+    def resolve_number(self, name: str, version: str | int | None = None, snapshot: tuple[list[int], dict[str, int]] | None = None) -> int:
+        """The version number `version` (a number, a tag, "latest", or None: `stable`, else the newest) stands for.
+
+        `snapshot`: `(versions, tags)` already read (`lorag.releases.Registry`), instead of reading them now.
 
         Raises:
             ValueError: invalid name or version syntax.
             AdapterNotFoundError: no such adapter, version or tag, or a tag whose version is gone.
         """
-        versions = self.versions(name)
+        versions, tags = snapshot if snapshot is not None else (self.versions(name), self.tags(name))
         if not versions:
             raise AdapterNotFoundError(f"adapter {name!r} is not in the store {self.root} (known: {self.names()})")
+        if version is None and tags.get(STABLE) in versions:
+            return tags[STABLE]
         if version is None or version == "latest":
             return versions[-1]
         key = str(version)
-        tags = self.tags(name)
         if key in tags:
             if tags[key] not in versions:
                 raise AdapterNotFoundError(
@@ -218,8 +230,10 @@ class AdapterStore:
             return {}
         return {t: v for t, v in tags.items() if isinstance(v, int)}
 
-    def tag(self, name: str, version: str | int, tag: str) -> int:
-        """Point `tag` at a version of `name` (moving it if it exists); returns the version number.
+    def tag(self, name: str, version: str | int, tag: str, note: dict[str, Any] | None = None) -> int:
+        """Point `tag` at a version of `name` (moving it if it exists) and record the move in the
+        adapter's history (`note`: what else to record, e.g. the report it was decided on); returns
+        the version number.
 
         Raises:
             ValueError: the tag is not a valid name, or is `latest` or looks like a version.
@@ -229,8 +243,37 @@ class AdapterStore:
             raise ValueError(f"invalid tag {tag!r}: use lowercase letters, digits, '.', '-', '_', not 'latest' or a version like v3")
         number = self.resolve_number(name, version)
         with self._lock(name):
-            self._write_tags(name, {**self.tags(name), tag: number})
+            tags = self.tags(name)
+            self._write_tags(name, {**tags, tag: number})
+            self._log(name, {"tag": tag, "version": number, "previous": tags.get(tag), **(note or {})})
         return number
+
+    def untag(self, name: str, tag: str, note: dict[str, Any] | None = None) -> int | None:
+        """Remove `tag` from `name` (recorded in its history); returns the version it pointed at, or None."""
+        with self._lock(name):
+            tags = self.tags(name)
+            if tag not in tags:
+                return None
+            self._write_tags(name, {t: v for t, v in tags.items() if t != tag})
+            self._log(name, {"tag": tag, "version": None, "previous": tags[tag], "action": "untag", **(note or {})})
+        return tags[tag]
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Every recorded tag move of `name`, oldest first: `{"at", "tag", "version", "previous", ...}` (version None: removed)."""
+        raw = self._read(f"{self._name_path(name)}/history.json")
+        try:
+            moves = json.loads(raw) if raw is not None else []
+        except ValueError:
+            moves = None
+        if not isinstance(moves, list):
+            _skip(storage.join(self.root, name, "history.json"), "not a JSON list of tag moves")
+            return []
+        return [m for m in moves if isinstance(m, dict)]
+
+    def _log(self, name: str, move: dict[str, Any]) -> None:
+        """Append a tag move to `history.json` (under the adapter's lock on a local disk)."""
+        moves = [*self.history(name), {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **move}]
+        storage.write_bytes(self.fs, f"{self._name_path(name)}/history.json", json.dumps(moves, indent=1).encode())
 
     def remove(self, name: str, version: str | int) -> str:
         """Delete one version (and the tags pointing at it). Other versions keep their numbers, and
@@ -246,7 +289,10 @@ class AdapterStore:
         with self._lock(name):
             if self._counter(name) < number:  # a store from before the counter: record the number first
                 self._write_counter(name, number)
-            self._write_tags(name, {t: v for t, v in self.tags(name).items() if v != number})
+            tags = self.tags(name)
+            self._write_tags(name, {t: v for t, v in tags.items() if v != number})
+            for t in sorted(t for t, v in tags.items() if v == number):
+                self._log(name, {"tag": t, "version": None, "previous": number, "action": "removed with its version"})
             try:
                 if self.local:
                     trash = f"{self._name_path(name)}/.rm-v{number}-{time.time_ns()}"

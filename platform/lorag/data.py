@@ -183,6 +183,7 @@ def _index(cfg, kb, todo: list[str], fp: str, store, uri: str, progress, lease) 
 def _pipeline(cfg, kb, todo: list[str], fp: str):
     """(the Ray Dataset that reads, chunks and embeds `todo`, the `StagePlan` it was sized with)."""
     import ray
+    from ray._private.state import available_resources_per_node
 
     from lorag.embed import Embedder
     from lorag.models import node_ref
@@ -190,7 +191,8 @@ def _pipeline(cfg, kb, todo: list[str], fp: str):
     # Chunker and embedder actors may run on other nodes: they resolve the embedder themselves.
     embedder_ref, cache = node_ref(cfg.embedder, cfg.storage_root, cfg.model_cache), cfg.cache_dir
     free, total = ray.available_resources(), ray.cluster_resources()
-    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    # What each live node has free now (Ray's DeveloperAPI): an actor must fit on one node, beside Serve replicas and other jobs.
+    nodes = [r.get("CPU", 0.0) for r in available_resources_per_node().values()]
     plan = plan_stages(kb.embed_actors, free.get("CPU", 0.0), free.get("GPU", 0.0), use_gpu=total.get("GPU", 0) >= 1,
                        source_bytes=_total_size(todo), node_cpus=max(nodes, default=None))
     ds = (
@@ -263,7 +265,7 @@ def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, us
     (unset: about one per CPU left, at most `AUTO_EMBED_ACTORS` and one per `AUTO_BYTES_PER_ACTOR`
     of documents to index; never more than fit at one CPU each, and at least one), each with as
     many torch threads as the CPUs it holds, rounded up, and never more CPUs than one node has
-    beside the chunker (an actor runs on one node: 5.5 CPUs of two 3-CPU nodes fit nowhere). With
+    beside the chunker (an actor runs on one node: 5.5 CPUs free on two nodes fit on neither). With
     nothing free, the stages ask for one CPU between them (an autoscaler adds it; otherwise
     `stall_timeout_s` ends the wait). With GPUs in the cluster each embedder takes one, up to the
     GPUs free (at least one).
@@ -274,7 +276,7 @@ def plan_stages(embed_actors: int | None, free_cpus: float, free_gpus: float, us
         free_gpus: GPUs Ray has available now.
         use_gpu: whether the cluster has GPUs (embedders then run on them).
         source_bytes: the size of the documents this ingest indexes (None: unknown).
-        node_cpus: the CPUs of the cluster's largest node (None: one node holds all of `free_cpus`).
+        node_cpus: the CPUs free on the cluster's roomiest node (None: one node holds all of `free_cpus`).
     """
     auto = AUTO_EMBED_ACTORS if source_bytes is None else min(AUTO_EMBED_ACTORS, max(1, math.ceil(source_bytes / AUTO_BYTES_PER_ACTOR)))
     share = free_cpus if free_cpus > 0 else 1.0

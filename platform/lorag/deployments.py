@@ -13,18 +13,23 @@ generator whose model thread stops making progress while requests wait fails Ser
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any, AsyncIterator
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from lorag.adapters import parse_model_id
 from lorag.auth import key_scopes
 from lorag.config import LoragConfig
 from lorag.engine import Completion, Engine, SamplingParams
 from lorag.models import PromptEncoder
 from lorag.gateway import Gateway, build_api
+from lorag.releases import Registry
 from lorag.schemas import APIError
 
+log = logging.getLogger("lorag.deployments")
 OVERLOADED = APIError(503, "the endpoint is over capacity; retry shortly", type="server_error", code="overloaded")
 
 
@@ -35,6 +40,9 @@ class GeneratorDeployment:
     def __init__(self, config: dict[str, Any], model_ref: str):
         cfg = LoragConfig.model_validate(config)
         self.engine = Engine(cfg, model_ref)
+        self.engine.torch.submit(lambda: self.engine.grammars.warm())  # structured output's one-time start, before the first such request
+        self.stop = threading.Event()
+        threading.Thread(target=self._retire_loop, args=(Registry(self.engine.store, cfg),), daemon=True, name="lorag-retire").start()
 
         # Wrapped here, not with a decorator, because the size comes from the config; Serve keeps
         # its LRU on the wrapped function object, so it must be a plain function, not a bound method.
@@ -43,6 +51,16 @@ class GeneratorDeployment:
             return adapter_id
 
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.serve.max_adapters_per_replica)(prepare)
+
+    def _retire_loop(self, registry) -> None:
+        """Every `serve.registry_refresh_s`: versions that no tag, newest or canary points at leave the slots."""
+        while not self.stop.wait(registry.refresh_s):
+            try:
+                names = {parse_model_id(a)[0] for a in self.engine.cache.loaded()}
+                keep = {f"{n}@v{v}" for n in names for v in registry.referenced(n)}
+                self.engine.retire(lambda adapter: adapter in keep or parse_model_id(adapter)[0] not in names)
+            except Exception as e:  # a store that is briefly unreachable: try again at the next refresh
+                log.warning("retiring unreferenced adapter versions failed: %s", e)
 
     def check_health(self) -> None:
         """Serve's periodic replica check: fails while requests wait on a model thread that has
@@ -94,17 +112,22 @@ class ServeBackend:
 
 
 class ServeMetrics:
-    """Per-model request and token counters and retrieval latency, in Ray's Prometheus metrics."""
+    """Per model version (`name@vN`, so a canary and stable show apart): requests by status, tokens and
+    generation latency; and retrieval latency per knowledge base. In Ray's Prometheus metrics."""
 
     def __init__(self):
         from ray.serve.metrics import Counter, Histogram
 
         self.requests = Counter("lorag_requests", description="Completion requests per model.", tag_keys=("model", "status"))
         self.tokens = Counter("lorag_tokens", description="Prompt and completion tokens per model.", tag_keys=("model", "kind"))
+        self.request_ms = Histogram("lorag_request_ms", description="Generation latency per model version (retrieval excluded).",
+                                    boundaries=[50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000], tag_keys=("model",))
         self.retrieval_ms = Histogram("lorag_retrieval_ms", description="Knowledge-base search latency.", boundaries=[2, 5, 10, 20, 50, 100, 250, 1000], tag_keys=("kb",))
 
-    def request(self, model: str, status: str, out: Completion | None) -> None:
+    def request(self, model: str, status: str, out: Completion | None, ms: float | None = None) -> None:
         self.requests.inc(tags={"model": model, "status": status})
+        if ms is not None:
+            self.request_ms.observe(ms, tags={"model": model})
         if out is not None:
             self.tokens.inc(out.prompt_tokens, tags={"model": model, "kind": "prompt"})
             self.tokens.inc(out.completion_tokens, tags={"model": model, "kind": "completion"})

@@ -5,7 +5,8 @@
 caller: the Serve deployments (`lorag.deployments`), tests and evaluation use this same object.
 
 Concurrent calls are gathered into batches (`lorag.batcher.Batcher`); rows of one batch may use
-different adapters. Every row ends on its own: at its end-of-sequence token, its first stop
+different adapters, and different grammars or none (structured output: `lorag.grammar`); a row
+may ask for its tokens' log-probabilities (`SamplingParams.logprobs`). Every row ends on its own: at its end-of-sequence token, its first stop
 sequence, its own `max_tokens`, or when its caller has gone; an ended row is answered at once,
 while longer rows of its batch go on. Adapters live in one place, the model's slots, managed by
 `AdapterCache` (least recently used out, never one the running batch needs). All torch work runs on
@@ -25,12 +26,13 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable
 
 from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
 from lorag.batcher import AdapterCache, Batcher, CacheFull
+from lorag.completion import Completion, Row
 from lorag.config import LoragConfig
 from lorag.models import PromptEncoder, serving_device
 from lorag.schemas import MIN_TEMPERATURE, APIError
@@ -51,6 +53,8 @@ class SamplingParams:
     seed: int | None = None  # sampling only; a seeded request runs in a batch of its own
     frequency_penalty: float = 0.0  # OpenAI's: lowers a token's logit per time this answer has used it
     presence_penalty: float = 0.0  # OpenAI's: lowers a token's logit once this answer has used it
+    grammar: str | None = None  # the tokens follow this grammar (`lorag.grammar.Grammars.compile`: structured output)
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives (None: none)
 
     def __post_init__(self):
         if self.temperature < MIN_TEMPERATURE:  # decoded greedily, so batched with the greedy rows
@@ -62,14 +66,6 @@ class SamplingParams:
         if self.temperature == 0:
             return ("greedy", *penalties)
         return ("sample", self.temperature, self.top_p, *penalties, row if self.seed is not None else None)
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    finish_reason: Literal["stop", "length"]
-    prompt_tokens: int
-    completion_tokens: int
 
 
 def torch_thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
@@ -120,6 +116,7 @@ class Engine:
         self._broken: dict[str, tuple[float, int, APIError]] = {}  # adapter id -> (retry at, failures in a row, error); torch thread
         self._waiting = 0  # callers waiting for the batcher (event loop)
         self._progress = time.monotonic()  # the last answer or token of the model thread, or the start of work on an idle engine
+        self._grammars = None  # `grammars`, made on first use
 
     # -- the API -----------------------------------------------------------------------------------
 
@@ -145,7 +142,7 @@ class Engine:
         return result
 
     async def stream(self, prompt: Prompt, params: SamplingParams, adapter: str | None = None) -> AsyncIterator[str | Completion]:
-        """The same completion, as text pieces while they are decoded, then its `Completion`.
+        """The same completion, as text pieces (`lorag.completion.Piece`) while they are decoded, then its `Completion`.
 
         Leaving the iteration early (a client that hung up) ends the row at its next token.
         """
@@ -201,6 +198,22 @@ class Engine:
             raise RuntimeError(f"the model thread has made no progress for {stalled:.0f} s while {self._waiting} requests wait "
                                f"(limit: serve.request_timeout_s = {limit:g} s)")
 
+    def retire(self, keep: Callable[[str], bool]) -> list[str]:
+        """Unload every adapter version in the slots that `keep(id)` rejects and no running row holds
+        (a version nothing points at any more: `lorag.releases.Registry.referenced`), and forget its
+        local copy; returns their ids. Runs on the model thread, between batches."""
+
+        def run() -> list[str]:
+            gone = [a for a, pins in self.cache.entries.items() if pins == 0 and not keep(a)]
+            for adapter in gone:
+                self.mm.unload(adapter)
+                self.cache.drop(adapter)
+            for adapter in [a for a in self._paths if not keep(a) and a not in self.cache]:
+                self._paths.pop(adapter, None)
+            return gone
+
+        return self.torch.submit(run).result()
+
     def close(self) -> None:
         self.torch.shutdown(wait=False, cancel_futures=True)
 
@@ -218,7 +231,21 @@ class Engine:
         self.prompts.check(len(ids), params.max_tokens)
         if not ids:
             raise APIError(400, "the prompt encodes to no tokens", code="invalid_request")
-        return Row(adapter, path, ids, params, emit)
+        matcher = await asyncio.to_thread(self._matcher, params.grammar) if params.grammar else None
+        return Row(adapter, path, ids, params, emit, matcher=matcher, logprobs=[] if params.logprobs is not None else None)
+
+    @property
+    def grammars(self):
+        """Structured output for this tokenizer (`lorag.grammar.Grammars`), made on first use (about 0.5 s)."""
+        if self._grammars is None:
+            from lorag.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer)
+        return self._grammars
+
+    def _matcher(self, grammar: str):
+        """A row's matcher for `grammar` (checked against this tokenizer: 400 if it cannot be followed)."""
+        return self.grammars.matcher(self.grammars.check(grammar))
 
     def _fetch(self, adapter: str) -> tuple[str, Path]:
         name, version = parse_model_id(adapter)
@@ -242,15 +269,14 @@ class Engine:
 
     def _run_batch(self, rows: list[Row], gone: Callable[[int], bool], finish: Callable[[int, Any], None]) -> list[Any]:
         """Generate for a batch: rows with equal sampling settings share one pass whatever their
-        adapters (a seeded row runs alone, so a seed gives the same answer whatever else is in
-        flight). Rows whose adapters find no free slot wait for a later pass of this call.
+        adapters and grammars (a seeded row runs alone, so a seed gives the same answer whatever
+        else is in flight). Rows whose adapters find no free slot wait for a later pass of this call.
 
         Failures stay with their rows: a row whose adapter cannot be loaded gets that error
         (`_place`), a row whose scores turn NaN or infinite gets a 500 while its pass goes on,
         and a pass that raises answers its unfinished rows with a 500 (503 out of memory) while
         the other passes run. Every answer and token counts as progress (`check_progress`).
         """
-        from lorag.generation import generate_batch
 
         def answer(i: int, result: Any) -> None:
             self._progress = time.monotonic()
@@ -268,41 +294,54 @@ class Engine:
                     for i in members:
                         answer(i, APIError(503, f"no adapter slot came free for {rows[i].adapter}; retry shortly", type="server_error", code="overloaded"))
                     break
-                p = rows[running[0]].params
-
-                def on_token(j: int, token: int, running=running) -> bool:
-                    i = running[j]
-                    if rows[i].ended:  # answered with an error (on_error) in this step
-                        return True
-                    self._progress = time.monotonic()
-                    ended = rows[i].step(token, self.tokenizer, self.eos, gone(i))
-                    if ended:
-                        answer(i, rows[i].completion(self.tokenizer))
-                    return ended
-
-                def on_error(j: int, running=running) -> None:
-                    i = running[j]
-                    if not rows[i].ended:
-                        answer(i, APIError(500, f"generation failed: the scores of {rows[i].adapter or 'the base model'} for this request became "
-                                                "NaN or infinite (an adapter whose weights overflow the model?)", type="server_error", code="generation_failed"))
-
-                try:
-                    generate_batch(self.mm, [rows[i].ids for i in running], slots, max_new_tokens=max(rows[i].params.max_tokens for i in running),
-                                   pad_id=self.pad_id, eos_ids=sorted(self.eos), temperature=p.temperature, top_p=p.top_p, seed=p.seed,
-                                   frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, on_token=on_token, on_error=on_error)
-                except Exception as e:  # this pass only: the batch's other passes still run
-                    error = self._failure(e, [rows[i].adapter for i in running])
-                    for i in running:
-                        if not rows[i].ended:
-                            answer(i, error)
-                finally:
-                    for i in running:
-                        if rows[i].adapter:
-                            self.cache.release(rows[i].adapter)
-                for i in running:  # a row the model ended without reporting its last token (none expected)
-                    if not rows[i].ended:
-                        answer(i, rows[i].completion(self.tokenizer))
+                self._pass(rows, running, slots, gone, answer)
         return [None] * len(rows)
+
+    def _pass(self, rows: list[Row], running: list[int], slots: list[int], gone: Callable[[int], bool], answer: Callable[[int, Any], None]) -> None:
+        """One `generate_batch` call for `running` (rows of equal sampling settings, their adapters in `slots`)."""
+        from lorag.generation import generate_batch
+
+        def on_token(j: int, token: int, logprob) -> bool:
+            i = running[j]
+            if rows[i].ended:  # answered with an error (on_error) in this step
+                return True
+            self._progress = time.monotonic()
+            ended = rows[i].step(token, self.tokenizer, self.eos, gone(i), logprob)
+            if ended:
+                answer(i, rows[i].completion(self.tokenizer))
+            return ended
+
+        def on_error(j: int) -> None:
+            i = running[j]
+            if not rows[i].ended:
+                answer(i, APIError(500, f"generation failed: the scores of {rows[i].adapter or 'the base model'} for this request became "
+                                        "NaN or infinite (an adapter whose weights overflow the model?)", type="server_error", code="generation_failed"))
+
+        def on_grammar_error(j: int, message: str) -> None:
+            i = running[j]
+            if not rows[i].ended:
+                answer(i, APIError(400, f"response_format: the grammar engine gave up on this schema: {message}", code="invalid_response_format"))
+
+        p = rows[running[0]].params
+        grammars = [rows[i].matcher for i in running]
+        try:
+            generate_batch(self.mm, [rows[i].ids for i in running], slots, max_new_tokens=max(rows[i].params.max_tokens for i in running),
+                           pad_id=self.pad_id, eos_ids=sorted(self.eos), temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+                           frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty, on_token=on_token, on_error=on_error,
+                           grammars=grammars if any(g is not None for g in grammars) else None, on_grammar_error=on_grammar_error,
+                           grammar_vocab=self._grammars.vocab if self._grammars else None, logprobs=[rows[i].params.logprobs for i in running])
+        except Exception as e:  # this pass only: the batch's other passes still run
+            error = self._failure(e, [rows[i].adapter for i in running])
+            for i in running:
+                if not rows[i].ended:
+                    answer(i, error)
+        finally:
+            for i in running:
+                if rows[i].adapter:
+                    self.cache.release(rows[i].adapter)
+        for i in running:  # a row the model ended without reporting its last token (none expected)
+            if not rows[i].ended:
+                answer(i, rows[i].completion(self.tokenizer))
 
     def _place(self, rows: list[Row], members: list[int], answer: Callable[[int, Any], None]) -> tuple[list[int], list[int], list[int]]:
         """Give each row its adapter's slot, loading what is missing: (rows left for the next pass,
@@ -371,85 +410,3 @@ class Engine:
         if isinstance(e, torch.OutOfMemoryError):
             return APIError(503, "the replica ran out of memory generating this request; retry shortly or ask for fewer tokens", type="server_error", code="overloaded")
         return APIError(500, f"generation failed: {type(e).__name__}: {self._public(e)}", type="server_error", code="generation_failed")
-
-
-@dataclass
-class Row:
-    """One request inside the engine: its prompt, limits and (on the torch thread) its progress."""
-
-    adapter: str | None
-    path: Path | None
-    ids: list[int]
-    params: SamplingParams
-    emit: Callable[[str], None] | None  # streaming: where decoded text goes
-    tokens: list[int] = field(default_factory=list)
-    ended: str | None = None  # "stop", "length", "gone" or "error" (answered with an error)
-    shown: str = ""  # text decoded so far (streaming)
-    hold: StopHold | None = None
-
-    def step(self, token: int, tokenizer, eos: set[int], gone: bool) -> bool:
-        """Take the row's next token; True once the row has ended."""
-        if self.ended:
-            return True
-        self.tokens.append(token)
-        stops = self.params.stop
-        if token in eos:
-            self.ended = "stop"
-        elif stops and any(s in tokenizer.decode(self.tokens[-4 * max(map(len, stops)) - 4 :], skip_special_tokens=True) for s in stops):
-            self.ended = "stop"  # 4 tokens per character at most (byte-level BPE): the window holds any stop ending here
-        elif len(self.tokens) >= self.params.max_tokens:
-            self.ended = "length"
-        elif gone:
-            self.ended = "gone"
-        if self.emit is not None:
-            self._stream(tokenizer)
-        return self.ended is not None
-
-    def _stream(self, tokenizer) -> None:
-        if self.hold is None:
-            self.hold = StopHold(self.params.stop)
-        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not self.ended:  # a character split across tokens: wait for the rest
-            return
-        piece = self.hold.feed(text[len(self.shown) :])
-        self.shown = text
-        if self.ended:
-            piece += self.hold.flush()
-        if piece:
-            self.emit(piece)
-
-    def completion(self, tokenizer) -> Completion:
-        """The answer: decoded, cut before the first stop sequence, with why it ended."""
-        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((text.index(s) for s in self.params.stop if s in text), default=None)
-        if cut is not None:
-            text = text[:cut]
-        finish = "length" if self.ended == "length" and cut is None else "stop"
-        return Completion(text.strip(), finish, len(self.ids), len(self.tokens))
-
-
-class StopHold:
-    """Streams text while holding back what could be the start of a stop sequence.
-
-    `feed(piece)` returns the text safe to send; once a stop sequence appears, `stopped` turns
-    true and nothing from the stop sequence on is ever returned; `flush()` returns what is held.
-    """
-
-    def __init__(self, stops: tuple[str, ...] | list[str]):
-        self.stops, self.buffer, self.stopped = [s for s in stops if s], "", False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.buffer += piece
-        cut = min((self.buffer.index(s) for s in self.stops if s in self.buffer), default=None)
-        if cut is not None:
-            out, self.buffer, self.stopped = self.buffer[:cut], "", True
-            return out
-        keep = max((n for s in self.stops for n in range(len(s) - 1, 0, -1) if self.buffer.endswith(s[:n])), default=0)
-        out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
-        return out
-
-    def flush(self) -> str:
-        out, self.buffer = ("" if self.stopped else self.buffer), ""
-        return out

@@ -7,6 +7,8 @@ An evaluation set is JSONL, one question per line:
 `answer`/`answers` are the reference answers; `sources` (optional) the documents that answer the
 question, as citations name them (relative to the knowledge base's root); `options` (optional)
 make it a multiple-choice question whose reference answer is one of them (or its letter).
+With a response format (`load_response_format`) every answer follows its JSON schema, and a JSON
+answer is scored by what it says and cites (`read_answer`).
 
 This module owns the evaluation set, the variants (base, base + RAG, each adapter without and with
 its knowledge base), answering every question with every variant, the per-question scores and
@@ -24,9 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, model_serializer, model_validator
 
-from lorag.metrics import Interval, choice, choice_correct, citation_hit, contains_answer, exact_match, interval, recall_at_k, token_f1
-
-_CITE = re.compile(r"\[(\d{1,2})\]")
+from lorag.metrics import Interval, choice, choice_correct, citation_hit, contains_answer, exact_match, interval, read_answer, recall_at_k, token_f1
 
 
 # -- the result ---------------------------------------------------------------------------------
@@ -199,20 +199,41 @@ class Answer:
 
     text: str
     retrieved: list[str]  # sources of the retrieved chunks, in rank order, as citations name them
-    cited: list[str]  # sources the answer cites with [n]
+    cited: list[str]  # sources the answer cites (`cited_sources`)
     completion_tokens: int
     seconds: float
 
 
 def cited_sources(text: str, retrieved: list[str]) -> list[str]:
-    """The sources an answer cites as [n] (1-based into `retrieved`), in order, each once;
-    numbers that name no retrieved source are ignored."""
+    """The sources an answer cites (`read_answer`'s numbers, 1-based into `retrieved`), in order,
+    each once; numbers that name no retrieved source are ignored."""
     out: list[str] = []
-    for m in _CITE.finditer(text):
-        n = int(m.group(1))
+    for n in read_answer(text)[1]:
         if 1 <= n <= len(retrieved) and retrieved[n - 1] not in out:
             out.append(retrieved[n - 1])
     return out
+
+
+def load_response_format(path: str | Path) -> dict:
+    """The OpenAI `response_format` in a JSON file: the whole object (its "type" is text,
+    json_object or json_schema), or a bare JSON schema, which means
+    `{"type": "json_schema", "json_schema": {"name": "eval", "schema": <the file>}}`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a JSON object (naming it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"response format {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"response format {path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"response format {path}: expected a JSON object (a response_format, or a JSON schema)")
+    # A bare schema has a "type" too ("object"): a response_format's is one of OpenAI's three.
+    return data if data.get("type") in ("text", "json_object", "json_schema") else {"type": "json_schema", "json_schema": {"name": "eval", "schema": data}}
 
 
 def plan_variants(cfg, adapters: list[tuple[str, str | None, str | None]], styles: dict[str, str] | None = None,
@@ -241,7 +262,7 @@ def plan_variants(cfg, adapters: list[tuple[str, str | None, str | None]], style
 
 
 async def answer_all(engine, items: list[EvalItem], variants: list[Variant], retrieve, roots: dict[str, list[str]],
-                     max_tokens: int, progress=None) -> dict[str, list[Answer]]:
+                     max_tokens: int, progress=None, grammar: str | None = None) -> dict[str, list[Answer]]:
     """Every variant's answer to every question, through the endpoint's prompt builder and engine.
 
     All requests go to the engine at once, so base and adapter rows share batches as they do on
@@ -253,6 +274,7 @@ async def answer_all(engine, items: list[EvalItem], variants: list[Variant], ret
         roots: each knowledge base's source roots, to name sources as citations do.
         max_tokens: per answer; answers are greedy.
         progress: optional `(done, total)` callback.
+        grammar: every answer follows it (`engine.grammars.compile` of a response format); None: free text.
     """
     import asyncio
     import time
@@ -265,7 +287,7 @@ async def answer_all(engine, items: list[EvalItem], variants: list[Variant], ret
     for kb in dict.fromkeys(v.kb for v in variants if v.kb):
         for i, item in enumerate(items):
             hits[kb, i] = await asyncio.to_thread(retrieve, kb, item.question)
-    params = SamplingParams(max_tokens=max_tokens)
+    params = SamplingParams(max_tokens=max_tokens, grammar=grammar)
     total, done = len(items) * len(variants), [0]
 
     async def one(v: Variant, i: int) -> Answer:
@@ -284,9 +306,10 @@ async def answer_all(engine, items: list[EvalItem], variants: list[Variant], ret
 
 def per_question(item: EvalItem, a: Answer, k: int, style: str | None = None) -> dict[str, float | None]:
     """The metrics of one answer (None where they do not apply: no options, no gold sources, no
-    retrieval, no answer style). Answer metrics read the text without its [n] citation marks;
-    style adherence (`re.search(style, answer)`) reads it as it was written."""
-    text = " ".join(_CITE.sub(" ", a.text).split())
+    retrieval, no answer style). Answer metrics read what it says (`read_answer`: without its [n]
+    citation marks; a JSON answer's "answer" field); style adherence (`re.search(style, answer)`)
+    reads it as it was written."""
+    text = read_answer(a.text)[0]
     return {
         "style_adherence": float(re.search(style, a.text.strip()) is not None) if style else None,
         "exact_match": exact_match(text, item.answers),
@@ -315,7 +338,8 @@ def summarize(items: list[EvalItem], answers: dict[str, list[Answer]], k: int, s
 # -- the whole evaluation ----------------------------------------------------------------------
 
 
-def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_tokens: int = 64, progress=None) -> EvalResult:
+def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_tokens: int = 64, progress=None,
+             response_format: str | Path | None = None) -> EvalResult:
     """Answer an evaluation set with every variant and score it; Ray need not run.
 
     Args:
@@ -326,20 +350,24 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
             model is compared with the base model + RAG on each knowledge base of the config.
         max_tokens: per answer (greedy).
         progress: optional `(done, total)` callback.
+        response_format: a JSON file (`load_response_format`) every answer follows; None: free text.
 
     Returns:
         The variants, their `summarize`d scores and, per question, each variant's answer, cited
         and retrieved sources (`lorag.report` writes it).
 
     Raises:
-        ValueError: an adapter has no trained version or is not in the config.
+        ValueError: an adapter has no trained version or is not in the config, or the response
+            format is not one the engine can follow (naming the file and why).
     """
     import asyncio
 
     from lorag.adapters import AdapterStore
     from lorag.engine import Engine
+    from lorag.schemas import APIError
 
     items = load_eval_set(dataset)
+    answer_format = load_response_format(response_format) if response_format is not None else None
     store = AdapterStore(cfg.adapter_store)
     chosen, styles = _compared_adapters(cfg, store, adapters)
     # base + RAG with every knowledge base the compared adapters are bound to; with no adapter to
@@ -350,7 +378,10 @@ def evaluate(cfg, dataset: str | Path, adapters: list[str] | None = None, max_to
 
     engine = Engine(cfg, cfg.base_model, store)
     try:
-        answers = asyncio.run(answer_all(engine, items, variants, search, roots, max_tokens, progress))
+        grammar = engine.grammars.compile(answer_format) if answer_format else None  # before any answer: a bad schema fails at once
+        answers = asyncio.run(answer_all(engine, items, variants, search, roots, max_tokens, progress, grammar))
+    except APIError as e:  # the schema cannot be followed: one line that names the file
+        raise ValueError(f"response format {response_format}: {' '.join(e.message.split())}") from None
     finally:
         engine.close()
     return EvalResult(

@@ -10,12 +10,12 @@ it is an `Engine` in the same process. A request goes: key -> body (bytes counte
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,11 +25,15 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorag.adapters import AdapterNotFoundError, AdapterStore, parse_model_id
-from lorag.auth import Scope, authorize, key_scopes
+from lorag.auth import Scope, authorize, digest, key_scopes
+from lorag.completion import Completion
 from lorag.config import LoragConfig
-from lorag.engine import Completion, SamplingParams, torch_thread
+from lorag import responses
+from lorag.embeddings import EmbeddingList, EmbeddingRequest, Embeddings
+from lorag.engine import SamplingParams, torch_thread
 from lorag.models import PromptEncoder
 from lorag.prompts import augment_text, chat_prompt, question
+from lorag.releases import Registry
 from lorag.retrieval import Hit, asearch, citations
 from lorag.routing import AUTO, Route, Router, adapter_profiles
 from lorag.schemas import (APIError, ChatCompletion, ChatCompletionChunk, ChatRequest, CompletionRequest, ErrorResponse, Health, ModelCard, ModelList,
@@ -72,8 +76,11 @@ class Gateway:
         self.embedder_ref = embedder_ref or cfg.embedder
         self.router: tuple[tuple, Router] | None = None  # (profiles' key, router) for `model: "auto"`
         self._profiles_at = 0.0  # when the router's profiles were last read from the store
+        self._grammars = None  # `grammars`, made on first use
+        self.registry = Registry(self.store, cfg)  # what `model: NAME` means now: stable, canary (lorag.releases)
         if cfg.knowledge_bases:
             self.embed_thread.submit(self._embedder).result()
+        self.embeddings = Embeddings(cfg, self.embedder, self.embed_thread)  # /v1/embeddings and retrieval queries, batched
         self.kb_stores = {kb.name: open_store(cfg.milvus_uri(kb), kb.token) for kb in cfg.knowledge_bases}
 
     # -- routes --------------------------------------------------------------------------------------
@@ -92,21 +99,24 @@ class Gateway:
             data += [{"id": f"{name}@v{v}", "object": "model", "created": now, "owned_by": "lorag", "root": self.base} for v in self.store.versions(name)]
         return data
 
-    async def chat(self, req: ChatRequest, scope: Scope):
+    async def chat(self, req: ChatRequest, scope: Scope, client: str | None = None):
+        """A chat completion; `client` identifies the caller (its key's digest) for a sticky canary side (`lorag.releases`)."""
         messages = [m.model_dump() for m in req.messages]
         max_tokens = self._max_tokens(req)
+        await self._grammar(req)  # a schema that cannot be followed is refused before any retrieval (then cached)
         route = await self._auto(question(messages), scope) if req.model == AUTO else None
-        adapter, kb_name, system_prompt = await self._route(req, scope, route)
+        adapter, kb_name, system_prompt = await self._route(req, scope, route, client)
         client_system = self.cfg.serve.client_system_message  # whether the client's system message may replace the adapter's
         await self._check_length(chat_prompt(messages, [], system_prompt, client_system), max_tokens)
         hits = await self._retrieve(kb_name, question(messages), req.k) if kb_name else []
         prompt = chat_prompt(messages, hits, system_prompt, client_system)
         return await self._complete(req, adapter, prompt, max_tokens, hits, kb_name, chat=True, route=route)
 
-    async def completions(self, req: CompletionRequest, scope: Scope):
+    async def completions(self, req: CompletionRequest, scope: Scope, client: str | None = None):
         max_tokens = self._max_tokens(req)
+        await self._grammar(req)
         route = await self._auto(req.prompt, scope) if req.model == AUTO else None
-        adapter, kb_name, _ = await self._route(req, scope, route)
+        adapter, kb_name, _ = await self._route(req, scope, route, client)
         await self._check_length(req.prompt, max_tokens)
         hits = await self._retrieve(kb_name, req.prompt, req.k) if kb_name else []
         return await self._complete(req, adapter, augment_text(req.prompt, hits), max_tokens, hits, kb_name, chat=False, route=route)
@@ -140,9 +150,10 @@ class Gateway:
 
         return await asyncio.get_running_loop().run_in_executor(self.embed_thread, decide)
 
-    async def _route(self, req: SamplingRequest, scope: Scope, route: Route | None = None) -> tuple[str | None, str | None, str | None]:
+    async def _route(self, req: SamplingRequest, scope: Scope, route: Route | None = None, client: str | None = None) -> tuple[str | None, str | None, str | None]:
         """(adapter id `name@vN` or None for the base, knowledge base to retrieve from or None,
-        system prompt), after checking the key may use them. `route`: the decision for `model: "auto"`."""
+        system prompt), after checking the key may use them. `route`: the decision for `model: "auto"`;
+        a bare adapter name is its stable version or its canary (sticky by `user`, else `client`)."""
         model = req.model if route is None else (route.adapter or self.base)
         name, version = parse_model_id(model)
         if route is not None and route.adapter is None and scope.models is not None and self.base not in scope.models:
@@ -156,15 +167,15 @@ class Gateway:
             scope.check_kb(req.kb)  # first: a key that may not read it gets one answer whether it exists or not
             if req.kb not in self.kb_stores:
                 raise APIError(404, f"knowledge base {req.kb!r} not found", code="kb_not_found")
-        adapter, kb, system_prompt = (None, None, None) if model == self.base else await asyncio.to_thread(self._adapter, model, name, version, scope)
+        adapter, kb, system_prompt = (None, None, None) if model == self.base else await asyncio.to_thread(self._adapter, model, name, version, scope, req.user or client)
         kb = req.kb or kb
         if kb is not None and req.retrieval:
             scope.check_kb(kb)
         return adapter, (kb if req.retrieval else None), system_prompt
 
-    def _adapter(self, model: str, name: str, version: str | None, scope: Scope) -> tuple[str, str | None, str | None]:
+    def _adapter(self, model: str, name: str, version: str | None, scope: Scope, sticky: str | None) -> tuple[str, str | None, str | None]:
         try:
-            bound = self.store.binding(self.cfg, name, version)
+            bound = self.registry.binding(name, version, sticky)
         except (AdapterNotFoundError, ValueError) as e:
             reason = str(e).replace(self.store.root, "the adapter store")
             names = self.store.names()
@@ -176,6 +187,9 @@ class Gateway:
         return f"{name}@v{bound.number}", (kb if kb in self.kb_stores else None), bound.system_prompt
 
     def _max_tokens(self, req: SamplingRequest) -> int:
+        """The request's max_tokens (400 past the limit); also checks `n` against serve.max_choices."""
+        if req.n > self.cfg.serve.max_choices:
+            raise APIError(400, f"n {req.n} is above this endpoint's limit of {self.cfg.serve.max_choices} (serve.max_choices)", code="n_too_large")
         n = req.completion_tokens() or self.cfg.serve.max_tokens
         if n > self.cfg.serve.max_tokens_limit:
             raise APIError(400, f"max_tokens {n} is above this endpoint's limit of {self.cfg.serve.max_tokens_limit}", code="max_tokens_too_large")
@@ -186,8 +200,9 @@ class Gateway:
         self.prompts.check(len(await asyncio.to_thread(self.prompts.encode, prompt)), max_tokens)
 
     async def _embed(self, query: str) -> list[float]:
-        """The query's vector, embedded on the gateway's one embedding thread (off the event loop)."""
-        return (await asyncio.get_running_loop().run_in_executor(self.embed_thread, self.embedder.embed, [query]))[0].tolist()
+        """The query's vector, embedded on the gateway's one embedding thread (off the event loop), in a pass
+        shared with concurrent queries and embedding requests (`lorag.embeddings`)."""
+        return (await self.embeddings.embed([query]))[0][0].tolist()
 
     async def _retrieve(self, kb_name: str, query: str, k: int | None) -> list[Hit]:
         from pymilvus.exceptions import MilvusException
@@ -206,75 +221,66 @@ class Gateway:
 
     async def _complete(self, req: SamplingRequest, adapter: str | None, prompt, max_tokens: int, hits: list, kb_name: str | None, chat: bool,
                         route: Route | None = None):
+        """Generate `req.n` choices (choice i with seed + i when seeded) and answer in OpenAI's shape (`lorag.responses`)."""
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature or 0.0, top_p=req.top_p, stop=req.stops(), seed=req.seed,
-                                frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty)
+                                frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                                grammar=await self._grammar(req), logprobs=req.logprob_count())
+        choices = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(req.n)]
         tag = adapter or self.base
-        # `model: "auto"` answers with the model that answered (`name@vN`, or the base model's name).
-        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model if route is None else tag}
+        # Every answer names the model that answered: the exact version (`name@vN`), or the base model's name.
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": tag}
         sources = citations(hits, self.cfg.knowledge_base(kb_name).sources) if hits else None
+        token_bytes = self.grammars.token_bytes if params.logprobs is not None else _no_bytes
+        start = time.perf_counter()
         try:
             if req.stream:
-                stream = self.backend.stream(prompt, params, adapter)
-                first = await anext(stream)  # errors before the first token are HTTP statuses, not in-band
+                streams = [self.backend.stream(prompt, p, adapter) for p in choices]
+                try:  # errors before the first token are HTTP statuses, not in-band
+                    firsts = await asyncio.gather(*(anext(s) for s in streams))
+                except BaseException:
+                    for stream in streams:
+                        await stream.aclose()
+                    raise
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
-                return StreamingResponse(self._sse(meta, first, stream, sources, chat, include_usage, tag), media_type="text/event-stream")
-            out = await self.backend.generate(prompt, params, adapter)
+                return StreamingResponse(responses.events(meta, streams, firsts, chat, include_usage, token_bytes, sources,
+                                                          lambda out: self._count(tag, "ok", out, start)), media_type="text/event-stream")
+            outs = await asyncio.gather(*(self.backend.generate(prompt, p, adapter) for p in choices))
         except APIError as e:
             self._count(tag, "overloaded" if e.status == 503 else "error")
             raise
-        self._count(tag, "ok", out)
-        usage = _usage(out)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason}
-        else:
-            choice = {"index": 0, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-        body = {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice], "usage": usage}
+        for out in outs:
+            self._count(tag, "ok", out, start)
+        answer = responses.body(meta, outs, chat, token_bytes)
         if sources:
-            body["sources"] = sources
+            answer["sources"] = sources
         if route is not None:
-            body["route"] = {"model": tag, "score": round(route.score, 4), "scores": {k: round(v, 4) for k, v in route.scores.items()}}
-        return JSONResponse(body)
+            answer["route"] = {"model": tag, "score": round(route.score, 4), "scores": {k: round(v, 4) for k, v in route.scores.items()}}
+        return JSONResponse(answer)
 
-    async def _sse(self, meta, first, stream: AsyncIterator, sources, chat: bool, include_usage: bool, tag: str) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's chunk format; `sources` ride on the first chunk."""
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def _grammar(self, req: SamplingRequest) -> str | None:
+        """The request's `response_format` as a grammar (None: free text); 400 if it cannot be followed."""
+        if req.response_format is None or req.response_format.type == "text":
+            return None
+        return await asyncio.to_thread(lambda: self.grammars.compile(req.response_format.spec()))
 
-        def chunk(delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-            if chat:
-                d: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
-                return {**meta, "object": obj, "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
-            return {**meta, "object": obj, "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}
+    @property
+    def grammars(self):
+        """Structured output for the base model's tokenizer (`lorag.grammar`), made on first use: the
+        gateway checks a schema before any retrieval, the generator follows it."""
+        if self._grammars is None:
+            from lorag.grammar import Grammars
 
-        head = chunk(None, None, role=True)
-        if sources:
-            head["sources"] = sources
-        yield f"data: {json.dumps(head)}\n\n"
-        item = first
-        try:
-            while item is not None:
-                if isinstance(item, Completion):
-                    self._count(tag, "ok", item)
-                    yield f"data: {json.dumps(chunk(None, item.finish_reason))}\n\n"
-                    if include_usage:
-                        yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': _usage(item)})}\n\n"
-                    break
-                if item:
-                    yield f"data: {json.dumps(chunk(item, None))}\n\n"
-                item = await anext(stream, None)
-        except Exception as e:  # the stream already started: report in-band, as OpenAI does
-            log.exception("generation failed mid-stream")
-            yield f"data: {json.dumps(error_body(f'generation failed: {type(e).__name__}', 'server_error', None))}\n\n"
-        finally:
-            await stream.aclose()  # a client that left ends its row at the next token
-        yield "data: [DONE]\n\n"
+            self._grammars = Grammars(self.prompts.tokenizer)
+        return self._grammars
 
-    def _count(self, tag: str, status: str, out: Completion | None = None) -> None:
+    def _count(self, tag: str, status: str, out: Completion | None = None, start: float | None = None) -> None:
+        """Count a request by the model that answered (`name@vN`): its status, tokens and (`start`) generation latency."""
         if self.metrics:
-            self.metrics.request(tag, status, out)
+            self.metrics.request(tag, status, out, None if start is None else (time.perf_counter() - start) * 1000)
 
 
-def _usage(out: Completion) -> dict[str, int]:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens, "total_tokens": out.prompt_tokens + out.completion_tokens}
+def _no_bytes(token: int) -> bytes:
+    raise AssertionError("token bytes are only read for log-probabilities")
 
 
 # -- the HTTP app -------------------------------------------------------------------------------------
@@ -305,23 +311,24 @@ def _answers(model: type[BaseModel], *errors: int, stream: type[BaseModel] | Non
 
 def build_api(gateway: Gateway) -> FastAPI:
     """The FastAPI app serving `gateway`: /health, /v1/models, /v1/chat/completions, /v1/completions,
-    and /openapi.json describing them as the handlers read them (`_openapi`)."""
+    /v1/embeddings, and /openapi.json describing them as the handlers read them (`_openapi`)."""
     api = FastAPI(title="lorag", description="OpenAI-compatible LoRA + RAG endpoint")
     # The handlers read the key and the body themselves (`authorize`, `parse`): the document names both.
     secured = {"security": [{"bearer": []}]} if gateway.scopes else {}
-    api.openapi = lambda: _openapi(api, gateway.cfg.serve.max_tokens_limit, secured)
+    api.openapi = lambda: _openapi(api, gateway, secured)
     _add_error_handlers(api)
     _add_routes(api, gateway, secured)
     return api
 
 
-def _openapi(api: FastAPI, max_tokens_limit: int, secured: dict[str, Any]) -> dict[str, Any]:
-    """FastAPI's document plus the request bodies (with this endpoint's max_tokens limit), the
-    streamed chunks and the bearer key; no 422s (this app answers validation errors with 400)."""
+def _openapi(api: FastAPI, gateway: Gateway, secured: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's document plus the request bodies (with this endpoint's limits on max_tokens and n, and its
+    embedding dimension), the streamed chunks and the bearer key; no 422s (this app answers validation errors with 400)."""
+    max_tokens_limit, embedding_dim = gateway.cfg.serve.max_tokens_limit, gateway.embedder.dim if gateway.embedder else None
     if api.openapi_schema is None:
         doc = FastAPI.openapi(api)
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        added = [(ChatRequest, "validation"), (CompletionRequest, "validation"),
+        added = [(ChatRequest, "validation"), (CompletionRequest, "validation"), (EmbeddingRequest, "validation"),
                  (ChatCompletionChunk, "serialization"), (TextCompletionChunk, "serialization")]
         schemas.update(models_json_schema(added, ref_template="#/components/schemas/{model}")[1]["$defs"])
         limit = [{"type": "integer", "minimum": 1, "maximum": max_tokens_limit}, {"type": "null"}]
@@ -330,6 +337,10 @@ def _openapi(api: FastAPI, max_tokens_limit: int, secured: dict[str, Any]) -> di
         # chat's max_tokens is read (and limited) only without max_completion_tokens
         schemas["ChatRequest"]["if"] = {"properties": {"max_completion_tokens": {"type": "integer"}}, "required": ["max_completion_tokens"]}
         schemas["ChatRequest"]["else"] = {"properties": {"max_tokens": {"anyOf": limit}}}
+        for body in ("ChatRequest", "CompletionRequest"):
+            schemas[body]["properties"]["n"]["maximum"] = gateway.cfg.serve.max_choices
+        if embedding_dim:  # the embedder's own dimension is the only one it answers
+            schemas["EmbeddingRequest"]["properties"]["dimensions"]["anyOf"] = [{"const": embedding_dim}, {"type": "null"}]
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         for operation in (op for path in doc["paths"].values() for op in path.values()):
@@ -360,7 +371,7 @@ def _add_error_handlers(api: FastAPI) -> None:
 
 
 def _add_routes(api: FastAPI, gateway: Gateway, secured: dict[str, Any]) -> None:
-    """/health, /v1/models, /v1/models/{model}, /v1/chat/completions and /v1/completions over `gateway`."""
+    """/health, /v1/models, /v1/models/{model}, /v1/chat/completions, /v1/completions and /v1/embeddings over `gateway`."""
 
     @api.get("/health", response_model=None, responses=_answers(Health))
     async def health() -> dict[str, str]:
@@ -384,13 +395,25 @@ def _add_routes(api: FastAPI, gateway: Gateway, secured: dict[str, Any]) -> None
               openapi_extra={**_body(ChatRequest), **secured})
     async def chat(request: Request):
         scope = authorize(gateway.scopes, request.headers.get("authorization"))
-        return await gateway.chat(await parse(request, ChatRequest, gateway.cfg.serve.max_body_bytes), scope)
+        return await gateway.chat(await parse(request, ChatRequest, gateway.cfg.serve.max_body_bytes), scope, _client(request))
 
     @api.post("/v1/completions", responses=_answers(TextCompletion, 400, 401, 403, 404, 413, 503, stream=TextCompletionChunk),
               openapi_extra={**_body(CompletionRequest), **secured})
     async def completions(request: Request):
         scope = authorize(gateway.scopes, request.headers.get("authorization"))
-        return await gateway.completions(await parse(request, CompletionRequest, gateway.cfg.serve.max_body_bytes), scope)
+        return await gateway.completions(await parse(request, CompletionRequest, gateway.cfg.serve.max_body_bytes), scope, _client(request))
+
+    @api.post("/v1/embeddings", responses=_answers(EmbeddingList, 400, 401, 403, 404, 413), openapi_extra={**_body(EmbeddingRequest), **secured})
+    async def embeddings(request: Request) -> dict[str, Any]:
+        """The knowledge bases' embedder, in OpenAI's shape (`lorag.embeddings`)."""
+        scope = authorize(gateway.scopes, request.headers.get("authorization"))
+        return await gateway.embeddings.create(await parse(request, EmbeddingRequest, gateway.cfg.serve.max_body_bytes), scope)
+
+
+def _client(request: Request) -> str | None:
+    """Who is asking, for a sticky canary side: the digest of the request's key (None without one)."""
+    header = request.headers.get("authorization")
+    return digest(header) if header else None
 
 
 async def parse(request: Request, schema: type[BaseModel], limit: int):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TemperatureLogitsWarper,
@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: Sequence[int], *, max_new_tokens: int,
                    pad_id: int, eos_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
                    seed: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                   gone: Callable[[int], bool] | None = None, on_token: Callable[[int, int], bool] | None = None,
-                   on_error: Callable[[int], None] | None = None) -> list[list[int]]:
+                   gone: Callable[[int], bool] | None = None, on_token: Callable[[int, int, TokenLogprob | None], bool] | None = None,
+                   on_error: Callable[[int], None] | None = None, grammars: Sequence[Any | None] | None = None,
+                   on_grammar_error: Callable[[int, str], None] | None = None, grammar_vocab: int | None = None, logprobs: Sequence[int | None] | None = None) -> list[list[int]]:
     """Generate for a batch whose rows use different adapters, in one `model.generate` call.
 
     Prompts are left-padded with `pad_id`. Sampling parameters are shared by the whole batch
@@ -47,11 +48,19 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
         gone: `gone(i)` is true once nobody waits for row i any more (a client that disconnected or
             timed out); checked after every token, such a row stops, and the call ends as soon as
             every row has stopped, instead of decoding for nobody up to `max_new_tokens`.
-        on_token: `on_token(i, token)` is called with each new token of row i (on this thread);
-            True ends row i there (its own length limit or stop sequence). Rows that ended stop
-            being reported, and the call ends once every row has ended.
+        on_token: `on_token(i, token, logprob)` is called with each new token of row i (on this
+            thread; `logprob` as `logprobs` asks, else None); True ends row i there (its own length
+            limit or stop sequence). Rows that ended stop being reported, and the call ends once
+            every row has ended.
         on_error: `on_error(i)` is called (on this thread) once row i's scores are NaN or
             infinite; the row is then given a stop token and ends, and the other rows go on.
+        grammars: row i's llguidance matcher (`lorag.grammar`), or None for a free row; the row's
+            tokens then follow its grammar (`GrammarMask`).
+        on_grammar_error: `on_grammar_error(i, message)` once row i's grammar fails (a limit of
+            the grammar engine); the row ends, the others go on.
+        grammar_vocab: the grammars' tokenizer's vocabulary size (`Grammars.vocab`; default: the model's).
+        logprobs: for row i, None (no log-probabilities) or how many top alternatives to report
+            with each token (0: only the chosen token's); passed to `on_token` (`Logprobs`).
 
     Returns:
         The new tokens of each row, up to and including the first stop token (a row that was gone
@@ -72,11 +81,19 @@ def generate_batch(mm: MultiLoraModel, prompts: Sequence[Sequence[int]], slots: 
     ids, attention, width = _left_pad([prompts[i] for i in order], pad_id, next(mm.model.parameters()).device)
     sample = temperature >= MIN_TEMPERATURE
     guard = Finite(order, eos[0] if eos else pad_id, on_error)
+    capture = Logprobs([logprobs[i] for i in order]) if logprobs is not None and any(k is not None for k in logprobs) else None
+    mask = None
+    if grammars is not None and any(g is not None for g in grammars):
+        from lorag.grammar import GrammarMask
+
+        mask = GrammarMask([grammars[i] for i in order], width, grammar_vocab or mm.model.config.vocab_size, eos[0] if eos else pad_id,
+                           (lambda j, message: on_grammar_error(order[j], message)) if on_grammar_error else None)
+    extra = [x for x in (capture, mask) if x is not None]
     kwargs = {"do_sample": sample, "temperature": 1.0 if sample else None, "top_p": 1.0 if sample else None, "top_k": None,
-              "logits_processor": _processors(sample, temperature, top_p, frequency_penalty, presence_penalty, width, guard)}
+              "logits_processor": _processors(sample, temperature, top_p, frequency_penalty, presence_penalty, width, guard, extra)}
     if sample and seed is not None:
         torch.manual_seed(seed)
-    criteria = ([CallerGone(gone, order)] if gone is not None else []) + ([TokenWatch(on_token, order)] if on_token is not None else [])
+    criteria = ([CallerGone(gone, order)] if gone is not None else []) + ([TokenWatch(on_token, order, capture)] if on_token is not None else [])
     if criteria:
         kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
     with mm.rows([slots[i] for i in order]), torch.inference_mode():
@@ -109,12 +126,12 @@ def _left_pad(prompts: list[Sequence[int]], pad_id: int, device: torch.device) -
 
 
 def _processors(sample: bool, temperature: float, top_p: float, frequency_penalty: float, presence_penalty: float,
-                width: int, guard: Finite) -> LogitsProcessorList:
-    """Penalties, then the sampling warpers, then `guard`.
+                width: int, guard: Finite, first: Sequence[LogitsProcessor] = ()) -> LogitsProcessorList:
+    """`first` (the log-probability capture, then the grammar mask), penalties, the sampling warpers, then `guard`.
 
     The warpers are ours, not generate()'s (it is told 1.0), so that `Finite` runs after them, last.
     """
-    processors = [Penalties(frequency_penalty, presence_penalty, width)] if frequency_penalty or presence_penalty else []
+    processors = list(first) + ([Penalties(frequency_penalty, presence_penalty, width)] if frequency_penalty or presence_penalty else [])
     if sample:
         processors += [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
         processors += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
@@ -179,18 +196,53 @@ class CallerGone(StoppingCriteria):
 
 
 class TokenWatch(StoppingCriteria):
-    """Hands each row's newest token to `on_token(i, token)` (caller row i = batch row j's `order[j]`)
-    and stops the rows for which it returned True; an ended row is not reported again."""
+    """Hands each row's newest token to `on_token(i, token, logprob)` (caller row i = batch row j's
+    `order[j]`; `logprob` from `capture`, or None) and stops the rows for which it returned True;
+    an ended row is not reported again."""
 
-    def __init__(self, on_token: Callable[[int, int], bool], order: list[int]):
-        self.on_token, self.order, self.ended = on_token, order, [False] * len(order)
+    def __init__(self, on_token: Callable[[int, int, TokenLogprob | None], bool], order: list[int], capture: Logprobs | None = None):
+        self.on_token, self.order, self.capture, self.ended = on_token, order, capture, [False] * len(order)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         for j, token in enumerate(input_ids[:, -1].tolist()):  # one device sync per step
             if not self.ended[j]:
-                self.ended[j] = bool(self.on_token(self.order[j], token))
+                lp = self.capture.of(j, token) if self.capture is not None else None
+                self.ended[j] = bool(self.on_token(self.order[j], token, lp))
         return torch.tensor(self.ended, dtype=torch.bool, device=input_ids.device)
 
+
+TokenLogprob = tuple[float, list[tuple[int, float]]]  # (the chosen token's log-probability, [(token, log-probability)] of the top ones)
+UNLIKELY = -9999.0  # what a log-probability that is not finite is reported as (OpenAI's value for "never")
+
+
+class Logprobs(LogitsProcessor):
+    """Keeps the model's own log-probabilities at each step (before penalties, grammars and
+    sampling warpers: what the model thinks, as vLLM reports by default) for the batch rows that
+    ask (`wanted[j]`: None, or how many top alternatives); `of(j, token)` reads them after the
+    step chose `token`."""
+
+    def __init__(self, wanted: Sequence[int | None]):
+        self.wanted = list(wanted)
+        self.rows = [j for j, k in enumerate(self.wanted) if k is not None]
+        self.position = {j: r for r, j in enumerate(self.rows)}
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.last = scores[self.rows].float().log_softmax(dim=-1)
+        return scores
+
+    def of(self, j: int, token: int) -> TokenLogprob | None:
+        k = self.wanted[j]
+        if k is None or self.last is None:
+            return None
+        row = self.last[self.position[j]]
+        top = torch.topk(row, k) if k else None
+        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return _finite(row[token].item()), [(t, _finite(x)) for t, x in pairs]
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else UNLIKELY
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -5,13 +5,15 @@ against the best reference), whether the answer contains a reference (for short 
 open answers), multiple-choice accuracy, citation accuracy (a gold source among the cited ones)
 and retrieval recall@k. `bootstrap` gives a confidence interval of a mean (`interval`, the typed
 form the reports carry) and `paired_bootstrap` of a difference between two variants on the same
-questions, so a difference on a small set is not sold as a win.
+questions, so a difference on a small set is not sold as a win. `read_answer` says what an answer
+says and cites, from plain text with [n] marks or from a JSON answer (structured output).
 
 Pure functions of strings and numbers: `lorag.evaluation` and `lorag.routing_eval` apply them.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
@@ -26,6 +28,41 @@ if TYPE_CHECKING:
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 _LETTER = re.compile(r"^\s*\(?([A-Za-z])\s*(?:[).:]|$)")  # "B", "(b)", "C." or "D)": not "A fixture ..."
+_CITE = re.compile(r"\[(\d{1,2})\]")  # a citation mark: [n], 1-based into the retrieved sources
+
+
+# -- reading an answer ------------------------------------------------------------------------
+
+
+def read_answer(text: str) -> tuple[str, list[int]]:
+    """What an answer says, without its [n] marks, and the numbers it cites, in order.
+
+    An answer that parses as a JSON object (structured output) says its `"answer"` field when that
+    is a string, else all its string values (depth-first, in order) joined by spaces; it cites the
+    [n] marks in its strings, then the integers of a top-level `"citations"` array. Any other
+    answer says its whole text and cites its [n] marks. Numbers are 1-based into the retrieved
+    sources, as the response's `sources` are; their range is `cited_sources`' to check.
+    """
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict):
+        return " ".join(_CITE.sub(" ", text).split()), [int(m.group(1)) for m in _CITE.finditer(text)]
+    strings = " ".join(_strings(obj))
+    said = obj["answer"] if isinstance(obj.get("answer"), str) else strings
+    listed = obj.get("citations") if isinstance(obj.get("citations"), list) else []
+    numbers = [int(m.group(1)) for m in _CITE.finditer(strings)] + [n for n in listed if isinstance(n, int) and not isinstance(n, bool)]
+    return " ".join(_CITE.sub(" ", said).split()), numbers
+
+
+def _strings(value):
+    """The strings of a parsed JSON value, depth-first, in order (object keys aside)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (dict, list)):
+        for v in value.values() if isinstance(value, dict) else value:
+            yield from _strings(v)
 
 
 # -- answer metrics ----------------------------------------------------------------------------

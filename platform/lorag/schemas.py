@@ -23,11 +23,12 @@ MIN_TEMPERATURE = 1e-2
 
 # OpenAI request fields lorag cannot honour: set (truthy), they are a 400 rather than silently dropped.
 UNSUPPORTED_FIELDS = {
-    "logprobs": "log probabilities", "top_logprobs": "log probabilities", "logit_bias": "logit bias",
-    "tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls", "function_call": "function calls",
-    "response_format": "structured output (only {\"type\": \"text\"})", "best_of": "best_of",
+    "logit_bias": "logit bias", "tools": "tool calls", "functions": "function calls", "tool_choice": "tool calls", "function_call": "function calls",
+    "best_of": "best_of",
 }
-UNSUPPORTED_OFF = {"response_format": {"type": "text"}, "best_of": 1, "tool_choice": "none"}  # set, but asking for nothing
+UNSUPPORTED_OFF = {"best_of": 1, "tool_choice": "none"}  # set, but asking for nothing
+MAX_N = 128  # `n`'s bound in the schema; an endpoint's own is `serve.max_choices`
+MAX_TOP_LOGPROBS = 20  # OpenAI's, for chat (completions: 5)
 # A JSON-schema pattern for "not blank": any character `str.strip` keeps (ECMA's \s differs; U+3000 is the last space).
 NOT_BLANK = "[^" + "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x3001)) if c.isspace()) + "]"
 
@@ -72,13 +73,42 @@ def _document_unsupported(schema: dict[str, Any]) -> None:
     unset = [{"type": "null"}, {"const": False}, {"const": 0}, {"const": ""}, {"type": "array", "maxItems": 0}, {"type": "object", "maxProperties": 0}]
     for name, why in UNSUPPORTED_FIELDS.items():
         off = UNSUPPORTED_OFF.get(name)
-        off = [] if off is None else [{"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"], "additionalProperties": False}
-                                      if isinstance(off, dict) else {"const": off}]
+        off = [] if off is None else [{"const": off}]
         schema["properties"][name] = {"anyOf": unset + off, "description": f"Not supported ({why}): only unset, empty or off."}
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="The JSON schema the answer follows.")
+    strict: bool | None = Field(None, description="Accepted; lorag always follows the schema exactly.")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text, any JSON object, or a JSON schema (lorag.grammar)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={
+        "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+        "then": {"properties": {"json_schema": {"$ref": "#/components/schemas/JsonSchemaFormat"}}, "required": ["json_schema"]}})
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
+
+    def spec(self) -> dict[str, Any]:
+        """The format as `lorag.grammar.Grammars.compile` takes it."""
+        return {"type": self.type, **({"json_schema": {"schema": self.json_schema.schema_}} if self.json_schema else {})}
+
+
 class SamplingRequest(BaseModel):
-    """Fields shared by chat and text completions. Other OpenAI fields (user, ...) are ignored;
+    """Fields shared by chat and text completions. Other OpenAI fields are ignored;
     those lorag cannot honour (`UNSUPPORTED_FIELDS`) are refused when set."""
 
     # strict: JSON types as OpenAI takes them (no "yes" for true, no "5" for 5; an integer is a valid number)
@@ -105,12 +135,14 @@ class SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="Sampling seed (the range torch.manual_seed takes).")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False, description="Lowers a token's logit by this much per time the answer has used it (OpenAI's).")
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False, description="Lowers a token's logit by this much once the answer has used it (OpenAI's).")
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices to generate (at most serve.max_choices); with a seed, choice i uses seed + i.")
+    response_format: ResponseFormat | None = Field(None, description="Structured output: json_object, or json_schema (constrained decoding).")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     retrieval: bool = Field(True, description="lorag: retrieve from the adapter's knowledge base (false: answer without sources).")
     k: int | None = Field(None, ge=1, le=50, description="lorag: chunks to retrieve (default: the knowledge base's top_k).")
     kb: str | None = Field(None, description="lorag: retrieve from this knowledge base instead of the adapter's own (when serve.allow_kb_override).")
+    user: str | None = Field(None, max_length=256, description="The end user (OpenAI's): keeps a client on one side of an adapter's canary, as its API key does without it.")
 
     @field_validator("stop")
     @classmethod
@@ -130,9 +162,16 @@ class SamplingRequest(BaseModel):
     def completion_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logprob_count(self) -> int | None:
+        """How many alternatives to report per token (None: no log-probabilities)."""
+        return None
+
 
 class ChatRequest(SamplingRequest):
     """`POST /v1/chat/completions` body; lorag adds `retrieval`, `k` and `kb`."""
+
+    logprobs: bool = Field(False, description="Return each token's log-probability (the model's own, before sampling settings and grammars).")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="This many most likely tokens at each position (read only with logprobs: true).")
 
     messages: list[ChatMessage] = Field(min_length=1, json_schema_extra={"contains": {
         "type": "object", "properties": {"role": {"const": "user"}, "content": {"type": "string", "pattern": NOT_BLANK}}, "required": ["role", "content"]}})
@@ -148,9 +187,18 @@ class ChatRequest(SamplingRequest):
     def completion_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def logprob_count(self) -> int | None:
+        """How many alternatives to report per token (None: no log-probabilities)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(SamplingRequest):
     """`POST /v1/completions` body: raw text in, no chat template; retrieval puts the sources before the prompt."""
+
+    logprobs: int | None = Field(None, ge=0, le=5, description="Return each token's log-probability and this many most likely tokens at each position.")
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     prompt: str = Field(min_length=1, json_schema_extra={"pattern": NOT_BLANK})
     echo: bool = Field(False, le=False, description="Not supported.", json_schema_extra=lambda s: s.update(const=s.pop("le")))  # JSON schema's "only false"
@@ -213,9 +261,36 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """Chat `logprobs`: one entry per generated token (the model's own log-probabilities)."""
+
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
+class TextLogprobs(BaseModel):
+    """Completions `logprobs` (OpenAI's legacy shape); `text_offset` counts characters of the tokens' text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -235,7 +310,7 @@ class ChatCompletion(BaseModel):
 class TextChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: TextLogprobs | None
     finish_reason: Literal["stop", "length"]
 
 
@@ -260,6 +335,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -279,7 +355,7 @@ class ChatCompletionChunk(BaseModel):
 class TextChunkChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: TextLogprobs | None
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -194,6 +194,26 @@ class TrainConfig(_Strict):
         return self
 
 
+# `lorag eval`'s quality metrics (lorag.evaluation.METRICS without the costs), higher is better in each.
+ReleaseMetric = Literal["exact_match", "f1", "contains", "choice_accuracy", "citation_accuracy", "retrieval_recall", "style_adherence"]
+
+
+class CanaryConfig(_Strict):
+    """A share of an adapter's traffic for one version under trial (`lorag.releases`)."""
+
+    tag: str | None = Field(None, description="The tag whose version gets the share, read from the adapter store at every refresh: "
+                            "`lorag adapters tag NAME@vN canary` starts (or moves) a canary with no redeploy, `lorag adapters untag NAME canary` ends it.")
+    version: int | None = Field(None, ge=1, description="Or a fixed version number (changing it means redeploying).")
+    weight: float = Field(0.1, ge=0, le=1, description="The share of `model: NAME` requests the canary answers, sticky per API key (or per "
+                          "the request's `user` field when it has one): a client stays on one side.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "CanaryConfig":
+        if (self.tag is None) == (self.version is None):
+            raise ValueError("a canary names exactly one of tag or version")
+        return self
+
+
 class AdapterConfig(_Strict):
     """A LoRA adapter: trained from a dataset, optionally bound to a knowledge base."""
 
@@ -206,6 +226,10 @@ class AdapterConfig(_Strict):
     method: Literal["lora", "full"] = Field("lora", description="lora trains a small adapter on the frozen base; full updates every weight (the baseline benchmarks compare against; not servable as an adapter).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter shape.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training job settings.")
+    canary: CanaryConfig | None = Field(None, description="Send a share of `model: NAME` requests to another version than `stable`'s (see CanaryConfig).")
+    release_metrics: list[ReleaseMetric] = Field(["f1"], min_length=1, description="What `lorag adapters promote` compares (metrics of `lorag eval`, e.g. f1, "
+                                       "citation_accuracy, exact_match, contains, choice_accuracy, style_adherence): a version is promoted only "
+                                       "if none is worse beyond noise (paired bootstrap, 95%) than the version the tag holds.")
 
     _check_name = field_validator("name")(lambda v: validate_name("adapter", v))
 
@@ -282,7 +306,10 @@ class ServeConfig(_Strict):
     max_ongoing_requests: int = Field(8, ge=1, description="Requests one generator replica works on at once (they share its batches).")
     max_queued_requests: int = Field(32, ge=0, description="Requests waiting for a generator replica; beyond this the endpoint answers 503 at once instead of queueing.")
     request_timeout_s: float = Field(120.0, gt=0, description="A request still running after this answers 408/504 (Serve's HTTP timeout).")
+    registry_refresh_s: float = Field(5.0, gt=0, le=3600, description="How often replicas re-read the adapter store's tags and versions: a moved tag "
+                                      "(promote, rollback, canary) reaches every replica within this, with no restart; weights of versions nothing points at leave the replicas' slots.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused with 413.")
+    max_choices: int = Field(8, ge=1, le=128, description="The most choices (`n`) one request may ask for (400 above); each is one row of a batch.")
     api_keys_env: str = Field("LORAG_API_KEYS", description="Environment variable with comma-separated API keys. If it or api_keys_file is set, every /v1 request needs `Authorization: Bearer <key>`.")
     api_keys_file: str | None = Field(None, description="File with one API key per line (relative to this file); combined with api_keys_env.")
     auth: Literal["api_keys", "none"] | None = Field(

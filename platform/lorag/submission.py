@@ -38,6 +38,7 @@ class JobResult:
 def submit_job(
     client, target: Cluster, kind: str, cfg: LoragConfig, config_path: Path,
     names: list[str] | None = None, overrides: list[str] | None = None, dataset: Path | None = None,
+    response_format: Path | None = None,
 ) -> Submission:
     """Upload the project and run `python -m jobs.<kind>` on the cluster.
 
@@ -50,21 +51,19 @@ def submit_job(
         names: adapters (train, eval) or knowledge bases (ingest) to run; default all.
         overrides: `--set` values, passed on to the job.
         dataset: eval: the evaluation set; like the config, it must lie inside the project.
+        response_format: eval: the JSON file every answer follows (`--response-format`); inside the project too.
 
     Returns:
         The job's id, its entrypoint and the uploaded project root.
 
     Raises:
-        ClusterError: the config is outside the project or excluded from the upload, or the
-            cluster refused the job.
+        ClusterError: the config, dataset or response format is outside the project or excluded
+            from the upload, or the cluster refused the job.
     """
     root, rel = project_paths(config_path)
-    data_rel = None
-    if dataset is not None:
-        data_root, data_rel = project_paths(dataset)
-        if data_root != root:
-            raise ClusterError(f"{dataset} is not inside the project {root}, which is what the job gets: move it there")
-    entrypoint = job_entrypoint(kind, rel, names, overrides, data_rel)
+    data_rel = _inside(root, dataset) if dataset is not None else None
+    format_rel = _inside(root, response_format) if response_format is not None else None
+    entrypoint = job_entrypoint(kind, rel, names, overrides, data_rel, format_rel)
     job_id = f"lorag-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     with cluster_errors(target):
         retry_later(lambda: client.submit_job(
@@ -74,7 +73,16 @@ def submit_job(
     return Submission(job_id, entrypoint, root)
 
 
-def job_entrypoint(kind: str, config_rel: str, names: list[str] | None = None, overrides: list[str] | None = None, dataset_rel: str | None = None) -> str:
+def _inside(root: Path, path: Path) -> str:
+    """`path` relative to the project `root`, which is what the job gets."""
+    path_root, rel = project_paths(path)
+    if path_root != root:
+        raise ClusterError(f"{path} is not inside the project {root}, which is what the job gets: move it there")
+    return rel
+
+
+def job_entrypoint(kind: str, config_rel: str, names: list[str] | None = None, overrides: list[str] | None = None, dataset_rel: str | None = None,
+                   response_format_rel: str | None = None) -> str:
     """The shell command a `kind` job runs in the uploaded project."""
     import shlex
 
@@ -82,8 +90,11 @@ def job_entrypoint(kind: str, config_rel: str, names: list[str] | None = None, o
         raise ValueError(f"job kind must be one of {sorted(JOB_MODULES)}, not {kind!r}")
     if (kind == "eval") != (dataset_rel is not None):
         raise ValueError("an eval job needs an evaluation set, and only an eval job takes one")
+    if response_format_rel is not None and kind != "eval":
+        raise ValueError("only an eval job takes a response format")
     flag = "--kb" if kind == "ingest" else "--adapter"
-    args = ["python", "-m", JOB_MODULES[kind], "--config", config_rel, *(["--dataset", dataset_rel] if dataset_rel else [])]
+    args = ["python", "-m", JOB_MODULES[kind], "--config", config_rel, *(["--dataset", dataset_rel] if dataset_rel else []),
+            *(["--response-format", response_format_rel] if response_format_rel else [])]
     for name in names or []:
         args += [flag, name]
     for item in overrides or []:

@@ -33,6 +33,7 @@ def submit(
     config: Path = ConfigOpt,
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="train, eval: only this adapter (repeatable; default: all)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="eval: the evaluation set (JSONL), inside the project."),
+    response_format: Optional[Path] = typer.Option(None, "--response-format", help="eval: a JSON file (a response_format or a bare JSON schema) every answer follows, inside the project."),
     kb: Optional[list[str]] = typer.Option(None, "--kb", help="ingest: only this knowledge base (repeatable; default: all)."),
     set_: Optional[list[str]] = SetOpt,
     address: Optional[str] = ClusterAddressOpt,
@@ -56,6 +57,10 @@ def submit(
         fail("`submit eval` needs --dataset (and only it takes one)", 2)
     if dataset is not None and not dataset.is_file():
         fail(f"evaluation set {dataset} does not exist", 2)
+    if response_format is not None and kind is not JobKind.eval:
+        fail("--response-format goes with `submit eval` only", 2)
+    if response_format is not None and not response_format.is_file():
+        fail(f"response format {response_format} does not exist", 2)
     names = kb if kind is JobKind.ingest else adapter
     check_names(cfg.knowledge_base if kind is JobKind.ingest else cfg.adapter, names)
     try:
@@ -64,7 +69,7 @@ def submit(
         client = job_client(target)
         check_for_cluster(cfg, root, target, kind.value, names, cluster_nodes(target))  # a ConfigError: one line per field, exit 2, nothing uploaded
         console.print(f"uploading {root} to {target.address}")
-        sub = submit_job(client, target, kind.value, cfg, config, names, set_, dataset)
+        sub = submit_job(client, target, kind.value, cfg, config, names, set_, dataset, response_format)
     except ClusterError as e:
         fail(str(e))
     console.print(f"submitted job [bold]{sub.job_id}[/bold]: {escape(sub.entrypoint)}")

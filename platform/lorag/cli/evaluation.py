@@ -32,6 +32,7 @@ def eval_(
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="Compare this adapter, name or name@vN (repeatable; default: every trained adapter of the config)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where eval.json, eval.md and eval.png go (default: <workdir>/eval/<date-time>)."),
     max_tokens: int = field_option(ServeConfig, "max_tokens", "--max-tokens", default=EVAL_MAX_TOKENS, help="Longest answer in tokens (greedy)."),
+    response_format: Optional[Path] = typer.Option(None, "--response-format", help="A JSON file: an OpenAI response_format, or a bare JSON schema, that every answer follows. A JSON answer is scored by its \"answer\" field and cites with [n] marks or a \"citations\" array."),
     routing: bool = typer.Option(False, "--routing", help="Score `model: \"auto\"` routing instead: the dataset is {question, adapter (or null: the base model)} lines; prints accuracy and a confusion table."),
     threshold: Optional[float] = field_option(ServeConfig, "route_threshold", "--threshold", default=None,
                                               help="With --routing: the route threshold to try, the least cosine similarity that routes a question to an adapter (default: serve.route_threshold)."),
@@ -43,10 +44,12 @@ def eval_(
     The report also goes into each compared adapter's version in the adapter store
     (<store>/<name>/v<N>/eval/<date-time>/). With --routing: how often `model: "auto"` picks the labelled adapter."""
     cfg = load(config, set_)
+    if routing and response_format is not None:
+        fail("--response-format goes with answers, not with --routing", 2)
     if routing:
         _run_routing_eval(cfg, dataset, out, threshold)
     else:
-        run_eval(cfg, dataset, adapter, out, max_tokens)
+        run_eval(cfg, dataset, adapter, out, max_tokens, response_format)
 
 
 def _eval_dir(cfg: LoragConfig, out: Optional[Path], prefix: str = "") -> Path:
@@ -57,8 +60,10 @@ def _eval_dir(cfg: LoragConfig, out: Optional[Path], prefix: str = "") -> Path:
     return Path(cfg.workdir) / "eval" / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_eval(cfg: LoragConfig, dataset: Path, adapters: Optional[list[str]], out: Optional[Path], max_tokens: int = EVAL_MAX_TOKENS) -> Path:
-    """`lorag eval`'s work (also the quickstart's last stage): answer, score, print the table, write the report."""
+def run_eval(cfg: LoragConfig, dataset: Path, adapters: Optional[list[str]], out: Optional[Path], max_tokens: int = EVAL_MAX_TOKENS,
+             response_format: Optional[Path] = None) -> Path:
+    """`lorag eval`'s work (also the quickstart's last stage): answer (under `response_format`, a JSON file, when
+    given), score, print the table, write the report."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lorag.evaluation import evaluate
@@ -68,7 +73,8 @@ def run_eval(cfg: LoragConfig, dataset: Path, adapters: Optional[list[str]], out
     try:
         with Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task("answering", total=None)
-            result = evaluate(cfg, dataset, adapters, max_tokens, progress=lambda done, total: bar.update(task, completed=done, total=total))
+            result = evaluate(cfg, dataset, adapters, max_tokens, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                              response_format=response_format)
     except (FileNotFoundError, ValueError, LookupError) as e:
         fail(str(e))
     written = write_report(result, out)
