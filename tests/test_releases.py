@@ -171,11 +171,14 @@ def lorag(*args, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lorag.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-def test_promotion_is_refused_when_worse_beyond_noise_and_accepted_when_not(two_versions):
+def test_promotion_is_refused_when_worse_beyond_noise_and_accepted_when_not(two_versions, tiny_model):
     """An evaluation set whose references are v1's own answers: v1 is known to be better. Promoting v2
     over v1 is refused (exit 1, table printed, stable stays); forced, it moves and says so; promoting
-    v1 back is accepted from the stored reports; rollback undoes it in one step; history has it all."""
+    v1 back is accepted from the stored reports; rollback undoes it in one step, and a running
+    endpoint answers `support` with the rolled-back version's answers; history has it all."""
+    from lorag.engine import Engine
     from lorag.evaluation import evaluate
+    from lorag.gateway import Gateway, build_api
 
     root, cfg, store = two_versions
     draft = root / "draft.jsonl"
@@ -205,11 +208,28 @@ def test_promotion_is_refused_when_worse_beyond_noise_and_accepted_when_not(two_
     undo = lorag("adapters", "rollback", "support", "-c", cfg_path, cwd=root)
     assert undo.returncode == 0 and store.tags("support")["stable"] == 2, undo.stdout + undo.stderr
 
+    engine = Engine(cfg, str(tiny_model), store)
+    server = Server(build_api(Gateway(cfg, engine, engine.prompts)))
+    try:
+        def answer(question: str) -> tuple[str, str]:
+            body = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                              json={"model": "support", "messages": [{"role": "user", "content": question}], "max_tokens": 6}).json()
+            return body["model"], body["choices"][0]["message"]["content"]
+
+        assert {answer(q)[0] for q in QUESTIONS[:3]} == {"support@v2"}
+        again = lorag("adapters", "rollback", "support", "-c", cfg_path, cwd=root)  # v2 -> v1: the answers the evaluation set holds
+        assert again.returncode == 0 and "v2 -> v1" in again.stdout, again.stdout + again.stderr
+        time.sleep(cfg.serve.registry_refresh_s + 0.2)
+        assert [answer(q) for q in QUESTIONS] == [("support@v1", a) for a in v1_answers], "the rolled-back version answers, as it did"
+    finally:
+        server.close()
+        engine.close()
+
     history = lorag("adapters", "history", "support", "-c", cfg_path, cwd=root)
     assert history.returncode == 0, history.stderr
     moves = store.history("support")
-    assert [(m.get("action"), m.get("previous"), m["version"], bool(m.get("forced"))) for m in moves[-4:]] == [
-        ("promote", None, 1, False), ("promote", 1, 2, True), ("promote", 2, 1, False), ("rollback", 1, 2, False)], moves
-    assert all(m.get("report") for m in moves[-3:-1]), "each gated move names the report it was decided on"
+    assert [(m.get("action"), m.get("previous"), m["version"], bool(m.get("forced"))) for m in moves[-5:]] == [
+        ("promote", None, 1, False), ("promote", 1, 2, True), ("promote", 2, 1, False), ("rollback", 1, 2, False), ("rollback", 2, 1, False)], moves
+    assert all(m.get("report") for m in moves[-4:-2]), "each gated move names the report it was decided on"
     for word in ("promote", "forced", "rollback"):
         assert word in history.stdout, history.stdout
