@@ -236,7 +236,7 @@ class Gateway:
             if req.stream:
                 streams = [self.backend.stream(prompt, p, adapter) for p in choices]
                 try:  # errors before the first token are HTTP statuses, not in-band
-                    firsts = await asyncio.gather(*(anext(s) for s in streams))
+                    firsts = await _all_or_none([anext(s) for s in streams])
                 except BaseException:
                     for stream in streams:
                         await stream.aclose()
@@ -244,7 +244,7 @@ class Gateway:
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
                 return StreamingResponse(responses.events(meta, streams, firsts, chat, include_usage, token_bytes, sources,
                                                           lambda out: self._count(tag, "ok", out, start)), media_type="text/event-stream")
-            outs = await asyncio.gather(*(self.backend.generate(prompt, p, adapter) for p in choices))
+            outs = await _all_or_none([self.backend.generate(prompt, p, adapter) for p in choices])
         except APIError as e:
             self._count(tag, "overloaded" if e.status == 503 else "error")
             raise
@@ -277,6 +277,19 @@ class Gateway:
         """Count a request by the model that answered (`name@vN`): its status, tokens and (`start`) generation latency."""
         if self.metrics:
             self.metrics.request(tag, status, out, None if start is None else (time.perf_counter() - start) * 1000)
+
+
+async def _all_or_none(calls: list) -> list:
+    """Every call's result, in order; if one fails, the others are cancelled (a choice whose sibling
+    failed is not generated for nobody) and the first error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _no_bytes(token: int) -> bytes:
